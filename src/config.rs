@@ -1,0 +1,155 @@
+//! Configuration: command-line flags, each with an environment variable, parsed by clap into the
+//! typed `server::Config` that the library (and the tests) use.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::key::{Brand, HashParams};
+use crate::server::Config;
+use crate::verify::{UsageConfig, VerifyConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "key-authority",
+    version,
+    about = "The single authority for API keys"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run migrations, then serve gRPC until SIGTERM or Ctrl-C.
+    Serve(Box<ServeArgs>),
+    /// Run the embedded database migrations and exit.
+    Migrate(DatabaseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// sqlite://PATH (created if missing) or postgres://USER:PASSWORD@HOST:PORT/DB.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://key-authority.db"
+    )]
+    pub database_url: String,
+
+    /// Largest number of open database connections.
+    #[arg(long, env = "KEY_AUTHORITY_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "KEY_AUTHORITY_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// The brand that starts every key: 1 to 16 lowercase letters and digits.
+    #[arg(long, env = "KEY_AUTHORITY_KEY_PREFIX", default_value = "ka")]
+    pub key_prefix: String,
+
+    /// argon2id memory cost in KiB.
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_MEMORY_KIB", default_value_t = HashParams::default().memory_kib)]
+    pub argon2_memory_kib: u32,
+
+    /// argon2id passes over memory.
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_ITERATIONS", default_value_t = HashParams::default().iterations)]
+    pub argon2_iterations: u32,
+
+    /// argon2id lanes.
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_PARALLELISM", default_value_t = HashParams::default().parallelism)]
+    pub argon2_parallelism: u32,
+
+    /// How many argon2 computations may run at once (0 = the number of CPU cores).
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_THREADS", default_value_t = 0)]
+    pub argon2_threads: usize,
+
+    /// Largest number of verdicts (digest of a presented key → match or not) kept in memory.
+    #[arg(long, env = "KEY_AUTHORITY_VERDICT_CACHE_CAPACITY", default_value_t = VerifyConfig::default().verdict_cache_capacity)]
+    pub verdict_cache_capacity: u64,
+
+    /// How long a wrong secret's verdict is remembered.
+    #[arg(long, env = "KEY_AUTHORITY_NEGATIVE_VERDICT_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub negative_verdict_ttl: Duration,
+
+    /// Largest number of key states kept in memory.
+    #[arg(long, env = "KEY_AUTHORITY_STATE_CACHE_CAPACITY", default_value_t = VerifyConfig::default().state_cache_capacity)]
+    pub state_cache_capacity: u64,
+
+    /// How long a cached key state is trusted without a change notification.
+    #[arg(long, env = "KEY_AUTHORITY_STATE_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub state_cache_ttl: Duration,
+
+    /// How often usage counters are written to the database.
+    #[arg(long, env = "KEY_AUTHORITY_USAGE_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub usage_flush_interval: Duration,
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> Result<Config, String> {
+        let argon2_threads = match self.argon2_threads {
+            0 => std::thread::available_parallelism().map_or(2, usize::from),
+            threads => threads,
+        };
+        if self.usage_flush_interval.is_zero() {
+            return Err("usage flush interval must be positive".to_owned());
+        }
+        Ok(Config {
+            listen: self.listen,
+            database_url: self.database.database_url,
+            db_max_connections: self.database.db_max_connections,
+            brand: Brand::parse(&self.key_prefix)?,
+            hash_params: HashParams {
+                memory_kib: self.argon2_memory_kib,
+                iterations: self.argon2_iterations,
+                parallelism: self.argon2_parallelism,
+            },
+            argon2_threads,
+            verify: VerifyConfig {
+                verdict_cache_capacity: self.verdict_cache_capacity,
+                negative_verdict_ttl: self.negative_verdict_ttl,
+                state_cache_capacity: self.state_cache_capacity,
+                state_ttl: self.state_cache_ttl,
+            },
+            usage: UsageConfig {
+                flush_interval: self.usage_flush_interval,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let cli = Cli::try_parse_from(["key-authority", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        let config = args.into_config().unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(config.brand.as_str(), "ka");
+        assert_eq!(config.verify.state_ttl, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_prefix_is_refused() {
+        let cli =
+            Cli::try_parse_from(["key-authority", "serve", "--key-prefix", "Bad_One"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        assert!(args.into_config().is_err());
+    }
+}

@@ -1,0 +1,180 @@
+//! The one error type of the domain, and its one mapping to gRPC status codes.
+//!
+//! Every refusal carries a `google.rpc.ErrorInfo` whose `reason` is a stable UPPER_SNAKE code
+//! (README.md, "Errors" lists them all), and `google.rpc.RetryInfo` where retrying can succeed.
+//! Internal details are logged, never sent.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `domain` of every ErrorInfo this service sends.
+pub const ERROR_DOMAIN: &str = "keyauthority.v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field broke a rule; the message names the field.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    /// A page token that this service did not issue for this listing.
+    #[error("invalid page_token: {0}")]
+    InvalidPageToken(&'static str),
+    /// No key with this id in this workspace.
+    #[error("key not found")]
+    KeyNotFound,
+    /// The key is revoked, so the operation cannot apply.
+    #[error("key {0} is revoked")]
+    KeyRevoked(String),
+    /// The key is expired, so the operation cannot apply.
+    #[error("key {0} is expired")]
+    KeyExpired(String),
+    /// The key was already rotated; rotate its successor instead.
+    #[error("key {key_id} was already rotated to {successor}")]
+    KeyAlreadyRotated { key_id: String, successor: String },
+    /// A concurrent change won; the caller may retry.
+    #[error("a concurrent change to the same key won, retry")]
+    Conflict,
+    /// The database cannot be reached or is overloaded; the caller may retry.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or an unexpected database answer. The detail is logged, not sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// The stable reason code sent in ErrorInfo.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Self::InvalidPageToken(_) => "INVALID_PAGE_TOKEN",
+            Self::KeyNotFound => "KEY_NOT_FOUND",
+            Self::KeyRevoked(_) => "KEY_REVOKED",
+            Self::KeyExpired(_) => "KEY_EXPIRED",
+            Self::KeyAlreadyRotated { .. } => "KEY_ALREADY_ROTATED",
+            Self::Conflict => "CONCURRENT_MODIFICATION",
+            Self::Unavailable(_) => "DATABASE_UNAVAILABLE",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument { .. } | Self::InvalidPageToken(_) => Code::InvalidArgument,
+            Self::KeyNotFound => Code::NotFound,
+            Self::KeyRevoked(_) | Self::KeyExpired(_) | Self::KeyAlreadyRotated { .. } => {
+                Code::FailedPrecondition
+            }
+            Self::Conflict => Code::Aborted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// How long to wait before retrying, for the refusals where a retry can succeed.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Conflict => Some(Duration::from_millis(50)),
+            Self::Unavailable(_) => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
+    fn public_message(&self) -> String {
+        match self {
+            // Never send database or internal details to the caller.
+            Self::Unavailable(_) => "the database is unavailable, retry later".to_owned(),
+            Self::Internal(_) => "internal error".to_owned(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        match &error {
+            Error::Internal(detail) => tracing::error!(error = %detail, "internal error"),
+            Error::Unavailable(detail) => tracing::warn!(error = %detail, "database unavailable"),
+            _ => tracing::debug!(reason = error.reason(), "request refused"),
+        }
+        let mut metadata = HashMap::new();
+        let mut details = ErrorDetails::new();
+        if let Error::InvalidArgument { field, reason } = &error {
+            metadata.insert("field".to_owned(), (*field).to_owned());
+            details.add_bad_request_violation(*field, reason.clone());
+        }
+        if let Error::InvalidPageToken(_) = &error {
+            metadata.insert("field".to_owned(), "page_token".to_owned());
+        }
+        details.set_error_info(error.reason(), ERROR_DOMAIN, metadata);
+        if let Some(delay) = error.retry_after() {
+            details.set_retry_info(Some(delay));
+        }
+        Status::with_error_details(error.code(), error.public_message(), details)
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    /// Classifies database errors once for both databases: what a retry can fix, and the rest.
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(error.to_string()),
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                // SQLite: SQLITE_BUSY, SQLITE_LOCKED (and their extended codes) — another writer
+                // holds the lock. PostgreSQL: serialization failure, deadlock.
+                Some("5" | "6" | "261" | "262" | "517" | "40001" | "40P01") => Self::Conflict,
+                // PostgreSQL: connection exceptions, shutting down, too many connections.
+                Some(code)
+                    if code.starts_with("08") || code.starts_with("57P") || code == "53300" =>
+                {
+                    Self::Unavailable(error.to_string())
+                }
+                _ if db.is_unique_violation() => Self::Conflict,
+                _ => Self::Internal(error.to_string()),
+            },
+            _ => Self::Internal(error.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_names_the_field() {
+        let status = Status::from(Error::invalid("name", "is required"));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "invalid name: is required");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "INVALID_ARGUMENT");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata.get("field").map(String::as_str), Some("name"));
+    }
+
+    #[test]
+    fn unavailable_hides_detail_and_says_retry() {
+        let status = Status::from(Error::Unavailable("password=hunter2 host=db".to_owned()));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(!status.message().contains("hunter2"));
+        assert_eq!(
+            status.get_details_retry_info().unwrap().retry_delay,
+            Some(Duration::from_secs(1))
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! KeyService: parse the request, call the key manager, build the response.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{
+    duration_from_proto, environment_from_proto, key_to_proto, require_key_id, role_from_proto,
+    workspace_from_proto,
+};
+use crate::error::Error;
+use crate::key::{KeyDescription, KeyName, Metadata, Scopes};
+use crate::keys::{
+    Actor, DEFAULT_GRACE_PERIOD, DEFAULT_PAGE_SIZE, Expiration, KeyManager, ListRequest,
+    MAX_PAGE_SIZE, NewKey,
+};
+use crate::pb;
+use crate::pb::issue_key_request::Expiration as PbExpiration;
+use crate::timestamp;
+
+pub struct KeyServiceImpl {
+    keys: Arc<KeyManager>,
+}
+
+impl KeyServiceImpl {
+    pub fn new(keys: Arc<KeyManager>) -> Self {
+        Self { keys }
+    }
+}
+
+fn parse_new_key(request: pb::IssueKeyRequest) -> Result<NewKey, Error> {
+    let expiration = match &request.expiration {
+        None => Expiration::Never,
+        Some(PbExpiration::ExpireTime(at)) => Expiration::At(
+            timestamp::from_proto(at)
+                .ok_or_else(|| Error::invalid("expire_time", "is out of range"))?,
+        ),
+        Some(PbExpiration::Ttl(ttl)) => Expiration::After(duration_from_proto("ttl", ttl)?),
+    };
+    Ok(NewKey {
+        workspace_id: workspace_from_proto(&request.workspace_id)?,
+        name: KeyName::parse(&request.name).map_err(|reason| Error::invalid("name", reason))?,
+        description: KeyDescription::parse(&request.description)
+            .map_err(|reason| Error::invalid("description", reason))?,
+        scopes: Scopes::parse(&request.scopes)
+            .map_err(|reason| Error::invalid("scopes", reason))?,
+        environment: environment_from_proto(request.environment)?,
+        role: role_from_proto(request.role)?,
+        expiration,
+        metadata: Metadata::parse(&request.metadata)
+            .map_err(|reason| Error::invalid("metadata", reason))?,
+    })
+}
+
+fn parse_list_request(request: pb::ListKeysRequest) -> Result<ListRequest, Error> {
+    let page_size = match request.page_size {
+        size if size < 0 => return Err(Error::invalid("page_size", "must not be negative")),
+        0 => DEFAULT_PAGE_SIZE,
+        size => (size as u32).min(MAX_PAGE_SIZE),
+    };
+    Ok(ListRequest {
+        workspace_id: workspace_from_proto(&request.workspace_id)?,
+        page_size,
+        page_token: request.page_token,
+        include_inactive: request.include_inactive,
+    })
+}
+
+#[tonic::async_trait]
+impl pb::key_service_server::KeyService for KeyServiceImpl {
+    async fn issue_key(
+        &self,
+        request: Request<pb::IssueKeyRequest>,
+    ) -> Result<Response<pb::IssueKeyResponse>, Status> {
+        let new_key = parse_new_key(request.into_inner())?;
+        let issued = self.keys.issue(new_key, &Actor::anonymous()).await?;
+        Ok(Response::new(pb::IssueKeyResponse {
+            key: Some(key_to_proto(&issued.key)),
+            secret: issued.plaintext,
+        }))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::GetKeyResponse>, Status> {
+        let request = request.into_inner();
+        let workspace_id = workspace_from_proto(&request.workspace_id)?;
+        let key = self
+            .keys
+            .get(&workspace_id, require_key_id(&request.key_id)?)
+            .await?;
+        Ok(Response::new(pb::GetKeyResponse {
+            key: Some(key_to_proto(&key)),
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let page = self
+            .keys
+            .list(parse_list_request(request.into_inner())?)
+            .await?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: page.keys.iter().map(key_to_proto).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+            total_size: page.total_size,
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
+        let request = request.into_inner();
+        let workspace_id = workspace_from_proto(&request.workspace_id)?;
+        let key = self
+            .keys
+            .revoke(
+                &workspace_id,
+                require_key_id(&request.key_id)?,
+                &Actor::anonymous(),
+            )
+            .await?;
+        Ok(Response::new(pb::RevokeKeyResponse {
+            key: Some(key_to_proto(&key)),
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        let request = request.into_inner();
+        let workspace_id = workspace_from_proto(&request.workspace_id)?;
+        let grace_period = match &request.grace_period {
+            None => DEFAULT_GRACE_PERIOD,
+            Some(grace) => duration_from_proto("grace_period", grace)?,
+        };
+        let (issued, previous) = self
+            .keys
+            .rotate(
+                &workspace_id,
+                require_key_id(&request.key_id)?,
+                grace_period,
+                &Actor::anonymous(),
+            )
+            .await?;
+        Ok(Response::new(pb::RotateKeyResponse {
+            key: Some(key_to_proto(&issued.key)),
+            secret: issued.plaintext,
+            previous_key: Some(key_to_proto(&previous)),
+        }))
+    }
+}

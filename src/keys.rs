@@ -1,0 +1,321 @@
+//! Key management: the operations behind KeyService, in domain types. Every mutation is one
+//! database transaction with its audit record; every read and write is scoped to a workspace.
+
+pub mod page_token;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::key::{
+    Brand, Environment, GeneratedKey, HashPool, Key, KeyDescription, KeyId, KeyName, KeyState,
+    Metadata, Role, Scopes, StoredKey, WorkspaceId,
+};
+use crate::store::{AuditRecord, ListQuery, Store};
+use crate::timestamp::{UnixMicros, duration_micros, now_micros};
+use crate::verify::Invalidator;
+use page_token::PageTokenCodec;
+
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(24 * 60 * 60);
+/// How often a freshly generated key id may collide before issuing gives up (71 random bits:
+/// even one collision is practically impossible).
+const KEY_ID_ATTEMPTS: usize = 3;
+
+/// When a new key stops working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiration {
+    Never,
+    At(UnixMicros),
+    After(Duration),
+}
+
+/// A validated IssueKey request.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub workspace_id: WorkspaceId,
+    pub name: KeyName,
+    pub description: KeyDescription,
+    pub scopes: Scopes,
+    pub environment: Environment,
+    pub role: Role,
+    pub expiration: Expiration,
+    pub metadata: Metadata,
+}
+
+/// A key and its plaintext, returned once.
+pub struct IssuedKey {
+    pub key: Key,
+    pub plaintext: String,
+}
+
+/// One page of ListKeys.
+#[derive(Debug)]
+pub struct KeyPage {
+    pub keys: Vec<Key>,
+    pub next_page_token: Option<String>,
+    pub total_size: i64,
+}
+
+/// A validated ListKeys request.
+#[derive(Debug, Clone)]
+pub struct ListRequest {
+    pub workspace_id: WorkspaceId,
+    pub page_size: u32,
+    pub page_token: String,
+    pub include_inactive: bool,
+}
+
+/// Who asked for a change, as recorded in the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor(String);
+
+impl Actor {
+    pub fn anonymous() -> Self {
+        Self("anonymous".to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+pub struct KeyManager {
+    store: Arc<dyn Store>,
+    hashes: HashPool,
+    brand: Brand,
+    page_tokens: PageTokenCodec,
+    invalidator: Invalidator,
+}
+
+impl KeyManager {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hashes: HashPool,
+        brand: Brand,
+        page_tokens: PageTokenCodec,
+        invalidator: Invalidator,
+    ) -> Self {
+        Self {
+            store,
+            hashes,
+            brand,
+            page_tokens,
+            invalidator,
+        }
+    }
+
+    #[tracing::instrument(name = "keys.issue", skip_all, fields(workspace_id = %new.workspace_id.as_str()))]
+    pub async fn issue(&self, new: NewKey, actor: &Actor) -> Result<IssuedKey> {
+        let now = now_micros();
+        let expire_time = match new.expiration {
+            Expiration::Never => None,
+            Expiration::At(at) if at <= now => {
+                return Err(Error::invalid("expire_time", "must be in the future"));
+            }
+            Expiration::At(at) => Some(at),
+            Expiration::After(ttl) if ttl.is_zero() => {
+                return Err(Error::invalid("ttl", "must be positive"));
+            }
+            Expiration::After(ttl) => Some(now.saturating_add(duration_micros(ttl))),
+        };
+        let template = Key {
+            key_id: KeyId::generate(),
+            workspace_id: new.workspace_id.as_str().to_owned(),
+            name: new.name.as_str().to_owned(),
+            description: new.description.as_str().to_owned(),
+            prefix: String::new(),
+            scopes: new.scopes,
+            role: new.role,
+            environment: new.environment,
+            create_time: now,
+            expire_time,
+            revoke_time: None,
+            last_used_time: None,
+            total_requests: 0,
+            metadata: new.metadata,
+            rotated_from_key_id: None,
+            rotated_to_key_id: None,
+        };
+        let audit = self.audit("issue", actor, now);
+        for _ in 0..KEY_ID_ATTEMPTS {
+            let (stored, plaintext) = self.mint(&template).await?;
+            match self.store.insert_key(&stored, &audit).await {
+                Ok(()) => {
+                    tracing::info!(key_prefix = %stored.key.prefix, "key issued");
+                    return Ok(IssuedKey {
+                        key: stored.key,
+                        plaintext,
+                    });
+                }
+                Err(Error::Conflict) => continue,
+                Err(other) => return Err(other),
+            }
+        }
+        Err(Error::Internal("key id collided repeatedly".to_owned()))
+    }
+
+    pub async fn get(&self, workspace_id: &WorkspaceId, key_id: &str) -> Result<Key> {
+        self.store
+            .get_key(workspace_id, key_id)
+            .await?
+            .ok_or(Error::KeyNotFound)
+    }
+
+    #[tracing::instrument(name = "keys.list", skip_all, fields(workspace_id = %request.workspace_id.as_str()))]
+    pub async fn list(&self, request: ListRequest) -> Result<KeyPage> {
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            Some(self.page_tokens.decode(
+                &request.page_token,
+                &request.workspace_id,
+                request.include_inactive,
+            )?)
+        };
+        let limit = request.page_size.clamp(1, MAX_PAGE_SIZE);
+        let query = ListQuery {
+            workspace_id: request.workspace_id.clone(),
+            include_inactive: request.include_inactive,
+            after,
+            // One extra row tells whether another page follows without a second query.
+            limit: limit + 1,
+            now: now_micros(),
+        };
+        let (mut keys, total_size) = self.store.list_keys(&query).await?;
+        let next_page_token = if keys.len() > limit as usize {
+            keys.truncate(limit as usize);
+            keys.last().map(|last| {
+                self.page_tokens.encode(
+                    &request.workspace_id,
+                    request.include_inactive,
+                    last.create_time,
+                    &last.key_id,
+                )
+            })
+        } else {
+            None
+        };
+        Ok(KeyPage {
+            keys,
+            next_page_token,
+            total_size,
+        })
+    }
+
+    #[tracing::instrument(name = "keys.revoke", skip_all, fields(key_id = %key_id))]
+    pub async fn revoke(
+        &self,
+        workspace_id: &WorkspaceId,
+        key_id: &str,
+        actor: &Actor,
+    ) -> Result<Key> {
+        let audit = self.audit("revoke", actor, now_micros());
+        let key = self
+            .store
+            .revoke_key(workspace_id, key_id, &audit)
+            .await?
+            .ok_or(Error::KeyNotFound)?;
+        // Read your writes: this replica's next VerifyKey must see the revocation.
+        self.invalidator.key_changed(key_id).await;
+        tracing::info!(key_prefix = %key.prefix, "key revoked");
+        Ok(key)
+    }
+
+    #[tracing::instrument(name = "keys.rotate", skip_all, fields(key_id = %key_id))]
+    pub async fn rotate(
+        &self,
+        workspace_id: &WorkspaceId,
+        key_id: &str,
+        grace_period: Duration,
+        actor: &Actor,
+    ) -> Result<(IssuedKey, Key)> {
+        let now = now_micros();
+        let previous = self.get(workspace_id, key_id).await?;
+        ensure_rotatable(&previous, now)?;
+        // The successor lives as long as its predecessor was meant to live.
+        let lifetime = previous
+            .expire_time
+            .map(|expiry| expiry.saturating_sub(previous.create_time));
+        let template = Key {
+            key_id: KeyId::generate(),
+            create_time: now,
+            expire_time: lifetime.map(|lifetime| now.saturating_add(lifetime)),
+            revoke_time: None,
+            last_used_time: None,
+            total_requests: 0,
+            rotated_from_key_id: Some(previous.key_id.as_str().to_owned()),
+            rotated_to_key_id: None,
+            ..previous.clone()
+        };
+        let (successor, plaintext) = self.mint(&template).await?;
+        let previous_expire_time = now.saturating_add(duration_micros(grace_period));
+        let audit = self.audit("rotate", actor, now);
+        let rotation = self
+            .store
+            .rotate_key(
+                workspace_id,
+                key_id,
+                &successor,
+                previous_expire_time,
+                &audit,
+            )
+            .await?;
+        let Some(rotation) = rotation else {
+            // Someone else changed the key between our read and our write: say what happened.
+            let current = self.get(workspace_id, key_id).await?;
+            ensure_rotatable(&current, now_micros())?;
+            return Err(Error::Conflict);
+        };
+        self.invalidator.key_changed(key_id).await;
+        tracing::info!(
+            key_prefix = %rotation.previous.prefix,
+            successor_prefix = %rotation.successor.prefix,
+            "key rotated"
+        );
+        Ok((
+            IssuedKey {
+                key: rotation.successor,
+                plaintext,
+            },
+            rotation.previous,
+        ))
+    }
+
+    /// A fresh id and secret for `template`, with the secret's argon2id hash.
+    async fn mint(&self, template: &Key) -> Result<(StoredKey, String)> {
+        let generated = GeneratedKey::generate(&self.brand, template.environment);
+        let secret_hash = self.hashes.hash(generated.plaintext.clone()).await?;
+        let key = Key {
+            key_id: generated.key_id,
+            prefix: generated.prefix,
+            ..template.clone()
+        };
+        Ok((StoredKey { key, secret_hash }, generated.plaintext))
+    }
+
+    fn audit(&self, action: &'static str, actor: &Actor, now: UnixMicros) -> AuditRecord {
+        AuditRecord {
+            action,
+            actor: actor.as_str().to_owned(),
+            occur_time: now,
+            detail: "{}".to_owned(),
+        }
+    }
+}
+
+fn ensure_rotatable(key: &Key, now: UnixMicros) -> Result<()> {
+    match key.state_at(now) {
+        KeyState::Revoked => return Err(Error::KeyRevoked(key.key_id.to_string())),
+        KeyState::Expired => return Err(Error::KeyExpired(key.key_id.to_string())),
+        KeyState::Active => {}
+    }
+    if let Some(successor) = &key.rotated_to_key_id {
+        return Err(Error::KeyAlreadyRotated {
+            key_id: key.key_id.to_string(),
+            successor: successor.clone(),
+        });
+    }
+    Ok(())
+}

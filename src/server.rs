@@ -1,0 +1,275 @@
+//! Assembles the application (store, caches, services, health, reflection) and serves it until a
+//! shutdown signal, then drains: stop accepting, finish in-flight calls, flush usage, close the
+//! database pool.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::error::{Error, Result};
+use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
+use crate::key::{Brand, HashParams, HashPool, SecretHasher};
+use crate::keys::KeyManager;
+use crate::keys::page_token::PageTokenCodec;
+use crate::pb;
+use crate::pb::key_service_server::KeyServiceServer;
+use crate::pb::verify_service_server::VerifyServiceServer;
+use crate::store::{self, Store};
+use crate::verify::{UsageConfig, UsageRecorder, Verifier, VerifyConfig};
+
+/// Management requests carry at most a few KiB of metadata and scopes.
+const MAX_KEY_SERVICE_MESSAGE: usize = 64 * 1024;
+/// VerifyKey requests are a key, a few scopes and an IP: tiny.
+const MAX_VERIFY_MESSAGE: usize = 16 * 1024;
+
+/// Everything the server needs, already validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub db_max_connections: u32,
+    pub brand: Brand,
+    pub hash_params: HashParams,
+    /// How many argon2 computations may run at once.
+    pub argon2_threads: usize,
+    pub verify: VerifyConfig,
+    pub usage: UsageConfig,
+}
+
+impl Config {
+    /// A configuration for `database_url` with every other setting at its default.
+    pub fn with_database(database_url: impl Into<String>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            database_url: database_url.into(),
+            db_max_connections: 16,
+            brand: Brand::default(),
+            hash_params: HashParams::default(),
+            argon2_threads: std::thread::available_parallelism().map_or(2, usize::from),
+            verify: VerifyConfig::default(),
+            usage: UsageConfig::default(),
+        }
+    }
+}
+
+/// The application's shared parts, built once.
+pub struct App {
+    pub store: Arc<dyn Store>,
+    pub keys: Arc<KeyManager>,
+    pub verifier: Arc<Verifier>,
+    pub usage: UsageRecorder,
+}
+
+impl App {
+    pub async fn build(config: &Config) -> Result<Self> {
+        let store = store::open(&config.database_url, config.db_max_connections).await?;
+        let hasher = SecretHasher::new(config.hash_params)
+            .map_err(|reason| Error::invalid("argon2", reason))?;
+        let hashes = HashPool::new(hasher, config.argon2_threads);
+        let page_tokens = PageTokenCodec::new(store.shared_secret("page_token_mac").await?);
+        let usage = UsageRecorder::new(store.clone());
+        let verifier = Arc::new(Verifier::new(
+            store.clone(),
+            hashes.clone(),
+            usage.clone(),
+            &config.verify,
+        ));
+        let keys = Arc::new(KeyManager::new(
+            store.clone(),
+            hashes,
+            config.brand.clone(),
+            page_tokens,
+            verifier.invalidator(),
+        ));
+        Ok(Self {
+            store,
+            keys,
+            verifier,
+            usage,
+        })
+    }
+}
+
+/// Binds `config.listen` and serves until `shutdown` completes.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|error| Error::Internal(format!("cannot listen on {}: {error}", config.listen)))?;
+    serve_on(listener, config, shutdown).await
+}
+
+/// Serves on an already bound listener until `shutdown` completes, then drains.
+pub async fn serve_on(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let app = App::build(&config).await?;
+    run(listener, app, config, shutdown).await
+}
+
+async fn run(
+    listener: TcpListener,
+    app: App,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let local_addr = listener
+        .local_addr()
+        .map_err(|error| Error::Internal(error.to_string()))?;
+
+    let stop_usage = Arc::new(Notify::new());
+    let usage_task = tokio::spawn(
+        app.usage
+            .clone()
+            .run(config.usage.clone(), stop_usage.clone()),
+    );
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<KeyServiceServer<KeyServiceImpl>>()
+        .await;
+    health_reporter
+        .set_serving::<VerifyServiceServer<VerifyServiceImpl>>()
+        .await;
+
+    let key_service = KeyServiceServer::new(KeyServiceImpl::new(app.keys.clone()))
+        .max_decoding_message_size(MAX_KEY_SERVICE_MESSAGE);
+    let verify_service = VerifyServiceServer::new(VerifyServiceImpl::new(app.verifier.clone()))
+        .max_decoding_message_size(MAX_VERIFY_MESSAGE);
+
+    tracing::info!(%local_addr, database = database_kind(&config.database_url), "key-authority serving");
+    let served = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(30))
+        .add_service(health_service)
+        .add_service(reflection_v1()?)
+        .add_service(reflection_v1alpha()?)
+        .add_service(key_service)
+        .add_service(verify_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+
+    // In-flight calls have finished: write the last usage, then close the pool.
+    stop_usage.notify_one();
+    if usage_task.await.is_err() {
+        tracing::error!("usage writer panicked");
+    }
+    app.store.close().await;
+    tracing::info!("key-authority stopped");
+    served.map_err(|error| Error::Internal(format!("server failed: {error}")))
+}
+
+fn database_kind(url: &str) -> &'static str {
+    if url.starts_with("sqlite:") {
+        "sqlite"
+    } else {
+        "postgres"
+    }
+}
+
+fn reflection_v1() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| Error::Internal(format!("reflection: {error}")))
+}
+
+/// v1alpha too: Python's grpcio-reflection and older tools only speak it.
+fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|error| Error::Internal(format!("reflection: {error}")))
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received, draining");
+}
+
+/// A server running in the background: what tests and embedders use.
+pub struct RunningServer {
+    pub local_addr: SocketAddr,
+    /// The server's verifier, so tests can read its argon2 counter.
+    pub verifier: Arc<Verifier>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<()>>,
+}
+
+impl RunningServer {
+    /// Binds `config.listen` (port 0 picks a free port) and serves in a background task.
+    pub async fn start(config: Config) -> Result<Self> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|error| Error::Internal(format!("cannot listen: {error}")))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|error| Error::Internal(error.to_string()))?;
+        // Built before spawning, so a bad database URL fails here and not at shutdown.
+        let app = App::build(&config).await?;
+        let verifier = app.verifier.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(listener, app, config, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            local_addr,
+            verifier,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Graceful shutdown, as on SIGTERM; returns once usage is flushed and the pool closed.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|error| Error::Internal(format!("server task failed: {error}")))?
+    }
+}

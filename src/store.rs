@@ -1,0 +1,126 @@
+//! Storage: one trait, two databases. The SQL is shared (`sql.rs`) so SQLite and PostgreSQL
+//! cannot drift apart; each database file adds only its connection set-up, migrations and
+//! change notifications.
+
+mod postgres;
+mod row;
+mod sql;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+use crate::error::{Error, Result};
+use crate::key::{Key, StoredKey, WorkspaceId};
+use crate::timestamp::UnixMicros;
+
+/// A mutation's audit record, written in the same transaction as the mutation.
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    /// What happened: `issue`, `revoke`, `rotate`.
+    pub action: &'static str,
+    /// Who did it, as authenticated (`admin`, `user:<sub>`, `key:<prefix>`), or `anonymous`.
+    pub actor: String,
+    pub occur_time: UnixMicros,
+    /// A small JSON object with details worth keeping (never a secret).
+    pub detail: String,
+}
+
+/// One page of a workspace's keys, newest first.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub workspace_id: WorkspaceId,
+    pub include_inactive: bool,
+    /// Keys strictly older than this `(create_time, key_id)` position; `None` starts at the newest.
+    pub after: Option<(UnixMicros, String)>,
+    pub limit: u32,
+    /// "Now", for deciding which keys are expired.
+    pub now: UnixMicros,
+}
+
+/// Usage counted in memory, added to a key's counters in one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub key_id: String,
+    pub requests: i64,
+    pub last_used_time: UnixMicros,
+}
+
+/// A successful rotation: the old key (now ending at its new expiry) and its successor.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub previous: Key,
+    pub successor: Key,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts a new key and its audit record. A key id collision is `Error::Conflict`.
+    async fn insert_key(&self, key: &StoredKey, audit: &AuditRecord) -> Result<()>;
+
+    async fn get_key(&self, workspace_id: &WorkspaceId, key_id: &str) -> Result<Option<Key>>;
+
+    /// The key and its hash, by id alone: the VerifyKey lookup.
+    async fn find_key_for_verify(&self, key_id: &str) -> Result<Option<StoredKey>>;
+
+    /// One page of keys and the number of keys matching the query across all pages.
+    async fn list_keys(&self, query: &ListQuery) -> Result<(Vec<Key>, i64)>;
+
+    /// Sets the key's revoke time unless it is already revoked (then nothing changes), and
+    /// returns the key as it is now. `None` if no such key exists in the workspace.
+    async fn revoke_key(
+        &self,
+        workspace_id: &WorkspaceId,
+        key_id: &str,
+        audit: &AuditRecord,
+    ) -> Result<Option<Key>>;
+
+    /// Atomically marks `key_id` as rotated to `successor` (only if it is active and not rotated
+    /// yet), caps its expiry at `previous_expire_time`, and inserts the successor. `None` when
+    /// the key was not in a rotatable state at that moment: the caller re-reads to say why.
+    async fn rotate_key(
+        &self,
+        workspace_id: &WorkspaceId,
+        key_id: &str,
+        successor: &StoredKey,
+        previous_expire_time: UnixMicros,
+        audit: &AuditRecord,
+    ) -> Result<Option<Rotation>>;
+
+    /// Adds a batch of usage to the keys' counters in one transaction.
+    async fn record_usage(&self, deltas: &[UsageDelta]) -> Result<()>;
+
+    /// A random secret shared by every replica on this database, created on first use.
+    async fn shared_secret(&self, name: &str) -> Result<Vec<u8>>;
+
+    /// Succeeds when the database answers.
+    async fn ping(&self) -> Result<()>;
+
+    /// Waits for in-flight queries and closes every connection.
+    async fn close(&self);
+}
+
+/// Connects to the database named by `url` (`sqlite://...` or `postgres://...`) and runs the
+/// embedded migrations.
+pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        return Ok(Arc::new(SqliteStore::open(url, max_connections).await?));
+    }
+    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        return Ok(Arc::new(PostgresStore::open(url, max_connections).await?));
+    }
+    Err(Error::invalid(
+        "database_url",
+        "must start with sqlite:, postgres: or postgresql:",
+    ))
+}
+
+/// Runs the embedded migrations of the database named by `url`, then closes it.
+pub async fn migrate(url: &str) -> Result<()> {
+    open(url, 1).await?.close().await;
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! PostgreSQL: several stateless replicas share one database.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+use super::row::KeyRow;
+use super::sql::impl_sql_store;
+use crate::error::{Error, Result};
+
+/// The channel on which a change to a key is announced to every replica; the payload is the
+/// key id.
+pub const KEY_CHANGED_CHANNEL: &str = "key_authority_key_changed";
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to the database named by `url` and runs the migrations.
+    pub async fn open(url: &str, max_connections: u32) -> Result<Self> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|error| Error::invalid("database_url", error.to_string()))?
+            .application_name("key-authority");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|error| Error::Internal(format!("postgres migrations failed: {error}")))?;
+        Ok(Self { pool })
+    }
+
+    /// NOTIFY inside the changing transaction: PostgreSQL delivers it on commit, and only then.
+    async fn key_changed(tx: &mut sqlx::Transaction<'_, Postgres>, key_id: &str) -> Result<()> {
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(KEY_CHANGED_CHANNEL)
+            .bind(key_id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+impl_sql_store!(PostgresStore, Postgres);

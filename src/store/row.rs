@@ -1,0 +1,74 @@
+//! The `api_key` row as both databases return it, and its conversion to the domain type.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::key::{Environment, Key, KeyId, Metadata, Role, Scopes, StoredKey};
+
+#[derive(sqlx::FromRow)]
+pub(super) struct KeyRow {
+    key_id: String,
+    workspace_id: String,
+    name: String,
+    description: String,
+    prefix: String,
+    scopes: String,
+    role: String,
+    environment: String,
+    secret_hash: String,
+    metadata: String,
+    create_time: i64,
+    expire_time: Option<i64>,
+    revoke_time: Option<i64>,
+    last_used_time: Option<i64>,
+    total_requests: i64,
+    rotated_from_key_id: Option<String>,
+    rotated_to_key_id: Option<String>,
+}
+
+impl KeyRow {
+    pub(super) fn into_stored(self) -> Result<StoredKey> {
+        let corrupt = |what: &str| Error::Internal(format!("key {}: bad {what}", self.key_id));
+        let key_id = KeyId::parse(&self.key_id).ok_or_else(|| corrupt("key_id"))?;
+        let role = Role::from_db(&self.role).ok_or_else(|| corrupt("role"))?;
+        let environment =
+            Environment::from_key_text(&self.environment).ok_or_else(|| corrupt("environment"))?;
+        let scopes: Vec<String> =
+            serde_json::from_str(&self.scopes).map_err(|_| corrupt("scopes"))?;
+        let metadata: BTreeMap<String, String> =
+            serde_json::from_str(&self.metadata).map_err(|_| corrupt("metadata"))?;
+        Ok(StoredKey {
+            key: Key {
+                key_id,
+                workspace_id: self.workspace_id,
+                name: self.name,
+                description: self.description,
+                prefix: self.prefix,
+                scopes: Scopes::from_stored(scopes),
+                role,
+                environment,
+                create_time: self.create_time,
+                expire_time: self.expire_time,
+                revoke_time: self.revoke_time,
+                last_used_time: self.last_used_time,
+                total_requests: self.total_requests,
+                metadata: Metadata::from_stored(metadata),
+                rotated_from_key_id: self.rotated_from_key_id,
+                rotated_to_key_id: self.rotated_to_key_id,
+            },
+            secret_hash: self.secret_hash,
+        })
+    }
+
+    pub(super) fn into_key(self) -> Result<Key> {
+        self.into_stored().map(|stored| stored.key)
+    }
+}
+
+pub(super) fn scopes_json(key: &Key) -> String {
+    serde_json::to_string(key.scopes.as_slice()).expect("strings always serialize")
+}
+
+pub(super) fn metadata_json(key: &Key) -> String {
+    serde_json::to_string(key.metadata.as_map()).expect("strings always serialize")
+}

@@ -1,0 +1,303 @@
+//! The SQL both databases run, and the one implementation of `Store` over it.
+//!
+//! SQLite accepts PostgreSQL's `$N` placeholders, and every statement here sticks to what both
+//! understand, so the same text runs on both. `impl_sql_store!` expands the same method bodies
+//! for each database's pool type; each store only provides `pool` and `key_changed`, the hook
+//! that tells other replicas about a change (PostgreSQL NOTIFY; nothing on SQLite).
+
+/// The columns of `api_key` that `KeyRow` reads, in one place for every select.
+macro_rules! key_columns {
+    () => {
+        "key_id, workspace_id, name, description, prefix, scopes, role, environment, \
+         secret_hash, metadata, create_time, expire_time, revoke_time, last_used_time, \
+         total_requests, rotated_from_key_id, rotated_to_key_id"
+    };
+}
+
+pub(super) const INSERT_KEY: &str = "insert into api_key (key_id, workspace_id, name, \
+     description, prefix, scopes, role, environment, secret_hash, metadata, create_time, \
+     expire_time, rotated_from_key_id, created_by) \
+     values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
+
+pub(super) const INSERT_AUDIT: &str = "insert into audit_event (workspace_id, key_id, action, \
+     actor, occur_time, detail) values ($1, $2, $3, $4, $5, $6)";
+
+pub(super) const SELECT_KEY_IN_WORKSPACE: &str = concat!(
+    "select ",
+    key_columns!(),
+    " from api_key where workspace_id = $1 and key_id = $2"
+);
+
+pub(super) const SELECT_KEY_BY_ID: &str =
+    concat!("select ", key_columns!(), " from api_key where key_id = $1");
+
+/// `$2`: include inactive keys; `$3`: now; `($4, $5)`: the position to continue after.
+pub(super) const LIST_KEYS: &str = concat!(
+    "select ",
+    key_columns!(),
+    " from api_key where workspace_id = $1 \
+     and ($2 or (revoke_time is null and (expire_time is null or expire_time > $3))) \
+     and (create_time, key_id) < ($4, $5) \
+     order by create_time desc, key_id desc limit $6"
+);
+
+pub(super) const COUNT_KEYS: &str = "select count(*) from api_key where workspace_id = $1 \
+     and ($2 or (revoke_time is null and (expire_time is null or expire_time > $3)))";
+
+pub(super) const REVOKE_KEY: &str = "update api_key set revoke_time = $1, revoked_by = $2 \
+     where workspace_id = $3 and key_id = $4 and revoke_time is null";
+
+/// Claims the rotation: only one of two concurrent rotations can match `rotated_to_key_id is
+/// null`, so only one successor is ever inserted.
+pub(super) const MARK_ROTATED: &str = "update api_key set rotated_to_key_id = $1, \
+     expire_time = case when expire_time is null or expire_time > $2 then $2 else expire_time end \
+     where workspace_id = $3 and key_id = $4 and rotated_to_key_id is null \
+     and revoke_time is null and (expire_time is null or expire_time > $5)";
+
+pub(super) const ADD_USAGE: &str = "update api_key set total_requests = total_requests + $1, \
+     last_used_time = case when last_used_time is null or last_used_time < $2 then $2 \
+     else last_used_time end where key_id = $3";
+
+pub(super) const INSERT_SECRET: &str =
+    "insert into service_secret (name, value) values ($1, $2) on conflict (name) do nothing";
+
+pub(super) const SELECT_SECRET: &str = "select value from service_secret where name = $1";
+
+/// Implements `Store` for a type with a `pool: sqlx::Pool<$db>` field and an
+/// `async fn key_changed(tx: &mut sqlx::Transaction<'_, $db>, key_id: &str) -> Result<()>`.
+macro_rules! impl_sql_store {
+    ($store:ty, $db:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            #[tracing::instrument(name = "store.insert_key", skip_all, fields(key_id = %key.key.key_id))]
+            async fn insert_key(
+                &self,
+                key: &$crate::key::StoredKey,
+                audit: &$crate::store::AuditRecord,
+            ) -> $crate::error::Result<()> {
+                let mut tx = self.pool.begin().await?;
+                insert_key_row(&mut tx, key, audit).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(name = "store.get_key", skip_all, fields(key_id = %key_id))]
+            async fn get_key(
+                &self,
+                workspace_id: &$crate::key::WorkspaceId,
+                key_id: &str,
+            ) -> $crate::error::Result<Option<$crate::key::Key>> {
+                let row: Option<KeyRow> = sqlx::query_as($crate::store::sql::SELECT_KEY_IN_WORKSPACE)
+                    .bind(workspace_id.as_str())
+                    .bind(key_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(KeyRow::into_key).transpose()
+            }
+
+            #[tracing::instrument(name = "store.find_key_for_verify", skip_all, fields(key_id = %key_id))]
+            async fn find_key_for_verify(
+                &self,
+                key_id: &str,
+            ) -> $crate::error::Result<Option<$crate::key::StoredKey>> {
+                let row: Option<KeyRow> = sqlx::query_as($crate::store::sql::SELECT_KEY_BY_ID)
+                    .bind(key_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(KeyRow::into_stored).transpose()
+            }
+
+            #[tracing::instrument(name = "store.list_keys", skip_all, fields(workspace_id = %query.workspace_id.as_str()))]
+            async fn list_keys(
+                &self,
+                query: &$crate::store::ListQuery,
+            ) -> $crate::error::Result<(Vec<$crate::key::Key>, i64)> {
+                let (after_time, after_id) = match &query.after {
+                    Some((time, id)) => (*time, id.as_str()),
+                    None => (i64::MAX, ""),
+                };
+                let rows: Vec<KeyRow> = sqlx::query_as($crate::store::sql::LIST_KEYS)
+                    .bind(query.workspace_id.as_str())
+                    .bind(query.include_inactive)
+                    .bind(query.now)
+                    .bind(after_time)
+                    .bind(after_id)
+                    .bind(i64::from(query.limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                let (total,): (i64,) = sqlx::query_as($crate::store::sql::COUNT_KEYS)
+                    .bind(query.workspace_id.as_str())
+                    .bind(query.include_inactive)
+                    .bind(query.now)
+                    .fetch_one(&self.pool)
+                    .await?;
+                let keys = rows
+                    .into_iter()
+                    .map(KeyRow::into_key)
+                    .collect::<$crate::error::Result<Vec<_>>>()?;
+                Ok((keys, total))
+            }
+
+            #[tracing::instrument(name = "store.revoke_key", skip_all, fields(key_id = %key_id))]
+            async fn revoke_key(
+                &self,
+                workspace_id: &$crate::key::WorkspaceId,
+                key_id: &str,
+                audit: &$crate::store::AuditRecord,
+            ) -> $crate::error::Result<Option<$crate::key::Key>> {
+                let mut tx = self.pool.begin().await?;
+                let changed = sqlx::query($crate::store::sql::REVOKE_KEY)
+                    .bind(audit.occur_time)
+                    .bind(audit.actor.as_str())
+                    .bind(workspace_id.as_str())
+                    .bind(key_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if changed == 1 {
+                    insert_audit(&mut tx, workspace_id.as_str(), key_id, audit).await?;
+                    Self::key_changed(&mut tx, key_id).await?;
+                }
+                let row: Option<KeyRow> = sqlx::query_as($crate::store::sql::SELECT_KEY_IN_WORKSPACE)
+                    .bind(workspace_id.as_str())
+                    .bind(key_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                row.map(KeyRow::into_key).transpose()
+            }
+
+            #[tracing::instrument(name = "store.rotate_key", skip_all, fields(key_id = %key_id))]
+            async fn rotate_key(
+                &self,
+                workspace_id: &$crate::key::WorkspaceId,
+                key_id: &str,
+                successor: &$crate::key::StoredKey,
+                previous_expire_time: $crate::timestamp::UnixMicros,
+                audit: &$crate::store::AuditRecord,
+            ) -> $crate::error::Result<Option<$crate::store::Rotation>> {
+                let mut tx = self.pool.begin().await?;
+                let claimed = sqlx::query($crate::store::sql::MARK_ROTATED)
+                    .bind(successor.key.key_id.as_str())
+                    .bind(previous_expire_time)
+                    .bind(workspace_id.as_str())
+                    .bind(key_id)
+                    .bind(audit.occur_time)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if claimed != 1 {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                insert_audit(&mut tx, workspace_id.as_str(), key_id, audit).await?;
+                insert_key_row(&mut tx, successor, audit).await?;
+                Self::key_changed(&mut tx, key_id).await?;
+                let previous: KeyRow = sqlx::query_as($crate::store::sql::SELECT_KEY_IN_WORKSPACE)
+                    .bind(workspace_id.as_str())
+                    .bind(key_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Some($crate::store::Rotation {
+                    previous: previous.into_key()?,
+                    successor: successor.key.clone(),
+                }))
+            }
+
+            #[tracing::instrument(name = "store.record_usage", skip_all, fields(keys = deltas.len()))]
+            async fn record_usage(
+                &self,
+                deltas: &[$crate::store::UsageDelta],
+            ) -> $crate::error::Result<()> {
+                let mut tx = self.pool.begin().await?;
+                for delta in deltas {
+                    sqlx::query($crate::store::sql::ADD_USAGE)
+                        .bind(delta.requests)
+                        .bind(delta.last_used_time)
+                        .bind(delta.key_id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn shared_secret(&self, name: &str) -> $crate::error::Result<Vec<u8>> {
+                let mut candidate = vec![0u8; 32];
+                getrandom::fill(&mut candidate)
+                    .map_err(|error| $crate::error::Error::Internal(error.to_string()))?;
+                // Every replica races to insert; the first one wins and all read the same value.
+                sqlx::query($crate::store::sql::INSERT_SECRET)
+                    .bind(name)
+                    .bind(candidate)
+                    .execute(&self.pool)
+                    .await?;
+                let (value,): (Vec<u8>,) = sqlx::query_as($crate::store::sql::SELECT_SECRET)
+                    .bind(name)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(value)
+            }
+
+            async fn ping(&self) -> $crate::error::Result<()> {
+                sqlx::query("select 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn close(&self) {
+                self.pool.close().await;
+            }
+        }
+
+        async fn insert_key_row(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            stored: &$crate::key::StoredKey,
+            audit: &$crate::store::AuditRecord,
+        ) -> $crate::error::Result<()> {
+            let key = &stored.key;
+            sqlx::query($crate::store::sql::INSERT_KEY)
+                .bind(key.key_id.as_str())
+                .bind(key.workspace_id.as_str())
+                .bind(key.name.as_str())
+                .bind(key.description.as_str())
+                .bind(key.prefix.as_str())
+                .bind($crate::store::row::scopes_json(key))
+                .bind(key.role.as_str())
+                .bind(key.environment.as_str())
+                .bind(stored.secret_hash.as_str())
+                .bind($crate::store::row::metadata_json(key))
+                .bind(key.create_time)
+                .bind(key.expire_time)
+                .bind(key.rotated_from_key_id.as_deref())
+                .bind(audit.actor.as_str())
+                .execute(&mut **tx)
+                .await?;
+            let issue = $crate::store::AuditRecord {
+                action: "issue",
+                ..audit.clone()
+            };
+            insert_audit(tx, key.workspace_id.as_str(), key.key_id.as_str(), &issue).await
+        }
+
+        async fn insert_audit(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            workspace_id: &str,
+            key_id: &str,
+            audit: &$crate::store::AuditRecord,
+        ) -> $crate::error::Result<()> {
+            sqlx::query($crate::store::sql::INSERT_AUDIT)
+                .bind(workspace_id)
+                .bind(key_id)
+                .bind(audit.action)
+                .bind(audit.actor.as_str())
+                .bind(audit.occur_time)
+                .bind(audit.detail.as_str())
+                .execute(&mut **tx)
+                .await?;
+            Ok(())
+        }
+    };
+}
+
+pub(super) use impl_sql_store;

@@ -1,0 +1,134 @@
+//! Usage counting: VALID verdicts are counted in memory and written behind in one batch per
+//! interval, so the hot path never waits for the database. A failed write keeps its counts for
+//! the next attempt; a graceful shutdown flushes what is left. A SIGKILL loses at most one
+//! interval of usage and nothing else.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::store::{Store, UsageDelta};
+use crate::timestamp::UnixMicros;
+
+#[derive(Debug, Clone)]
+pub struct UsageConfig {
+    /// How often counted usage is written to the database.
+    pub flush_interval: Duration,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    requests: i64,
+    last_used_time: UnixMicros,
+}
+
+/// Counts usage in memory. Cheap to clone; clones share the counts.
+#[derive(Clone)]
+pub struct UsageRecorder {
+    pending: Arc<Mutex<HashMap<String, Pending>>>,
+    store: Arc<dyn Store>,
+    /// Serialises flushes, so the periodic flush and the shutdown flush never interleave.
+    flushing: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl UsageRecorder {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            pending: Arc::default(),
+            store,
+            flushing: Arc::default(),
+        }
+    }
+
+    /// Counts one successful verification. Never blocks on I/O; the lock is held for a map update.
+    pub fn record(&self, key_id: &str, now: UnixMicros) {
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some(counts) = pending.get_mut(key_id) {
+            counts.requests += 1;
+            counts.last_used_time = counts.last_used_time.max(now);
+            return;
+        }
+        pending.insert(
+            key_id.to_owned(),
+            Pending {
+                requests: 1,
+                last_used_time: now,
+            },
+        );
+    }
+
+    /// Writes every pending count in one transaction. On failure the counts go back, to be
+    /// written by the next flush.
+    pub async fn flush(&self) -> crate::error::Result<()> {
+        let _one_at_a_time = self.flushing.lock().await;
+        let taken = std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()),
+        );
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let deltas: Vec<UsageDelta> = taken
+            .iter()
+            .map(|(key_id, counts)| UsageDelta {
+                key_id: key_id.clone(),
+                requests: counts.requests,
+                last_used_time: counts.last_used_time,
+            })
+            .collect();
+        if let Err(error) = self.store.record_usage(&deltas).await {
+            self.put_back(taken);
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    fn put_back(&self, taken: HashMap<String, Pending>) {
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        for (key_id, counts) in taken {
+            let entry = pending.entry(key_id).or_insert(Pending {
+                requests: 0,
+                last_used_time: counts.last_used_time,
+            });
+            entry.requests += counts.requests;
+            entry.last_used_time = entry.last_used_time.max(counts.last_used_time);
+        }
+    }
+
+    /// Flushes every `interval` until `stop` is notified, then flushes once more.
+    pub async fn run(self, config: UsageConfig, stop: Arc<Notify>) {
+        let mut ticker = tokio::time::interval(config.flush_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if let Err(error) = self.flush().await {
+                        tracing::warn!(%error, "usage flush failed, will retry");
+                    }
+                }
+                () = stop.notified() => break,
+            }
+        }
+        if let Err(error) = self.flush().await {
+            tracing::error!(%error, "final usage flush failed: usage since the last flush is lost");
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! End-to-end tests: the real server on a random port, a real database (a SQLite file, or a
+//! fresh database in a throwaway PostgreSQL cluster), real gRPC clients.
+
+mod common;
+mod postgres_cluster;
+
+mod binary;
+mod lifecycle;
+mod listing;
+mod persistence;
+mod rotation;
+mod server;
+mod validation;
+mod verify;
