@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod change_feed;
 pub mod config;
 pub mod error;
 pub mod grpc;

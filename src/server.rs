@@ -12,6 +12,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::change_feed::{self, ChangeFeedStatus};
 use crate::error::{Error, Result};
 use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
 use crate::key::{Brand, HashParams, HashPool, SecretHasher};
@@ -114,12 +115,32 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let app = App::build(&config).await?;
-    run(listener, app, config, shutdown).await
+    let change_feed = start_change_feed(&config, &app);
+    run(
+        listener,
+        app,
+        change_feed.map(|(task, _)| task),
+        config,
+        shutdown,
+    )
+    .await
+}
+
+/// On PostgreSQL, replicas tell each other about key changes; SQLite has one node.
+fn start_change_feed(config: &Config, app: &App) -> Option<(JoinHandle<()>, ChangeFeedStatus)> {
+    if database_kind(&config.database_url) != "postgres" {
+        return None;
+    }
+    Some(change_feed::spawn(
+        &config.database_url,
+        app.verifier.invalidator(),
+    ))
 }
 
 async fn run(
     listener: TcpListener,
     app: App,
+    change_feed_task: Option<JoinHandle<()>>,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -127,6 +148,7 @@ async fn run(
         .local_addr()
         .map_err(|error| Error::Internal(error.to_string()))?;
 
+    let change_feed = change_feed_task;
     let stop_usage = Arc::new(Notify::new());
     let usage_task = tokio::spawn(
         app.usage
@@ -162,6 +184,9 @@ async fn run(
     stop_usage.notify_one();
     if usage_task.await.is_err() {
         tracing::error!("usage writer panicked");
+    }
+    if let Some(task) = change_feed {
+        task.abort();
     }
     app.store.close().await;
     tracing::info!("key-authority stopped");
@@ -235,6 +260,8 @@ pub struct RunningServer {
     pub local_addr: SocketAddr,
     /// The server's verifier, so tests can read its argon2 counter.
     pub verifier: Arc<Verifier>,
+    /// On PostgreSQL, what the cross-replica change feed has done.
+    pub change_feed: Option<ChangeFeedStatus>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<()>>,
 }
@@ -251,13 +278,15 @@ impl RunningServer {
         // Built before spawning, so a bad database URL fails here and not at shutdown.
         let app = App::build(&config).await?;
         let verifier = app.verifier.clone();
+        let (change_feed_task, change_feed) = start_change_feed(&config, &app).unzip();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(listener, app, config, async {
+        let task = tokio::spawn(run(listener, app, change_feed_task, config, async {
             let _ = stopped.await;
         }));
         Ok(Self {
             local_addr,
             verifier,
+            change_feed,
             stop: Some(stop),
             task,
         })

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use postgres::PostgresStore;
+pub use postgres::{KEY_CHANGED_CHANNEL, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use crate::error::{Error, Result};

@@ -44,6 +44,8 @@ pub struct Invalidator {
     generation: Arc<AtomicU64>,
     /// Generation of the last "drop everything" (a broken notification stream).
     all_changed_at: Arc<AtomicU64>,
+    /// Database reads of key state since start: single-flight tests and metrics read it.
+    loads: Arc<AtomicU64>,
 }
 
 impl Invalidator {
@@ -60,6 +62,7 @@ impl Invalidator {
                 .build(),
             generation: Arc::new(AtomicU64::new(1)),
             all_changed_at: Arc::new(AtomicU64::new(0)),
+            loads: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -75,9 +78,11 @@ impl Invalidator {
             }
             let started_at = self.generation.load(Ordering::Acquire);
             let store = &self.store;
+            let loads = &self.loads;
             let entry = self
                 .states
                 .try_get_with_by_ref(key_id, async move {
+                    loads.fetch_add(1, Ordering::Relaxed);
                     let stored = store.find_key_for_verify(key_id).await?;
                     Ok(Arc::new(StateEntry {
                         stored,
@@ -92,6 +97,11 @@ impl Invalidator {
             // A change landed while this read was in flight: read again.
             self.states.invalidate(key_id).await;
         }
+    }
+
+    /// How many key states were read from the database since start.
+    pub fn loads(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
     }
 
     /// Drops one key's state, here and now.

@@ -5,9 +5,11 @@ mod common;
 mod postgres_cluster;
 
 mod binary;
+mod hot_path;
 mod lifecycle;
 mod listing;
 mod persistence;
+mod replicas;
 mod rotation;
 mod server;
 mod validation;
