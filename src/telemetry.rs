@@ -1,4 +1,7 @@
-//! Logging set up once, from `main`. `RUST_LOG` filters (default `info`).
+//! Logging set up once, from `main`. `RUST_LOG` filters (default `info`); colours only on a
+//! terminal.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -7,5 +10,6 @@ pub fn init() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

@@ -83,4 +83,38 @@ async fn reflection_lists_every_service(db: TestDb) {
     app.stop().await;
 }
 
-on_both_databases!(health_reports_serving, reflection_lists_every_service);
+/// Python's grpcio-reflection and older tools speak only v1alpha.
+async fn reflection_v1alpha_is_served_too(db: TestDb) {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as V1Alpha;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as AlphaResponse;
+
+    let app = TestApp::spawn(&db).await;
+    let mut reflection = V1Alpha::new(app.channel.clone());
+    let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(AlphaRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(AlphaResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("expected a service list, got {response:?}");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "keyauthority.v1.VerifyService")
+    );
+    drop(reflection);
+    app.stop().await;
+}
+
+on_both_databases!(
+    health_reports_serving,
+    reflection_lists_every_service,
+    reflection_v1alpha_is_served_too,
+);
