@@ -2,12 +2,15 @@
 //! typed `server::Config` that the library (and the tests) use.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::auth::{AuthConfig, JwtConfig};
+use crate::key::format::random_base62;
 use crate::key::{Brand, HashParams};
-use crate::server::Config;
+use crate::server::{Config, TlsConfig};
 use crate::verify::{UsageConfig, VerifyConfig};
 
 #[derive(Debug, Parser)]
@@ -92,6 +95,81 @@ pub struct ServeArgs {
     /// How often usage counters are written to the database.
     #[arg(long, env = "KEY_AUTHORITY_USAGE_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub usage_flush_interval: Duration,
+
+    /// Platform admin tokens, comma-separated. Prefer the environment variable: flags show in `ps`.
+    #[arg(
+        long,
+        env = "KEY_AUTHORITY_ADMIN_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub admin_token: Vec<String>,
+
+    /// HS256 secret that verifies dashboard JWTs.
+    #[arg(
+        long,
+        env = "KEY_AUTHORITY_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_public_key_file"
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key (Ed25519, P-256 or RSA) that verifies dashboard JWTs (EdDSA, ES256, RS256).
+    #[arg(long, env = "KEY_AUTHORITY_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Required `iss` claim of dashboard JWTs.
+    #[arg(long, env = "KEY_AUTHORITY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim of dashboard JWTs.
+    #[arg(long, env = "KEY_AUTHORITY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock skew allowed on JWT `exp` and `nbf`.
+    #[arg(long, env = "KEY_AUTHORITY_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// IssueKey calls allowed per user per hour (admins exempt); 0 disables the limit.
+    #[arg(long, env = "KEY_AUTHORITY_ISSUE_LIMIT_PER_HOUR", default_value_t = 10)]
+    pub issue_limit_per_hour: u32,
+
+    /// Service tokens VerifyKey callers must present, comma-separated; unset leaves VerifyKey open.
+    #[arg(
+        long,
+        env = "KEY_AUTHORITY_VERIFY_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub verify_tokens: Vec<String>,
+
+    /// PEM certificate chain: serve TLS.
+    #[arg(long, env = "KEY_AUTHORITY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KEY_AUTHORITY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "KEY_AUTHORITY_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|error| format!("cannot read {what} {}: {error}", path.display()))
+}
+
+/// When no admin token and no JWT key is configured, makes up an admin token so that a first run
+/// is usable and never open. Returns it, for `main` to print once.
+pub fn ensure_admin_access(config: &mut Config) -> Option<String> {
+    if !config.auth.admin_tokens.is_empty() || config.auth.jwt.is_some() {
+        return None;
+    }
+    // 40 base62 characters from the OS CSPRNG: about 238 bits.
+    let token = format!("kaadmin_{}", random_base62(40));
+    config.auth.admin_tokens.push(token.clone());
+    Some(token)
 }
 
 impl ServeArgs {
@@ -103,7 +181,38 @@ impl ServeArgs {
         if self.usage_flush_interval.is_zero() {
             return Err("usage flush interval must be positive".to_owned());
         }
+        let jwt_public_key = self
+            .jwt_public_key_file
+            .as_deref()
+            .map(|path| read_file(path, "JWT public key"))
+            .transpose()?;
+        let jwt = (self.jwt_secret.is_some() || jwt_public_key.is_some()).then_some(JwtConfig {
+            secret: self.jwt_secret,
+            public_key_pem: jwt_public_key,
+            issuer: self.jwt_issuer,
+            audience: self.jwt_audience,
+            leeway: self.jwt_leeway,
+        });
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig {
+                cert_pem: read_file(cert, "TLS certificate")?,
+                key_pem: read_file(key, "TLS key")?,
+                client_ca_pem: self
+                    .tls_client_ca
+                    .as_deref()
+                    .map(|path| read_file(path, "TLS client CA"))
+                    .transpose()?,
+            }),
+            _ => None,
+        };
         Ok(Config {
+            auth: AuthConfig {
+                admin_tokens: self.admin_token,
+                jwt,
+                verify_tokens: self.verify_tokens,
+                issue_limit_per_hour: self.issue_limit_per_hour,
+            },
+            tls,
             listen: self.listen,
             database_url: self.database.database_url,
             db_max_connections: self.database.db_max_connections,

@@ -33,6 +33,21 @@ pub enum Error {
     /// The key was already rotated; rotate its successor instead.
     #[error("key {key_id} was already rotated to {successor}")]
     KeyAlreadyRotated { key_id: String, successor: String },
+    /// No `authorization: Bearer <token>` metadata.
+    #[error("missing credentials: send the metadata `authorization: Bearer <token>`")]
+    MissingCredentials,
+    /// The token is not an admin token, a valid JWT or a valid API key of this service.
+    #[error("invalid credentials: {0}")]
+    InvalidCredentials(&'static str),
+    /// The caller's role does not allow this.
+    #[error("permission denied: {0}")]
+    InsufficientRole(String),
+    /// The caller named a workspace other than its own.
+    #[error("permission denied: the caller cannot act in workspace {0:?}")]
+    WorkspaceMismatch(String),
+    /// Too many requests of this kind from this caller; retry after the delay.
+    #[error("rate limited: retry in {} s", .0.as_secs().max(1))]
+    RateLimited(Duration),
     /// A concurrent change won; the caller may retry.
     #[error("a concurrent change to the same key won, retry")]
     Conflict,
@@ -63,6 +78,11 @@ impl Error {
             Self::KeyRevoked(_) => "KEY_REVOKED",
             Self::KeyExpired(_) => "KEY_EXPIRED",
             Self::KeyAlreadyRotated { .. } => "KEY_ALREADY_ROTATED",
+            Self::MissingCredentials => "MISSING_AUTH_HEADER",
+            Self::InvalidCredentials(_) => "INVALID_CREDENTIALS",
+            Self::InsufficientRole(_) => "INSUFFICIENT_ROLE",
+            Self::WorkspaceMismatch(_) => "WORKSPACE_MISMATCH",
+            Self::RateLimited(_) => "RATE_LIMITED",
             Self::Conflict => "CONCURRENT_MODIFICATION",
             Self::Unavailable(_) => "DATABASE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
@@ -76,6 +96,9 @@ impl Error {
             Self::KeyRevoked(_) | Self::KeyExpired(_) | Self::KeyAlreadyRotated { .. } => {
                 Code::FailedPrecondition
             }
+            Self::MissingCredentials | Self::InvalidCredentials(_) => Code::Unauthenticated,
+            Self::InsufficientRole(_) | Self::WorkspaceMismatch(_) => Code::PermissionDenied,
+            Self::RateLimited(_) => Code::ResourceExhausted,
             Self::Conflict => Code::Aborted,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
@@ -86,6 +109,7 @@ impl Error {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Conflict => Some(Duration::from_millis(50)),
+            Self::RateLimited(delay) => Some(*delay),
             Self::Unavailable(_) => Some(Duration::from_secs(1)),
             _ => None,
         }

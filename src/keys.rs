@@ -72,8 +72,8 @@ pub struct ListRequest {
 pub struct Actor(String);
 
 impl Actor {
-    pub fn anonymous() -> Self {
-        Self("anonymous".to_owned())
+    pub fn new(description: String) -> Self {
+        Self(description)
     }
 
     pub fn as_str(&self) -> &str {
@@ -137,6 +137,8 @@ impl KeyManager {
             metadata: new.metadata,
             rotated_from_key_id: None,
             rotated_to_key_id: None,
+            created_by: actor.as_str().to_owned(),
+            revoked_by: None,
         };
         let audit = self.audit("issue", actor, now);
         for _ in 0..KEY_ID_ATTEMPTS {
@@ -230,10 +232,21 @@ impl KeyManager {
         key_id: &str,
         grace_period: Duration,
         actor: &Actor,
+        role_ceiling: Option<Role>,
     ) -> Result<(IssuedKey, Key)> {
         let now = now_micros();
         let previous = self.get(workspace_id, key_id).await?;
         ensure_rotatable(&previous, now)?;
+        // A rotation mints a new secret with the old key's role: as much a grant as IssueKey.
+        if let Some(ceiling) = role_ceiling
+            && previous.role > ceiling
+        {
+            return Err(Error::InsufficientRole(format!(
+                "a {} cannot rotate a key with the role {}",
+                ceiling.as_str(),
+                previous.role.as_str()
+            )));
+        }
         // The successor lives as long as its predecessor was meant to live.
         let lifetime = previous
             .expire_time
@@ -247,6 +260,8 @@ impl KeyManager {
             total_requests: 0,
             rotated_from_key_id: Some(previous.key_id.as_str().to_owned()),
             rotated_to_key_id: None,
+            created_by: actor.as_str().to_owned(),
+            revoked_by: None,
             ..previous.clone()
         };
         let (successor, plaintext) = self.mint(&template).await?;

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod change_feed;
 pub mod config;
 pub mod error;

@@ -1,6 +1,6 @@
 use clap::Parser;
 
-use key_authority::config::{Cli, Command};
+use key_authority::config::{Cli, Command, ensure_admin_access};
 use key_authority::{server, store, telemetry};
 
 #[tokio::main]
@@ -9,9 +9,18 @@ async fn main() -> std::process::ExitCode {
     telemetry::init();
     let outcome = match cli.command {
         Command::Serve(args) => match args.into_config() {
-            Ok(config) => server::serve(config, server::shutdown_signal())
-                .await
-                .map_err(|error| error.to_string()),
+            Ok(mut config) => {
+                if let Some(token) = ensure_admin_access(&mut config) {
+                    // Printed once, on purpose: the only way to reach a first run with no
+                    // configured credentials. Set KEY_AUTHORITY_ADMIN_TOKEN to choose your own.
+                    eprintln!(
+                        "no admin token or JWT key configured; generated admin token for this run: {token}"
+                    );
+                }
+                server::serve(config, server::shutdown_signal())
+                    .await
+                    .map_err(|error| error.to_string())
+            }
             Err(error) => Err(error),
         },
         Command::Migrate(args) => store::migrate(&args.database_url)

@@ -12,6 +12,9 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::auth::{AuthConfig, Authenticator, IssueRateLimiter, TokenSet};
 use crate::change_feed::{self, ChangeFeedStatus};
 use crate::error::{Error, Result};
 use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
@@ -41,6 +44,26 @@ pub struct Config {
     pub argon2_threads: usize,
     pub verify: VerifyConfig,
     pub usage: UsageConfig,
+    pub auth: AuthConfig,
+    /// Serve TLS (and require client certificates when a client CA is set).
+    pub tls: Option<TlsConfig>,
+}
+
+/// PEM material for TLS, already read from disk.
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// When set, every client must present a certificate signed by this CA (mutual TLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Config {
@@ -55,6 +78,11 @@ impl Config {
             argon2_threads: std::thread::available_parallelism().map_or(2, usize::from),
             verify: VerifyConfig::default(),
             usage: UsageConfig::default(),
+            auth: AuthConfig {
+                issue_limit_per_hour: 10,
+                ..AuthConfig::default()
+            },
+            tls: None,
         }
     }
 }
@@ -65,6 +93,8 @@ pub struct App {
     pub keys: Arc<KeyManager>,
     pub verifier: Arc<Verifier>,
     pub usage: UsageRecorder,
+    pub auth: Arc<Authenticator>,
+    pub issue_limiter: IssueRateLimiter,
 }
 
 impl App {
@@ -88,11 +118,14 @@ impl App {
             page_tokens,
             verifier.invalidator(),
         ));
+        let auth = Arc::new(Authenticator::new(&config.auth, verifier.clone())?);
         Ok(Self {
             store,
             keys,
             verifier,
             usage,
+            auth,
+            issue_limiter: IssueRateLimiter::new(config.auth.issue_limit_per_hour),
         })
     }
 }
@@ -164,14 +197,28 @@ async fn run(
         .set_serving::<VerifyServiceServer<VerifyServiceImpl>>()
         .await;
 
-    let key_service = KeyServiceServer::new(KeyServiceImpl::new(app.keys.clone()))
-        .max_decoding_message_size(MAX_KEY_SERVICE_MESSAGE);
-    let verify_service = VerifyServiceServer::new(VerifyServiceImpl::new(app.verifier.clone()))
-        .max_decoding_message_size(MAX_VERIFY_MESSAGE);
+    let key_service = KeyServiceServer::new(KeyServiceImpl::new(
+        app.keys.clone(),
+        app.auth.clone(),
+        app.issue_limiter.clone(),
+    ))
+    .max_decoding_message_size(MAX_KEY_SERVICE_MESSAGE);
+    let verify_service = VerifyServiceServer::new(VerifyServiceImpl::new(
+        app.verifier.clone(),
+        TokenSet::new(&config.auth.verify_tokens),
+    ))
+    .max_decoding_message_size(MAX_VERIFY_MESSAGE);
+    let forget_idle_limits = tokio::spawn(forget_idle_limits(app.issue_limiter.clone()));
+
+    let mut builder = tonic::transport::Server::builder().timeout(Duration::from_secs(30));
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(server_tls(tls))
+            .map_err(|error| Error::invalid("tls", error.to_string()))?;
+    }
 
     tracing::info!(%local_addr, database = database_kind(&config.database_url), "key-authority serving");
-    let served = tonic::transport::Server::builder()
-        .timeout(Duration::from_secs(30))
+    let served = builder
         .add_service(health_service)
         .add_service(reflection_v1()?)
         .add_service(reflection_v1alpha()?)
@@ -188,9 +235,27 @@ async fn run(
     if let Some(task) = change_feed {
         task.abort();
     }
+    forget_idle_limits.abort();
     app.store.close().await;
     tracing::info!("key-authority stopped");
     served.map_err(|error| Error::Internal(format!("server failed: {error}")))
+}
+
+fn server_tls(tls: &TlsConfig) -> ServerTlsConfig {
+    let config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+    match &tls.client_ca_pem {
+        Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+        None => config,
+    }
+}
+
+/// Keeps the rate limiter's memory bounded by recently active callers.
+async fn forget_idle_limits(limiter: IssueRateLimiter) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        ticker.tick().await;
+        limiter.forget_idle();
+    }
 }
 
 fn database_kind(url: &str) -> &'static str {

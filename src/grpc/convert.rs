@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::key::{Environment, Key, KeyState, Role, WorkspaceId};
+use crate::key::{Environment, Key, KeyState, Role};
 use crate::pb;
 use crate::timestamp::{self, now_micros};
 
@@ -31,6 +31,8 @@ pub fn key_to_proto(key: &Key) -> pb::Key {
             .collect(),
         rotated_from_key_id: key.rotated_from_key_id.clone().unwrap_or_default(),
         rotated_to_key_id: key.rotated_to_key_id.clone().unwrap_or_default(),
+        created_by: key.created_by.clone(),
+        revoked_by: key.revoked_by.clone().unwrap_or_default(),
     }
 }
 
@@ -79,10 +81,6 @@ pub fn environment_from_proto(value: i32) -> Result<Environment> {
             format!("unknown value {value}"),
         )),
     }
-}
-
-pub fn workspace_from_proto(value: &str) -> Result<WorkspaceId> {
-    WorkspaceId::parse(value).map_err(|reason| Error::invalid("workspace_id", reason))
 }
 
 /// A key id field: anything that is not an id this service could have issued is simply not found.

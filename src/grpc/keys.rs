@@ -6,13 +6,13 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{
     duration_from_proto, environment_from_proto, key_to_proto, require_key_id, role_from_proto,
-    workspace_from_proto,
 };
+use crate::auth::{Action, Authenticator, Caller, IssueRateLimiter};
 use crate::error::Error;
-use crate::key::{KeyDescription, KeyName, Metadata, Scopes};
+use crate::key::{KeyDescription, KeyName, Metadata, Scopes, WorkspaceId};
 use crate::keys::{
-    Actor, DEFAULT_GRACE_PERIOD, DEFAULT_PAGE_SIZE, Expiration, KeyManager, ListRequest,
-    MAX_PAGE_SIZE, NewKey,
+    DEFAULT_GRACE_PERIOD, DEFAULT_PAGE_SIZE, Expiration, KeyManager, ListRequest, MAX_PAGE_SIZE,
+    NewKey,
 };
 use crate::pb;
 use crate::pb::issue_key_request::Expiration as PbExpiration;
@@ -20,15 +20,36 @@ use crate::timestamp;
 
 pub struct KeyServiceImpl {
     keys: Arc<KeyManager>,
+    auth: Arc<Authenticator>,
+    issue_limiter: IssueRateLimiter,
 }
 
 impl KeyServiceImpl {
-    pub fn new(keys: Arc<KeyManager>) -> Self {
-        Self { keys }
+    pub fn new(
+        keys: Arc<KeyManager>,
+        auth: Arc<Authenticator>,
+        issue_limiter: IssueRateLimiter,
+    ) -> Self {
+        Self {
+            keys,
+            auth,
+            issue_limiter,
+        }
+    }
+
+    /// Authenticates the caller and settles the workspace the request acts in.
+    async fn caller_in<T>(
+        &self,
+        request: &Request<T>,
+        workspace_id: &str,
+    ) -> Result<(Caller, WorkspaceId), Error> {
+        let caller = self.auth.caller(request.metadata()).await?;
+        let workspace_id = caller.workspace_for(workspace_id)?;
+        Ok((caller, workspace_id))
     }
 }
 
-fn parse_new_key(request: pb::IssueKeyRequest) -> Result<NewKey, Error> {
+fn parse_new_key(request: pb::IssueKeyRequest, workspace_id: WorkspaceId) -> Result<NewKey, Error> {
     let expiration = match &request.expiration {
         None => Expiration::Never,
         Some(PbExpiration::ExpireTime(at)) => Expiration::At(
@@ -38,7 +59,7 @@ fn parse_new_key(request: pb::IssueKeyRequest) -> Result<NewKey, Error> {
         Some(PbExpiration::Ttl(ttl)) => Expiration::After(duration_from_proto("ttl", ttl)?),
     };
     Ok(NewKey {
-        workspace_id: workspace_from_proto(&request.workspace_id)?,
+        workspace_id,
         name: KeyName::parse(&request.name).map_err(|reason| Error::invalid("name", reason))?,
         description: KeyDescription::parse(&request.description)
             .map_err(|reason| Error::invalid("description", reason))?,
@@ -52,14 +73,17 @@ fn parse_new_key(request: pb::IssueKeyRequest) -> Result<NewKey, Error> {
     })
 }
 
-fn parse_list_request(request: pb::ListKeysRequest) -> Result<ListRequest, Error> {
+fn parse_list_request(
+    request: pb::ListKeysRequest,
+    workspace_id: WorkspaceId,
+) -> Result<ListRequest, Error> {
     let page_size = match request.page_size {
         size if size < 0 => return Err(Error::invalid("page_size", "must not be negative")),
         0 => DEFAULT_PAGE_SIZE,
         size => (size as u32).min(MAX_PAGE_SIZE),
     };
     Ok(ListRequest {
-        workspace_id: workspace_from_proto(&request.workspace_id)?,
+        workspace_id,
         page_size,
         page_token: request.page_token,
         include_inactive: request.include_inactive,
@@ -72,8 +96,15 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::IssueKeyRequest>,
     ) -> Result<Response<pb::IssueKeyResponse>, Status> {
-        let new_key = parse_new_key(request.into_inner())?;
-        let issued = self.keys.issue(new_key, &Actor::anonymous()).await?;
+        let (caller, workspace_id) = self
+            .caller_in(&request, &request.get_ref().workspace_id)
+            .await?;
+        let new_key = parse_new_key(request.into_inner(), workspace_id)?;
+        caller.authorize(Action::Issue { role: new_key.role })?;
+        if let Some(limit_key) = caller.rate_limit_key() {
+            self.issue_limiter.check(&limit_key)?;
+        }
+        let issued = self.keys.issue(new_key, &caller.actor()).await?;
         Ok(Response::new(pb::IssueKeyResponse {
             key: Some(key_to_proto(&issued.key)),
             secret: issued.plaintext,
@@ -84,11 +115,13 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::GetKeyResponse>, Status> {
-        let request = request.into_inner();
-        let workspace_id = workspace_from_proto(&request.workspace_id)?;
+        let (caller, workspace_id) = self
+            .caller_in(&request, &request.get_ref().workspace_id)
+            .await?;
+        caller.authorize(Action::Read)?;
         let key = self
             .keys
-            .get(&workspace_id, require_key_id(&request.key_id)?)
+            .get(&workspace_id, require_key_id(&request.get_ref().key_id)?)
             .await?;
         Ok(Response::new(pb::GetKeyResponse {
             key: Some(key_to_proto(&key)),
@@ -99,9 +132,13 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let (caller, workspace_id) = self
+            .caller_in(&request, &request.get_ref().workspace_id)
+            .await?;
+        caller.authorize(Action::Read)?;
         let page = self
             .keys
-            .list(parse_list_request(request.into_inner())?)
+            .list(parse_list_request(request.into_inner(), workspace_id)?)
             .await?;
         Ok(Response::new(pb::ListKeysResponse {
             keys: page.keys.iter().map(key_to_proto).collect(),
@@ -114,15 +151,14 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
-        let request = request.into_inner();
-        let workspace_id = workspace_from_proto(&request.workspace_id)?;
+        let (caller, workspace_id) = self
+            .caller_in(&request, &request.get_ref().workspace_id)
+            .await?;
+        let key_id = require_key_id(&request.get_ref().key_id)?;
+        caller.authorize(Action::Revoke { key_id })?;
         let key = self
             .keys
-            .revoke(
-                &workspace_id,
-                require_key_id(&request.key_id)?,
-                &Actor::anonymous(),
-            )
+            .revoke(&workspace_id, key_id, &caller.actor())
             .await?;
         Ok(Response::new(pb::RevokeKeyResponse {
             key: Some(key_to_proto(&key)),
@@ -133,8 +169,12 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
-        let request = request.into_inner();
-        let workspace_id = workspace_from_proto(&request.workspace_id)?;
+        let (caller, workspace_id) = self
+            .caller_in(&request, &request.get_ref().workspace_id)
+            .await?;
+        let request = request.get_ref();
+        let key_id = require_key_id(&request.key_id)?;
+        caller.authorize(Action::Rotate { key_id })?;
         let grace_period = match &request.grace_period {
             None => DEFAULT_GRACE_PERIOD,
             Some(grace) => duration_from_proto("grace_period", grace)?,
@@ -143,9 +183,10 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
             .keys
             .rotate(
                 &workspace_id,
-                require_key_id(&request.key_id)?,
+                key_id,
                 grace_period,
-                &Actor::anonymous(),
+                &caller.actor(),
+                caller.role_ceiling(),
             )
             .await?;
         Ok(Response::new(pb::RotateKeyResponse {

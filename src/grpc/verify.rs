@@ -2,9 +2,11 @@
 
 use std::sync::Arc;
 
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::convert::key_to_proto;
+use crate::auth::{TokenSet, bearer_token};
 use crate::error::Error;
 use crate::pb;
 use crate::verify::{Verdict, Verifier};
@@ -14,11 +16,24 @@ const MAX_REQUIRED_SCOPES: usize = 64;
 
 pub struct VerifyServiceImpl {
     verifier: Arc<Verifier>,
+    /// Service tokens callers must present; empty means VerifyKey is open.
+    callers: TokenSet,
 }
 
 impl VerifyServiceImpl {
-    pub fn new(verifier: Arc<Verifier>) -> Self {
-        Self { verifier }
+    pub fn new(verifier: Arc<Verifier>, callers: TokenSet) -> Self {
+        Self { verifier, callers }
+    }
+
+    fn check_caller(&self, metadata: &MetadataMap) -> Result<(), Error> {
+        if self.callers.is_empty() {
+            return Ok(());
+        }
+        let token = bearer_token(metadata).ok_or(Error::MissingCredentials)?;
+        if self.callers.contains(token) {
+            return Ok(());
+        }
+        Err(Error::InvalidCredentials("unknown verify token"))
     }
 }
 
@@ -39,6 +54,7 @@ impl pb::verify_service_server::VerifyService for VerifyServiceImpl {
         &self,
         request: Request<pb::VerifyKeyRequest>,
     ) -> Result<Response<pb::VerifyKeyResponse>, Status> {
+        self.check_caller(request.metadata())?;
         let request = request.into_inner();
         if request.required_scopes.len() > MAX_REQUIRED_SCOPES {
             return Err(Error::invalid(

@@ -177,7 +177,8 @@ fn is_base62(byte: u8) -> bool {
     byte.is_ascii_alphanumeric()
 }
 
-fn random_base62(len: usize) -> String {
+/// `len` characters drawn uniformly from the base62 alphabet with the OS CSPRNG.
+pub fn random_base62(len: usize) -> String {
     // Rejection sampling keeps every character uniform: 248 = 4 * 62.
     let mut out = String::with_capacity(len);
     let mut buf = [0u8; 64];

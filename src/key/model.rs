@@ -86,6 +86,10 @@ pub struct Key {
     pub metadata: Metadata,
     pub rotated_from_key_id: Option<String>,
     pub rotated_to_key_id: Option<String>,
+    /// Who issued the key (`admin`, `user:<sub>`, `key:<prefix> (<name>)`).
+    pub created_by: String,
+    /// Who revoked the key, once revoked.
+    pub revoked_by: Option<String>,
 }
 
 impl Key {

@@ -24,6 +24,8 @@ pub(super) struct KeyRow {
     total_requests: i64,
     rotated_from_key_id: Option<String>,
     rotated_to_key_id: Option<String>,
+    created_by: String,
+    revoked_by: Option<String>,
 }
 
 impl KeyRow {
@@ -55,6 +57,8 @@ impl KeyRow {
                 metadata: Metadata::from_stored(metadata),
                 rotated_from_key_id: self.rotated_from_key_id,
                 rotated_to_key_id: self.rotated_to_key_id,
+                created_by: self.created_by,
+                revoked_by: self.revoked_by,
             },
             secret_hash: self.secret_hash,
         })

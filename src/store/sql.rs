@@ -10,7 +10,7 @@ macro_rules! key_columns {
     () => {
         "key_id, workspace_id, name, description, prefix, scopes, role, environment, \
          secret_hash, metadata, create_time, expire_time, revoke_time, last_used_time, \
-         total_requests, rotated_from_key_id, rotated_to_key_id"
+         total_requests, rotated_from_key_id, rotated_to_key_id, created_by, revoked_by"
     };
 }
 

@@ -4,7 +4,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use key_authority::pb;
-use key_authority::pb::key_service_client::KeyServiceClient;
 use key_authority::pb::verify_service_client::VerifyServiceClient;
 use tonic::transport::Channel;
 
@@ -80,12 +79,13 @@ async fn serve_then_sigterm_drains_and_flushes_usage() {
         .env("DATABASE_URL", &url)
         .env("KEY_AUTHORITY_KEY_PREFIX", "acme")
         .env("KEY_AUTHORITY_USAGE_FLUSH_INTERVAL", "1h")
+        .env("KEY_AUTHORITY_ADMIN_TOKEN", "binary-test-admin")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let channel = connect(port).await;
-    let mut keys = KeyServiceClient::new(channel.clone());
+    let mut keys = crate::common::keys_as(&channel, Some("binary-test-admin"));
     let mut verify = VerifyServiceClient::new(channel);
     let issued = keys
         .issue_key(pb::IssueKeyRequest {
@@ -140,4 +140,65 @@ async fn serve_then_sigterm_drains_and_flushes_usage() {
         .unwrap();
     assert_eq!(key.total_requests, 4);
     store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_run_without_credentials_generates_an_admin_token() {
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("g.db").display());
+    let port = free_port();
+    let mut child = Command::new(BINARY)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", &url)
+        .env_remove("KEY_AUTHORITY_ADMIN_TOKEN")
+        .env_remove("KEY_AUTHORITY_JWT_SECRET")
+        .env_remove("KEY_AUTHORITY_JWT_PUBLIC_KEY_FILE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (found, token) = tokio::sync::oneshot::channel();
+    // Keep draining stderr after the token line, so the server never writes to a closed pipe.
+    std::thread::spawn(move || {
+        let mut found = Some(found);
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some((_, token)) = line.split_once("generated admin token for this run: ")
+                && let Some(found) = found.take()
+            {
+                let _ = found.send(token.trim().to_owned());
+            }
+        }
+    });
+    let token = token
+        .await
+        .expect("the generated token is printed on stderr");
+    assert!(token.starts_with("kaadmin_") && token.len() == "kaadmin_".len() + 40);
+
+    let channel = connect(port).await;
+    let anonymous = crate::common::keys_as(&channel, None)
+        .issue_key(pb::IssueKeyRequest {
+            workspace_id: "w".into(),
+            name: "n".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated, "never open");
+    crate::common::keys_as(&channel, Some(&token))
+        .issue_key(pb::IssueKeyRequest {
+            workspace_id: "w".into(),
+            name: "n".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the printed token is an admin token");
+    drop(channel);
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

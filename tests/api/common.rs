@@ -10,7 +10,45 @@ use key_authority::pb::key_service_client::KeyServiceClient;
 use key_authority::pb::verify_service_client::VerifyServiceClient;
 use key_authority::server::{Config, RunningServer};
 use sqlx::Connection;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// The platform admin token every test server accepts.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// Adds `authorization: Bearer <token>` to every call, as a real client would.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Self {
+        Self(token.map(|token| format!("Bearer {token}").parse().expect("ASCII token")))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type KeysClient = KeyServiceClient<InterceptedService<Channel, Bearer>>;
+pub type VerifyClient = VerifyServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A KeyService client that authenticates with `token` (or not at all).
+pub fn keys_as(channel: &Channel, token: Option<&str>) -> KeysClient {
+    KeyServiceClient::with_interceptor(channel.clone(), Bearer::new(token))
+}
 
 use crate::postgres_cluster;
 
@@ -131,14 +169,17 @@ pub fn test_config(db: &TestDb) -> Config {
         iterations: 1,
         parallelism: 1,
     };
+    config.auth.admin_tokens = vec![ADMIN_TOKEN.to_owned()];
     config
 }
 
 /// A running server and clients connected to it.
 pub struct TestApp {
     pub server: RunningServer,
-    pub keys: KeyServiceClient<Channel>,
-    pub verify: VerifyServiceClient<Channel>,
+    /// Authenticated as a platform admin.
+    pub keys: KeysClient,
+    /// VerifyKey is open by default: no credentials.
+    pub verify: VerifyClient,
     pub channel: Channel,
 }
 
@@ -155,8 +196,8 @@ impl TestApp {
             .await
             .expect("connect to the server");
         Self {
-            keys: KeyServiceClient::new(channel.clone()),
-            verify: VerifyServiceClient::new(channel.clone()),
+            keys: keys_as(&channel, Some(ADMIN_TOKEN)),
+            verify: VerifyServiceClient::with_interceptor(channel.clone(), Bearer::new(None)),
             channel,
             server,
         }

@@ -4,6 +4,7 @@
 mod common;
 mod postgres_cluster;
 
+mod auth;
 mod binary;
 mod hot_path;
 mod lifecycle;
@@ -12,5 +13,6 @@ mod persistence;
 mod replicas;
 mod rotation;
 mod server;
+mod transport;
 mod validation;
 mod verify;
