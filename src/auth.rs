@@ -16,12 +16,12 @@ use tonic::metadata::MetadataMap;
 
 pub use jwt::{JwtConfig, JwtVerifier};
 pub use policy::{Action, Caller};
-pub use rate_limit::IssueRateLimiter;
+pub use rate_limit::{IssueRateLimiter, KeyedLimit, TrialRateLimiter};
 pub use token_set::TokenSet;
 
 use crate::error::{Error, Result};
 use crate::key::{PresentedKey, WorkspaceId};
-use crate::verify::{Verdict, Verifier};
+use crate::verify::{Verdict, Verifier, VerifyRequest};
 
 /// How KeyService callers are recognised.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +34,8 @@ pub struct AuthConfig {
     pub verify_tokens: Vec<String>,
     /// IssueKey calls allowed per user per hour (admins exempt); 0 means unlimited.
     pub issue_limit_per_hour: u32,
+    /// IssueTrialKey calls allowed per client IP per minute; 0 means unlimited.
+    pub trial_limit_per_minute: u32,
 }
 
 /// The bearer token of a request, if any.
@@ -48,6 +50,7 @@ pub fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
 
 pub struct Authenticator {
     admin_tokens: TokenSet,
+    verify_tokens: TokenSet,
     jwt: Option<JwtVerifier>,
     verifier: Arc<Verifier>,
 }
@@ -57,6 +60,7 @@ impl Authenticator {
         let jwt = config.jwt.as_ref().map(JwtVerifier::new).transpose()?;
         Ok(Self {
             admin_tokens: TokenSet::new(&config.admin_tokens),
+            verify_tokens: TokenSet::new(&config.verify_tokens),
             jwt,
             verifier,
         })
@@ -79,9 +83,22 @@ impl Authenticator {
         Err(Error::InvalidCredentials("unknown token"))
     }
 
+    /// True for a trusted front end (a caller with an admin or verify token), whose word on the
+    /// end user's IP address is taken.
+    pub fn is_trusted_front_end(&self, metadata: &MetadataMap) -> bool {
+        bearer_token(metadata).is_some_and(|token| {
+            self.admin_tokens.contains(token) || self.verify_tokens.contains(token)
+        })
+    }
+
     async fn api_key_caller(&self, token: &str) -> Result<Caller> {
-        match self.verifier.verify(token, &[]).await? {
-            Verdict::Valid(entry) => {
+        // A management call checks the key without consuming any of a usage limit.
+        let check = VerifyRequest {
+            cost: 0,
+            ..VerifyRequest::key(token)
+        };
+        match self.verifier.verify(check).await? {
+            Verdict::Valid(entry, _) | Verdict::UsageExhausted(entry) => {
                 let key = entry
                     .key()
                     .ok_or(Error::Internal("a valid verdict without a key".to_owned()))?;
@@ -97,6 +114,9 @@ impl Authenticator {
             }
             Verdict::Revoked(_) => Err(Error::InvalidCredentials("the API key is revoked")),
             Verdict::Expired(_) => Err(Error::InvalidCredentials("the API key is expired")),
+            Verdict::Locked(_) => Err(Error::InvalidCredentials(
+                "the API key is locked after too many failed verifications",
+            )),
             _ => Err(Error::InvalidCredentials("unknown API key")),
         }
     }

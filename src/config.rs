@@ -9,9 +9,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::auth::{AuthConfig, JwtConfig};
 use crate::key::format::random_base62;
-use crate::key::{Brand, HashParams};
+use crate::key::{Brand, HashParams, WorkspaceId};
+use crate::keys::TrialConfig;
 use crate::server::{Config, TlsConfig};
-use crate::verify::{UsageConfig, VerifyConfig};
+use crate::verify::{LockoutConfig, UsageConfig, VerifyConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -143,6 +144,51 @@ pub struct ServeArgs {
     )]
     pub verify_tokens: Vec<String>,
 
+    /// Failed verifications of one key within the lockout window that lock its unrecognised
+    /// secrets.
+    #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_KEY_FAILURES", default_value_t = 10)]
+    pub lockout_key_failures: u32,
+
+    /// Failed verifications from one client IP within the lockout window that lock the IP.
+    #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_IP_FAILURES", default_value_t = 20)]
+    pub lockout_ip_failures: u32,
+
+    /// The window in which failures are counted.
+    #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub lockout_window: Duration,
+
+    /// How long a lockout lasts.
+    #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub lockout_duration: Duration,
+
+    /// Keys and client IPs whose failures are tracked at most (each), bounding memory.
+    #[arg(
+        long,
+        env = "KEY_AUTHORITY_LOCKOUT_CAPACITY",
+        default_value_t = 100_000
+    )]
+    pub lockout_capacity: u64,
+
+    /// The workspace trial keys belong to.
+    #[arg(long, env = "KEY_AUTHORITY_TRIAL_WORKSPACE", default_value = "trial")]
+    pub trial_workspace: String,
+
+    /// Lifetime of a trial key.
+    #[arg(long, env = "KEY_AUTHORITY_TRIAL_TTL", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub trial_ttl: Duration,
+
+    /// Uses (VALID verdicts) of a trial key.
+    #[arg(long, env = "KEY_AUTHORITY_TRIAL_USAGE_LIMIT", default_value_t = 10)]
+    pub trial_usage_limit: i64,
+
+    /// IssueTrialKey calls per client IP per minute; 0 disables the limit.
+    #[arg(
+        long,
+        env = "KEY_AUTHORITY_TRIAL_LIMIT_PER_MINUTE",
+        default_value_t = 5
+    )]
+    pub trial_limit_per_minute: u32,
+
     /// PEM certificate chain: serve TLS.
     #[arg(long, env = "KEY_AUTHORITY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -211,6 +257,13 @@ impl ServeArgs {
                 jwt,
                 verify_tokens: self.verify_tokens,
                 issue_limit_per_hour: self.issue_limit_per_hour,
+                trial_limit_per_minute: self.trial_limit_per_minute,
+            },
+            trial: TrialConfig {
+                workspace_id: WorkspaceId::parse(&self.trial_workspace)
+                    .map_err(|reason| format!("trial workspace {reason}"))?,
+                ttl: self.trial_ttl,
+                usage_limit: self.trial_usage_limit.max(1),
             },
             tls,
             listen: self.listen,
@@ -228,6 +281,13 @@ impl ServeArgs {
                 negative_verdict_ttl: self.negative_verdict_ttl,
                 state_cache_capacity: self.state_cache_capacity,
                 state_ttl: self.state_cache_ttl,
+                lockout: LockoutConfig {
+                    key_failures: self.lockout_key_failures,
+                    ip_failures: self.lockout_ip_failures,
+                    window: self.lockout_window,
+                    duration: self.lockout_duration,
+                    capacity: self.lockout_capacity,
+                },
             },
             usage: UsageConfig {
                 flush_interval: self.usage_flush_interval,

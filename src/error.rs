@@ -48,6 +48,9 @@ pub enum Error {
     /// Too many requests of this kind from this caller; retry after the delay.
     #[error("rate limited: retry in {} s", .0.as_secs().max(1))]
     RateLimited(Duration),
+    /// Too many requests from this client IP; retry after the delay.
+    #[error("rate limited for this client IP: retry in {} s", .0.as_secs().max(1))]
+    IpRateLimited(Duration),
     /// A concurrent change won; the caller may retry.
     #[error("a concurrent change to the same key won, retry")]
     Conflict,
@@ -83,6 +86,7 @@ impl Error {
             Self::InsufficientRole(_) => "INSUFFICIENT_ROLE",
             Self::WorkspaceMismatch(_) => "WORKSPACE_MISMATCH",
             Self::RateLimited(_) => "RATE_LIMITED",
+            Self::IpRateLimited(_) => "IP_RATE_LIMITED",
             Self::Conflict => "CONCURRENT_MODIFICATION",
             Self::Unavailable(_) => "DATABASE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
@@ -98,7 +102,7 @@ impl Error {
             }
             Self::MissingCredentials | Self::InvalidCredentials(_) => Code::Unauthenticated,
             Self::InsufficientRole(_) | Self::WorkspaceMismatch(_) => Code::PermissionDenied,
-            Self::RateLimited(_) => Code::ResourceExhausted,
+            Self::RateLimited(_) | Self::IpRateLimited(_) => Code::ResourceExhausted,
             Self::Conflict => Code::Aborted,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
@@ -109,7 +113,7 @@ impl Error {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Conflict => Some(Duration::from_millis(50)),
-            Self::RateLimited(delay) => Some(*delay),
+            Self::RateLimited(delay) | Self::IpRateLimited(delay) => Some(*delay),
             Self::Unavailable(_) => Some(Duration::from_secs(1)),
             _ => None,
         }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::key::format::KEY_ID_LEN;
 use crate::key::{
     Brand, Environment, GeneratedKey, HashPool, Key, KeyDescription, KeyId, KeyName, KeyState,
     Metadata, Role, Scopes, StoredKey, WorkspaceId,
@@ -42,6 +43,27 @@ pub struct NewKey {
     pub role: Role,
     pub expiration: Expiration,
     pub metadata: Metadata,
+    /// VALID verdicts the key may give in all; 0 means unlimited.
+    pub usage_limit: i64,
+}
+
+/// What IssueTrialKey makes.
+#[derive(Debug, Clone)]
+pub struct TrialConfig {
+    /// The workspace trial keys belong to.
+    pub workspace_id: WorkspaceId,
+    pub ttl: Duration,
+    pub usage_limit: i64,
+}
+
+impl Default for TrialConfig {
+    fn default() -> Self {
+        Self {
+            workspace_id: WorkspaceId::parse("trial").expect("a valid workspace id"),
+            ttl: Duration::from_secs(30 * 60),
+            usage_limit: 10,
+        }
+    }
 }
 
 /// A key and its plaintext, returned once.
@@ -87,6 +109,7 @@ pub struct KeyManager {
     brand: Brand,
     page_tokens: PageTokenCodec,
     invalidator: Invalidator,
+    trial: TrialConfig,
 }
 
 impl KeyManager {
@@ -96,6 +119,7 @@ impl KeyManager {
         brand: Brand,
         page_tokens: PageTokenCodec,
         invalidator: Invalidator,
+        trial: TrialConfig,
     ) -> Self {
         Self {
             store,
@@ -103,7 +127,39 @@ impl KeyManager {
             brand,
             page_tokens,
             invalidator,
+            trial,
         }
+    }
+
+    /// A trial key: environment and role TRIAL, a short TTL and a usage limit.
+    pub async fn issue_trial(&self, name: KeyName, actor: &Actor) -> Result<IssuedKey> {
+        let trial = NewKey {
+            workspace_id: self.trial.workspace_id.clone(),
+            name,
+            description: KeyDescription::default(),
+            scopes: Scopes::default(),
+            environment: Environment::Trial,
+            role: Role::Trial,
+            expiration: Expiration::After(self.trial.ttl),
+            metadata: Metadata::default(),
+            usage_limit: self.trial.usage_limit,
+        };
+        self.issue(trial, actor).await
+    }
+
+    /// Revokes the trial key named by its public prefix (or its whole text). Any other key is
+    /// simply not found: this path can revoke nothing but trial keys.
+    pub async fn revoke_trial(&self, prefix: &str, actor: &Actor) -> Result<Key> {
+        let key_id = trial_key_id(prefix)?;
+        let Some(stored) = self.store.find_key_for_verify(key_id).await? else {
+            return Err(Error::KeyNotFound);
+        };
+        if stored.key.environment != Environment::Trial {
+            return Err(Error::KeyNotFound);
+        }
+        let workspace_id = WorkspaceId::parse(&stored.key.workspace_id)
+            .map_err(|reason| Error::Internal(format!("stored workspace: {reason}")))?;
+        self.revoke(&workspace_id, key_id, actor).await
     }
 
     #[tracing::instrument(name = "keys.issue", skip_all, fields(workspace_id = %new.workspace_id.as_str()))]
@@ -139,6 +195,8 @@ impl KeyManager {
             rotated_to_key_id: None,
             created_by: actor.as_str().to_owned(),
             revoked_by: None,
+            usage_limit: new.usage_limit,
+            usage_remaining: new.usage_limit,
         };
         let audit = self.audit("issue", actor, now);
         for _ in 0..KEY_ID_ATTEMPTS {
@@ -318,6 +376,31 @@ impl KeyManager {
             detail: "{}".to_owned(),
         }
     }
+}
+
+/// The key id inside a trial key's prefix: `<brand>_trial_<12-character id>`, at least 16
+/// characters, possibly followed by the rest of the key.
+fn trial_key_id(prefix: &str) -> Result<&str> {
+    const MIN_PREFIX_LEN: usize = 16;
+    if prefix.len() < MIN_PREFIX_LEN {
+        return Err(Error::invalid(
+            "prefix",
+            format!("must be at least {MIN_PREFIX_LEN} characters"),
+        ));
+    }
+    let id = prefix
+        .split_once("_trial_")
+        .map(|(_, rest)| rest)
+        .filter(|rest| rest.len() >= KEY_ID_LEN)
+        .map(|rest| &rest[..KEY_ID_LEN])
+        .filter(|id| KeyId::parse(id).is_some())
+        .ok_or_else(|| {
+            Error::invalid(
+                "prefix",
+                "must be a trial key prefix <brand>_trial_<key id> with the whole 12-character key id",
+            )
+        })?;
+    Ok(id)
 }
 
 fn ensure_rotatable(key: &Key, now: UnixMicros) -> Result<()> {

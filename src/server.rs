@@ -14,13 +14,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::auth::{AuthConfig, Authenticator, IssueRateLimiter, TokenSet};
+use crate::auth::{AuthConfig, Authenticator, IssueRateLimiter, TokenSet, TrialRateLimiter};
 use crate::change_feed::{self, ChangeFeedStatus};
 use crate::error::{Error, Result};
 use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
 use crate::key::{Brand, HashParams, HashPool, SecretHasher};
-use crate::keys::KeyManager;
 use crate::keys::page_token::PageTokenCodec;
+use crate::keys::{KeyManager, TrialConfig};
 use crate::pb;
 use crate::pb::key_service_server::KeyServiceServer;
 use crate::pb::verify_service_server::VerifyServiceServer;
@@ -45,6 +45,7 @@ pub struct Config {
     pub verify: VerifyConfig,
     pub usage: UsageConfig,
     pub auth: AuthConfig,
+    pub trial: TrialConfig,
     /// Serve TLS (and require client certificates when a client CA is set).
     pub tls: Option<TlsConfig>,
 }
@@ -80,8 +81,10 @@ impl Config {
             usage: UsageConfig::default(),
             auth: AuthConfig {
                 issue_limit_per_hour: 10,
+                trial_limit_per_minute: 5,
                 ..AuthConfig::default()
             },
+            trial: TrialConfig::default(),
             tls: None,
         }
     }
@@ -95,6 +98,7 @@ pub struct App {
     pub usage: UsageRecorder,
     pub auth: Arc<Authenticator>,
     pub issue_limiter: IssueRateLimiter,
+    pub trial_limiter: TrialRateLimiter,
 }
 
 impl App {
@@ -117,6 +121,7 @@ impl App {
             config.brand.clone(),
             page_tokens,
             verifier.invalidator(),
+            config.trial.clone(),
         ));
         let auth = Arc::new(Authenticator::new(&config.auth, verifier.clone())?);
         Ok(Self {
@@ -125,7 +130,14 @@ impl App {
             verifier,
             usage,
             auth,
-            issue_limiter: IssueRateLimiter::new(config.auth.issue_limit_per_hour),
+            issue_limiter: IssueRateLimiter::new(
+                config.auth.issue_limit_per_hour,
+                Duration::from_secs(3600),
+            ),
+            trial_limiter: TrialRateLimiter::new(
+                config.auth.trial_limit_per_minute,
+                Duration::from_secs(60),
+            ),
         })
     }
 }
@@ -201,6 +213,7 @@ async fn run(
         app.keys.clone(),
         app.auth.clone(),
         app.issue_limiter.clone(),
+        app.trial_limiter.clone(),
     ))
     .max_decoding_message_size(MAX_KEY_SERVICE_MESSAGE);
     let verify_service = VerifyServiceServer::new(VerifyServiceImpl::new(
@@ -208,7 +221,10 @@ async fn run(
         TokenSet::new(&config.auth.verify_tokens),
     ))
     .max_decoding_message_size(MAX_VERIFY_MESSAGE);
-    let forget_idle_limits = tokio::spawn(forget_idle_limits(app.issue_limiter.clone()));
+    let forget_idle_limits = tokio::spawn(forget_idle_limits(
+        app.issue_limiter.clone(),
+        app.trial_limiter.clone(),
+    ));
 
     let mut builder = tonic::transport::Server::builder().timeout(Duration::from_secs(30));
     if let Some(tls) = &config.tls {
@@ -250,11 +266,12 @@ fn server_tls(tls: &TlsConfig) -> ServerTlsConfig {
 }
 
 /// Keeps the rate limiter's memory bounded by recently active callers.
-async fn forget_idle_limits(limiter: IssueRateLimiter) {
+async fn forget_idle_limits(issue: IssueRateLimiter, trial: TrialRateLimiter) {
     let mut ticker = tokio::time::interval(Duration::from_secs(60));
     loop {
         ticker.tick().await;
-        limiter.forget_idle();
+        issue.forget_idle();
+        trial.forget_idle();
     }
 }
 

@@ -94,6 +94,10 @@ pub trait Store: Send + Sync + 'static {
     /// Adds a batch of usage to the keys' counters in one transaction.
     async fn record_usage(&self, deltas: &[UsageDelta]) -> Result<()>;
 
+    /// Atomically consumes `cost` uses of a usage-limited key (with `cost` 0, checks that one is
+    /// left). `Some(remaining)` on success; `None` when not enough are left.
+    async fn consume_usage(&self, key_id: &str, cost: i64) -> Result<Option<i64>>;
+
     /// A random secret shared by every replica on this database, created on first use.
     async fn shared_secret(&self, name: &str) -> Result<Vec<u8>>;
 

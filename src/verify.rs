@@ -3,6 +3,7 @@
 //! await. A cold verify reads the key once and runs argon2 once on the bounded pool, however many
 //! requests for the same key arrive at the same time (single-flight).
 
+mod lockout;
 mod state;
 mod usage;
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use moka::future::Cache;
 
+pub use lockout::{ClientIp, LockoutConfig, Lockouts};
 pub use state::{Invalidator, StateEntry};
 pub use usage::{UsageConfig, UsageRecorder};
 
@@ -31,6 +33,7 @@ pub struct VerifyConfig {
     /// How long a key's state is trusted without a change notification: the backstop bound on
     /// how long a lost notification can keep a revoked key valid on another replica.
     pub state_ttl: Duration,
+    pub lockout: LockoutConfig,
 }
 
 impl Default for VerifyConfig {
@@ -40,6 +43,7 @@ impl Default for VerifyConfig {
             negative_verdict_ttl: Duration::from_secs(60),
             state_cache_capacity: 200_000,
             state_ttl: Duration::from_secs(5),
+            lockout: LockoutConfig::default(),
         }
     }
 }
@@ -47,23 +51,51 @@ impl Default for VerifyConfig {
 /// Why a key was accepted or refused. A refusal is an answer, not an error.
 #[derive(Debug, Clone)]
 pub enum Verdict {
-    Valid(Arc<StateEntry>),
+    /// Valid; for a usage-limited key, with the uses left after this one.
+    Valid(Arc<StateEntry>, Option<i64>),
     Malformed,
     NotFound,
     Revoked(Arc<StateEntry>),
     Expired(Arc<StateEntry>),
     InsufficientScope(Arc<StateEntry>),
+    /// The key or the client IP is locked after too many failures: retry after this long.
+    Locked(Duration),
+    UsageExhausted(Arc<StateEntry>),
+}
+
+/// One VerifyKey question.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyRequest<'a> {
+    pub key: &'a str,
+    pub required_scopes: &'a [String],
+    /// The end user's address, for IP lockouts.
+    pub client_ip: Option<ClientIp>,
+    /// Uses of a limited key to consume; 0 checks without consuming.
+    pub cost: i64,
+}
+
+impl<'a> VerifyRequest<'a> {
+    /// A plain check of `key`: no scopes, no client IP, cost 1.
+    pub fn key(key: &'a str) -> Self {
+        Self {
+            key,
+            required_scopes: &[],
+            client_ip: None,
+            cost: 1,
+        }
+    }
 }
 
 impl Verdict {
     /// The key's public metadata, when the key was identified.
     pub fn key(&self) -> Option<&Key> {
         match self {
-            Self::Valid(entry)
+            Self::Valid(entry, _)
             | Self::Revoked(entry)
             | Self::Expired(entry)
-            | Self::InsufficientScope(entry) => entry.key(),
-            Self::Malformed | Self::NotFound => None,
+            | Self::InsufficientScope(entry)
+            | Self::UsageExhausted(entry) => entry.key(),
+            Self::Malformed | Self::NotFound | Self::Locked(_) => None,
         }
     }
 }
@@ -95,10 +127,12 @@ impl moka::Expiry<[u8; 32], SecretVerdict> for VerdictExpiry {
 }
 
 pub struct Verifier {
+    store: Arc<dyn Store>,
     states: Invalidator,
     verdicts: Cache<[u8; 32], SecretVerdict>,
     hashes: HashPool,
     usage: UsageRecorder,
+    lockouts: Lockouts,
 }
 
 impl Verifier {
@@ -115,10 +149,12 @@ impl Verifier {
             })
             .build();
         Self {
-            states: Invalidator::new(store, config),
+            states: Invalidator::new(store.clone(), config),
+            store,
             verdicts,
             hashes,
             usage,
+            lockouts: Lockouts::new(&config.lockout),
         }
     }
 
@@ -131,18 +167,45 @@ impl Verifier {
         &self.hashes
     }
 
+    pub fn lockouts(&self) -> &Lockouts {
+        &self.lockouts
+    }
+
     /// Decides on a presented key. `Err` only when the service cannot decide (the database is
     /// unreachable and nothing usable is cached): never answer "invalid" for an outage.
-    pub async fn verify(&self, text: &str, required_scopes: &[String]) -> Result<Verdict> {
-        let Some(presented) = PresentedKey::parse(text) else {
+    pub async fn verify(&self, request: VerifyRequest<'_>) -> Result<Verdict> {
+        let ip = request.client_ip;
+        let Some(presented) = PresentedKey::parse(request.key) else {
+            if let Some(remaining) = self.lockouts.locked(None, ip) {
+                return Ok(Verdict::Locked(remaining));
+            }
+            self.lockouts.failed(None, ip);
             return Ok(Verdict::Malformed);
         };
+        // The digest, never the plaintext, is the cache key.
+        let digest: [u8; 32] = *blake3::hash(presented.expose_secret().as_bytes()).as_bytes();
+        let known = self.verdicts.get(&digest).await;
+        // A secret already proven correct passes any lockout: an attacker who knows a public
+        // prefix cannot lock its owner out. Anything else is refused while locked, unhashed.
+        if known != Some(SecretVerdict::Matches)
+            && let Some(remaining) = self.lockouts.locked(Some(presented.key_id()), ip)
+        {
+            return Ok(Verdict::Locked(remaining));
+        }
         let entry = self.states.get(presented.key_id()).await?;
         let Some(stored) = entry.stored() else {
+            self.lockouts.failed(None, ip);
             return Ok(Verdict::NotFound);
         };
-        if self.secret_verdict(presented, &stored.secret_hash).await? == SecretVerdict::DoesNotMatch
-        {
+        let verdict = match known {
+            Some(verdict) => verdict,
+            None => {
+                self.check_secret(presented, digest, &stored.secret_hash)
+                    .await?
+            }
+        };
+        if verdict == SecretVerdict::DoesNotMatch {
+            self.lockouts.failed(Some(presented.key_id()), ip);
             return Ok(Verdict::NotFound);
         }
         let now = now_micros();
@@ -151,23 +214,33 @@ impl Verifier {
             KeyState::Expired => return Ok(Verdict::Expired(entry)),
             KeyState::Active => {}
         }
-        if !stored.key.scopes.grant_all(required_scopes) {
+        if !stored.key.scopes.grant_all(request.required_scopes) {
             return Ok(Verdict::InsufficientScope(entry));
         }
+        let remaining = if stored.key.usage_limit > 0 {
+            // Limited keys take the strict path: an atomic decrement in the database.
+            match self
+                .store
+                .consume_usage(presented.key_id(), request.cost)
+                .await?
+            {
+                Some(remaining) => Some(remaining),
+                None => return Ok(Verdict::UsageExhausted(entry)),
+            }
+        } else {
+            None
+        };
         self.usage.record(stored.key.key_id.as_str(), now);
-        Ok(Verdict::Valid(entry))
+        Ok(Verdict::Valid(entry, remaining))
     }
 
-    async fn secret_verdict(
+    /// Runs argon2 once for a presented key, however many requests ask at the same time.
+    async fn check_secret(
         &self,
         presented: PresentedKey<'_>,
+        digest: [u8; 32],
         secret_hash: &str,
     ) -> Result<SecretVerdict> {
-        // The digest, never the plaintext, is the cache key.
-        let digest: [u8; 32] = *blake3::hash(presented.expose_secret().as_bytes()).as_bytes();
-        if let Some(verdict) = self.verdicts.get(&digest).await {
-            return Ok(verdict);
-        }
         let plaintext = presented.expose_secret().to_owned();
         let phc = secret_hash.to_owned();
         let hashes = &self.hashes;

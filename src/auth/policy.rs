@@ -79,6 +79,14 @@ impl Caller {
     pub fn authorize(&self, action: Action<'_>) -> Result<()> {
         match (self, action) {
             (Self::Admin, _) => Ok(()),
+            (
+                Self::ApiKey {
+                    role: Role::Trial, ..
+                },
+                _,
+            ) => Err(Error::InsufficientRole(
+                "trial keys cannot call KeyService".to_owned(),
+            )),
             (Self::ApiKey { .. }, Action::Issue { .. }) => Err(Error::InsufficientRole(
                 "API keys cannot issue keys".to_owned(),
             )),

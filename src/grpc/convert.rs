@@ -33,11 +33,14 @@ pub fn key_to_proto(key: &Key) -> pb::Key {
         rotated_to_key_id: key.rotated_to_key_id.clone().unwrap_or_default(),
         created_by: key.created_by.clone(),
         revoked_by: key.revoked_by.clone().unwrap_or_default(),
+        usage_limit: key.usage_limit,
+        usage_remaining: key.usage_remaining,
     }
 }
 
 fn role_to_proto(role: Role) -> pb::Role {
     match role {
+        Role::Trial => pb::Role::Trial,
         Role::Viewer => pb::Role::Viewer,
         Role::Developer => pb::Role::Developer,
         Role::AccountAdmin => pb::Role::AccountAdmin,
@@ -49,6 +52,7 @@ fn environment_to_proto(environment: Environment) -> pb::Environment {
         Environment::Live => pb::Environment::Live,
         Environment::Test => pb::Environment::Test,
         Environment::Dev => pb::Environment::Dev,
+        Environment::Trial => pb::Environment::Trial,
     }
 }
 
@@ -66,6 +70,10 @@ pub fn role_from_proto(value: i32) -> Result<Role> {
         Ok(pb::Role::Unspecified | pb::Role::Developer) => Ok(Role::Developer),
         Ok(pb::Role::Viewer) => Ok(Role::Viewer),
         Ok(pb::Role::AccountAdmin) => Ok(Role::AccountAdmin),
+        Ok(pb::Role::Trial) => Err(Error::invalid(
+            "role",
+            "trial keys are issued by IssueTrialKey only",
+        )),
         Err(_) => Err(Error::invalid("role", format!("unknown value {value}"))),
     }
 }
@@ -76,6 +84,10 @@ pub fn environment_from_proto(value: i32) -> Result<Environment> {
         Ok(pb::Environment::Unspecified | pb::Environment::Live) => Ok(Environment::Live),
         Ok(pb::Environment::Test) => Ok(Environment::Test),
         Ok(pb::Environment::Dev) => Ok(Environment::Dev),
+        Ok(pb::Environment::Trial) => Err(Error::invalid(
+            "environment",
+            "trial keys are issued by IssueTrialKey only",
+        )),
         Err(_) => Err(Error::invalid(
             "environment",
             format!("unknown value {value}"),

@@ -7,21 +7,23 @@ use tonic::{Request, Response, Status};
 use super::convert::{
     duration_from_proto, environment_from_proto, key_to_proto, require_key_id, role_from_proto,
 };
-use crate::auth::{Action, Authenticator, Caller, IssueRateLimiter};
+use crate::auth::{Action, Authenticator, Caller, IssueRateLimiter, TrialRateLimiter};
 use crate::error::Error;
 use crate::key::{KeyDescription, KeyName, Metadata, Scopes, WorkspaceId};
 use crate::keys::{
-    DEFAULT_GRACE_PERIOD, DEFAULT_PAGE_SIZE, Expiration, KeyManager, ListRequest, MAX_PAGE_SIZE,
-    NewKey,
+    Actor, DEFAULT_GRACE_PERIOD, DEFAULT_PAGE_SIZE, Expiration, KeyManager, ListRequest,
+    MAX_PAGE_SIZE, NewKey,
 };
 use crate::pb;
 use crate::pb::issue_key_request::Expiration as PbExpiration;
 use crate::timestamp;
+use crate::verify::ClientIp;
 
 pub struct KeyServiceImpl {
     keys: Arc<KeyManager>,
     auth: Arc<Authenticator>,
     issue_limiter: IssueRateLimiter,
+    trial_limiter: TrialRateLimiter,
 }
 
 impl KeyServiceImpl {
@@ -29,12 +31,31 @@ impl KeyServiceImpl {
         keys: Arc<KeyManager>,
         auth: Arc<Authenticator>,
         issue_limiter: IssueRateLimiter,
+        trial_limiter: TrialRateLimiter,
     ) -> Self {
         Self {
             keys,
             auth,
             issue_limiter,
+            trial_limiter,
         }
+    }
+
+    /// The end user's address: the request's `client_ip` from a trusted front end, otherwise
+    /// the connection's peer.
+    fn trial_client_ip(
+        &self,
+        request: &Request<pb::IssueTrialKeyRequest>,
+    ) -> Result<ClientIp, Error> {
+        let claimed = &request.get_ref().client_ip;
+        if !claimed.is_empty() && self.auth.is_trusted_front_end(request.metadata()) {
+            return ClientIp::parse(claimed)
+                .ok_or_else(|| Error::invalid("client_ip", "must be an IPv4 or IPv6 address"));
+        }
+        request
+            .remote_addr()
+            .map(|peer| ClientIp::from(peer.ip()))
+            .ok_or_else(|| Error::Internal("no peer address".to_owned()))
     }
 
     /// Authenticates the caller and settles the workspace the request acts in.
@@ -58,7 +79,11 @@ fn parse_new_key(request: pb::IssueKeyRequest, workspace_id: WorkspaceId) -> Res
         ),
         Some(PbExpiration::Ttl(ttl)) => Expiration::After(duration_from_proto("ttl", ttl)?),
     };
+    if request.usage_limit < 0 {
+        return Err(Error::invalid("usage_limit", "must not be negative"));
+    }
     Ok(NewKey {
+        usage_limit: request.usage_limit,
         workspace_id,
         name: KeyName::parse(&request.name).map_err(|reason| Error::invalid("name", reason))?,
         description: KeyDescription::parse(&request.description)
@@ -102,7 +127,9 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         let new_key = parse_new_key(request.into_inner(), workspace_id)?;
         caller.authorize(Action::Issue { role: new_key.role })?;
         if let Some(limit_key) = caller.rate_limit_key() {
-            self.issue_limiter.check(&limit_key)?;
+            self.issue_limiter
+                .check(&limit_key)
+                .map_err(Error::RateLimited)?;
         }
         let issued = self.keys.issue(new_key, &caller.actor()).await?;
         Ok(Response::new(pb::IssueKeyResponse {
@@ -193,6 +220,42 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
             key: Some(key_to_proto(&issued.key)),
             secret: issued.plaintext,
             previous_key: Some(key_to_proto(&previous)),
+        }))
+    }
+
+    async fn issue_trial_key(
+        &self,
+        request: Request<pb::IssueTrialKeyRequest>,
+    ) -> Result<Response<pb::IssueTrialKeyResponse>, Status> {
+        let client_ip = self.trial_client_ip(&request)?;
+        let name = match request.get_ref().name.as_str() {
+            "" => "trial",
+            name => name,
+        };
+        let name = KeyName::parse(name).map_err(|reason| Error::invalid("name", reason))?;
+        self.trial_limiter
+            .check(&client_ip)
+            .map_err(Error::IpRateLimited)?;
+        let issued = self
+            .keys
+            .issue_trial(name, &Actor::new("trial".to_owned()))
+            .await?;
+        Ok(Response::new(pb::IssueTrialKeyResponse {
+            key: Some(key_to_proto(&issued.key)),
+            secret: issued.plaintext,
+        }))
+    }
+
+    async fn revoke_trial_key(
+        &self,
+        request: Request<pb::RevokeTrialKeyRequest>,
+    ) -> Result<Response<pb::RevokeTrialKeyResponse>, Status> {
+        let key = self
+            .keys
+            .revoke_trial(&request.get_ref().prefix, &Actor::new("trial".to_owned()))
+            .await?;
+        Ok(Response::new(pb::RevokeTrialKeyResponse {
+            key: Some(key_to_proto(&key)),
         }))
     }
 }

@@ -9,7 +9,7 @@ use super::convert::key_to_proto;
 use crate::auth::{TokenSet, bearer_token};
 use crate::error::Error;
 use crate::pb;
-use crate::verify::{Verdict, Verifier};
+use crate::verify::{ClientIp, Verdict, Verifier, VerifyRequest};
 
 /// Required scopes beyond this are a bad request, not a verdict.
 const MAX_REQUIRED_SCOPES: usize = 64;
@@ -39,13 +39,24 @@ impl VerifyServiceImpl {
 
 fn verdict_code(verdict: &Verdict) -> pb::VerifyCode {
     match verdict {
-        Verdict::Valid(_) => pb::VerifyCode::Valid,
+        Verdict::Valid(..) => pb::VerifyCode::Valid,
         Verdict::Malformed => pb::VerifyCode::Malformed,
         Verdict::NotFound => pb::VerifyCode::NotFound,
         Verdict::Revoked(_) => pb::VerifyCode::Revoked,
         Verdict::Expired(_) => pb::VerifyCode::Expired,
         Verdict::InsufficientScope(_) => pb::VerifyCode::InsufficientScope,
+        Verdict::Locked(_) => pb::VerifyCode::Locked,
+        Verdict::UsageExhausted(_) => pb::VerifyCode::UsageExhausted,
     }
+}
+
+fn parse_client_ip(text: &str) -> Result<Option<ClientIp>, Error> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    ClientIp::parse(text)
+        .map(Some)
+        .ok_or_else(|| Error::invalid("client_ip", "must be an IPv4 or IPv6 address"))
 }
 
 #[tonic::async_trait]
@@ -63,15 +74,36 @@ impl pb::verify_service_server::VerifyService for VerifyServiceImpl {
             )
             .into());
         }
+        let cost = request.cost.unwrap_or(1);
+        if cost < 0 {
+            return Err(Error::invalid("cost", "must not be negative").into());
+        }
         let verdict = self
             .verifier
-            .verify(&request.key, &request.required_scopes)
+            .verify(VerifyRequest {
+                key: &request.key,
+                required_scopes: &request.required_scopes,
+                client_ip: parse_client_ip(&request.client_ip)?,
+                cost,
+            })
             .await?;
         let code = verdict_code(&verdict);
+        let mut key = verdict.key().map(key_to_proto);
+        match (&verdict, key.as_mut()) {
+            // The decrement's own answer is exact; the cached state's count is not.
+            (Verdict::Valid(_, Some(remaining)), Some(key)) => key.usage_remaining = *remaining,
+            (Verdict::UsageExhausted(_), Some(key)) => key.usage_remaining = 0,
+            _ => {}
+        }
+        let retry_after = match verdict {
+            Verdict::Locked(remaining) => prost_types::Duration::try_from(remaining).ok(),
+            _ => None,
+        };
         Ok(Response::new(pb::VerifyKeyResponse {
             valid: code == pb::VerifyCode::Valid,
             code: code as i32,
-            key: verdict.key().map(key_to_proto),
+            key,
+            retry_after,
         }))
     }
 }

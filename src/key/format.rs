@@ -225,7 +225,12 @@ mod tests {
 
     #[test]
     fn generated_keys_parse_back() {
-        for environment in [Environment::Live, Environment::Test, Environment::Dev] {
+        for environment in [
+            Environment::Live,
+            Environment::Test,
+            Environment::Dev,
+            Environment::Trial,
+        ] {
             let key = GeneratedKey::generate(&brand(), environment);
             let parsed = PresentedKey::parse(&key.plaintext).expect("a fresh key parses");
             assert_eq!(parsed.key_id(), key.key_id.as_str());
@@ -293,7 +298,7 @@ mod tests {
 
     #[test]
     fn documented_regex_shape_matches() {
-        // The README publishes: [a-z0-9]{1,16}_(live|test|dev)_[0-9A-Za-z]{50}
+        // The README publishes: [a-z0-9]{1,16}_(live|test|dev|trial)_[0-9A-Za-z]{50}
         let key = GeneratedKey::generate(&brand(), Environment::Dev);
         let body = key.plaintext.strip_prefix("ka_dev_").unwrap();
         assert_eq!(body.len(), 50);

@@ -10,6 +10,8 @@ pub enum Environment {
     Live,
     Test,
     Dev,
+    /// Made only by IssueTrialKey.
+    Trial,
 }
 
 impl Environment {
@@ -19,6 +21,7 @@ impl Environment {
             Self::Live => "live",
             Self::Test => "test",
             Self::Dev => "dev",
+            Self::Trial => "trial",
         }
     }
 
@@ -27,6 +30,7 @@ impl Environment {
             "live" => Some(Self::Live),
             "test" => Some(Self::Test),
             "dev" => Some(Self::Dev),
+            "trial" => Some(Self::Trial),
             _ => None,
         }
     }
@@ -35,6 +39,8 @@ impl Environment {
 /// What a key's holder may do; ordered from least to most powerful.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
+    /// A trial key: verifies, but may not call KeyService at all.
+    Trial,
     Viewer,
     Developer,
     AccountAdmin,
@@ -43,6 +49,7 @@ pub enum Role {
 impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Trial => "trial",
             Self::Viewer => "viewer",
             Self::Developer => "developer",
             Self::AccountAdmin => "account_admin",
@@ -51,6 +58,7 @@ impl Role {
 
     pub fn from_db(text: &str) -> Option<Self> {
         match text {
+            "trial" => Some(Self::Trial),
             "viewer" => Some(Self::Viewer),
             "developer" => Some(Self::Developer),
             "account_admin" => Some(Self::AccountAdmin),
@@ -90,6 +98,10 @@ pub struct Key {
     pub created_by: String,
     /// Who revoked the key, once revoked.
     pub revoked_by: Option<String>,
+    /// How many VALID verdicts the key may give in all; 0 means unlimited.
+    pub usage_limit: i64,
+    /// How many are left, as last read from the database.
+    pub usage_remaining: i64,
 }
 
 impl Key {

@@ -26,6 +26,8 @@ pub(super) struct KeyRow {
     rotated_to_key_id: Option<String>,
     created_by: String,
     revoked_by: Option<String>,
+    usage_limit: i64,
+    usage_remaining: i64,
 }
 
 impl KeyRow {
@@ -59,6 +61,8 @@ impl KeyRow {
                 rotated_to_key_id: self.rotated_to_key_id,
                 created_by: self.created_by,
                 revoked_by: self.revoked_by,
+                usage_limit: self.usage_limit,
+                usage_remaining: self.usage_remaining,
             },
             secret_hash: self.secret_hash,
         })

@@ -10,14 +10,15 @@ macro_rules! key_columns {
     () => {
         "key_id, workspace_id, name, description, prefix, scopes, role, environment, \
          secret_hash, metadata, create_time, expire_time, revoke_time, last_used_time, \
-         total_requests, rotated_from_key_id, rotated_to_key_id, created_by, revoked_by"
+         total_requests, rotated_from_key_id, rotated_to_key_id, created_by, revoked_by, \
+         usage_limit, usage_remaining"
     };
 }
 
 pub(super) const INSERT_KEY: &str = "insert into api_key (key_id, workspace_id, name, \
      description, prefix, scopes, role, environment, secret_hash, metadata, create_time, \
-     expire_time, rotated_from_key_id, created_by) \
-     values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
+     expire_time, rotated_from_key_id, created_by, usage_limit, usage_remaining) \
+     values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15)";
 
 pub(super) const INSERT_AUDIT: &str = "insert into audit_event (workspace_id, key_id, action, \
      actor, occur_time, detail) values ($1, $2, $3, $4, $5, $6)";
@@ -57,6 +58,14 @@ pub(super) const MARK_ROTATED: &str = "update api_key set rotated_to_key_id = $1
 pub(super) const ADD_USAGE: &str = "update api_key set total_requests = total_requests + $1, \
      last_used_time = case when last_used_time is null or last_used_time < $2 then $2 \
      else last_used_time end where key_id = $3";
+
+/// Consumes `$1` uses (checks for at least one when `$1` is 0) in one atomic statement, so
+/// concurrent verifies on any number of replicas never give more VALID verdicts than the limit.
+pub(super) const CONSUME_USAGE: &str = "update api_key \
+     set usage_remaining = usage_remaining - $1 \
+     where key_id = $2 and usage_limit > 0 \
+     and usage_remaining >= case when $1 > 0 then $1 else 1 end \
+     returning usage_remaining";
 
 pub(super) const INSERT_SECRET: &str =
     "insert into service_secret (name, value) values ($1, $2) on conflict (name) do nothing";
@@ -223,6 +232,20 @@ macro_rules! impl_sql_store {
                 Ok(())
             }
 
+            #[tracing::instrument(name = "store.consume_usage", skip_all, fields(key_id = %key_id))]
+            async fn consume_usage(
+                &self,
+                key_id: &str,
+                cost: i64,
+            ) -> $crate::error::Result<Option<i64>> {
+                let remaining: Option<(i64,)> = sqlx::query_as($crate::store::sql::CONSUME_USAGE)
+                    .bind(cost)
+                    .bind(key_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(remaining.map(|(remaining,)| remaining))
+            }
+
             async fn shared_secret(&self, name: &str) -> $crate::error::Result<Vec<u8>> {
                 let mut candidate = vec![0u8; 32];
                 getrandom::fill(&mut candidate)
@@ -271,6 +294,7 @@ macro_rules! impl_sql_store {
                 .bind(key.expire_time)
                 .bind(key.rotated_from_key_id.as_deref())
                 .bind(audit.actor.as_str())
+                .bind(key.usage_limit)
                 .execute(&mut **tx)
                 .await?;
             let issue = $crate::store::AuditRecord {

@@ -4,6 +4,7 @@
 mod common;
 mod postgres_cluster;
 
+mod abuse;
 mod auth;
 mod binary;
 mod hot_path;

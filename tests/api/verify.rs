@@ -77,8 +77,13 @@ async fn unknown_key_and_wrong_secret_are_not_found(db: TestDb) {
 
 /// A well-formed key for `prefix` with a made-up secret and a correct checksum.
 pub fn forge_with_same_prefix(prefix: &str) -> String {
+    forge_numbered(prefix, 0)
+}
+
+/// The `n`th distinct made-up secret for `prefix`, with a correct checksum.
+pub fn forge_numbered(prefix: &str, n: u64) -> String {
     const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let body = format!("{prefix}{}", "Z".repeat(32));
+    let body = format!("{prefix}{:Z>32}", n);
     let mut value = crc32fast_hash(body.as_bytes());
     let mut check = [b'0'; 6];
     for slot in check.iter_mut().rev() {
@@ -217,6 +222,7 @@ async fn too_many_required_scopes_is_a_bad_request(db: TestDb) {
             key: "ka_live_x".into(),
             required_scopes: scopes,
             client_ip: String::new(),
+            cost: None,
         })
         .await
         .unwrap_err();
