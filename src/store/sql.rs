@@ -18,7 +18,7 @@ macro_rules! key_columns {
 pub(super) const INSERT_KEY: &str = "insert into api_key (key_id, workspace_id, name, \
      description, prefix, scopes, role, environment, secret_hash, metadata, create_time, \
      expire_time, rotated_from_key_id, created_by, usage_limit, usage_remaining) \
-     values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15)";
+     values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 
 pub(super) const INSERT_AUDIT: &str = "insert into audit_event (workspace_id, key_id, action, \
      actor, occur_time, detail) values ($1, $2, $3, $4, $5, $6)";
@@ -295,6 +295,7 @@ macro_rules! impl_sql_store {
                 .bind(key.rotated_from_key_id.as_deref())
                 .bind(audit.actor.as_str())
                 .bind(key.usage_limit)
+                .bind(key.usage_remaining)
                 .execute(&mut **tx)
                 .await?;
             let issue = $crate::store::AuditRecord {

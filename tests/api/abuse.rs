@@ -491,6 +491,39 @@ async fn trial_keys_revoke_by_prefix_and_nothing_else(db: TestDb) {
     app.stop().await;
 }
 
+async fn rotation_carries_over_what_is_left(db: TestDb) {
+    let mut app = TestApp::spawn(&db).await;
+    let metered = app
+        .issue_with(pb::IssueKeyRequest {
+            workspace_id: "acme".into(),
+            name: "metered".into(),
+            usage_limit: 5,
+            ..Default::default()
+        })
+        .await;
+    for _ in 0..3 {
+        assert!(app.verify_key(&metered.secret, &[]).await.valid);
+    }
+    let rotated = app
+        .rotate(
+            "acme",
+            &key_of(&metered).key_id,
+            Some(prost_types::Duration::default()),
+        )
+        .await
+        .unwrap();
+    let successor = rotated.key.unwrap();
+    assert_eq!((successor.usage_limit, successor.usage_remaining), (5, 2));
+    for _ in 0..2 {
+        assert!(app.verify_key(&rotated.secret, &[]).await.valid);
+    }
+    assert_eq!(
+        code(&app.verify_key(&rotated.secret, &[]).await),
+        pb::VerifyCode::UsageExhausted
+    );
+    app.stop().await;
+}
+
 on_both_databases!(
     wrong_secrets_lock_a_key_but_not_its_proven_secret,
     an_unproven_right_secret_waits_out_the_lockout,
@@ -501,4 +534,5 @@ on_both_databases!(
     trial_keys_are_short_limited_and_powerless,
     trial_keys_are_rate_limited_per_ip,
     trial_keys_revoke_by_prefix_and_nothing_else,
+    rotation_carries_over_what_is_left,
 );
