@@ -12,6 +12,7 @@ use crate::key::format::random_base62;
 use crate::key::{Brand, HashParams, WorkspaceId};
 use crate::keys::TrialConfig;
 use crate::server::{Config, TlsConfig};
+use crate::telemetry::LogFormat;
 use crate::verify::{LockoutConfig, UsageConfig, VerifyConfig};
 
 #[derive(Debug, Parser)]
@@ -23,6 +24,16 @@ use crate::verify::{LockoutConfig, UsageConfig, VerifyConfig};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// How log lines are written: `human` or `json`.
+    #[arg(
+        long,
+        global = true,
+        env = "KEY_AUTHORITY_LOG_FORMAT",
+        value_enum,
+        default_value = "human"
+    )]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,6 +200,14 @@ pub struct ServeArgs {
     )]
     pub trial_limit_per_minute: u32,
 
+    /// Serve Prometheus metrics at http://ADDRESS/metrics.
+    #[arg(long, env = "KEY_AUTHORITY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// How often the database is pinged for the grpc.health status.
+    #[arg(long, env = "KEY_AUTHORITY_HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub health_check_interval: Duration,
+
     /// PEM certificate chain: serve TLS.
     #[arg(long, env = "KEY_AUTHORITY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -266,6 +285,8 @@ impl ServeArgs {
                 usage_limit: self.trial_usage_limit.max(1),
             },
             tls,
+            metrics_listen: self.metrics_listen,
+            health_check_interval: self.health_check_interval.max(Duration::from_millis(10)),
             listen: self.listen,
             database_url: self.database.database_url,
             db_max_connections: self.database.db_max_connections,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod grpc;
 pub mod key;
 pub mod keys;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod telemetry;

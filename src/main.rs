@@ -6,7 +6,8 @@ use key_authority::{server, store, telemetry};
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    telemetry::init();
+    // Dropped last: flushes exported spans after the server has drained.
+    let _telemetry = telemetry::init(cli.log_format);
     let outcome = match cli.command {
         Command::Serve(args) => match args.into_config() {
             Ok(mut config) => {

@@ -21,10 +21,12 @@ use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
 use crate::key::{Brand, HashParams, HashPool, SecretHasher};
 use crate::keys::page_token::PageTokenCodec;
 use crate::keys::{KeyManager, TrialConfig};
+use crate::metrics::{self, Metrics, Sources};
 use crate::pb;
 use crate::pb::key_service_server::KeyServiceServer;
 use crate::pb::verify_service_server::VerifyServiceServer;
 use crate::store::{self, Store};
+use crate::telemetry::RpcLayer;
 use crate::verify::{UsageConfig, UsageRecorder, Verifier, VerifyConfig};
 
 /// Management requests carry at most a few KiB of metadata and scopes.
@@ -48,6 +50,10 @@ pub struct Config {
     pub trial: TrialConfig,
     /// Serve TLS (and require client certificates when a client CA is set).
     pub tls: Option<TlsConfig>,
+    /// Where to serve Prometheus metrics (`GET /metrics`); none when unset.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How often the database is pinged for the health status.
+    pub health_check_interval: Duration,
 }
 
 /// PEM material for TLS, already read from disk.
@@ -86,6 +92,8 @@ impl Config {
             },
             trial: TrialConfig::default(),
             tls: None,
+            metrics_listen: None,
+            health_check_interval: Duration::from_secs(2),
         }
     }
 }
@@ -99,6 +107,9 @@ pub struct App {
     pub auth: Arc<Authenticator>,
     pub issue_limiter: IssueRateLimiter,
     pub trial_limiter: TrialRateLimiter,
+    pub metrics: Arc<Metrics>,
+    /// The cross-replica change feed (PostgreSQL only) and what it has done.
+    pub change_feed: Option<(JoinHandle<()>, ChangeFeedStatus)>,
 }
 
 impl App {
@@ -124,7 +135,19 @@ impl App {
             config.trial.clone(),
         ));
         let auth = Arc::new(Authenticator::new(&config.auth, verifier.clone())?);
+        // On PostgreSQL, replicas tell each other about key changes; SQLite has one node.
+        let change_feed = (database_kind(&config.database_url) == "postgres")
+            .then(|| change_feed::spawn(&config.database_url, verifier.invalidator()));
+        let metrics = Metrics::new(Sources {
+            verifier: verifier.clone(),
+            store: store.clone(),
+            change_feed: change_feed
+                .as_ref()
+                .map(|(_, status)| status.listening.clone()),
+        });
         Ok(Self {
+            metrics,
+            change_feed,
             store,
             keys,
             verifier,
@@ -160,32 +183,17 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let app = App::build(&config).await?;
-    let change_feed = start_change_feed(&config, &app);
-    run(
-        listener,
-        app,
-        change_feed.map(|(task, _)| task),
-        config,
-        shutdown,
-    )
-    .await
-}
-
-/// On PostgreSQL, replicas tell each other about key changes; SQLite has one node.
-fn start_change_feed(config: &Config, app: &App) -> Option<(JoinHandle<()>, ChangeFeedStatus)> {
-    if database_kind(&config.database_url) != "postgres" {
-        return None;
-    }
-    Some(change_feed::spawn(
-        &config.database_url,
-        app.verifier.invalidator(),
-    ))
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => Some(metrics::bind(address).await?),
+        None => None,
+    };
+    run(listener, metrics_listener, app, config, shutdown).await
 }
 
 async fn run(
     listener: TcpListener,
-    app: App,
-    change_feed_task: Option<JoinHandle<()>>,
+    metrics_listener: Option<TcpListener>,
+    mut app: App,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -193,7 +201,13 @@ async fn run(
         .local_addr()
         .map_err(|error| Error::Internal(error.to_string()))?;
 
-    let change_feed = change_feed_task;
+    let mut background = Vec::new();
+    if let Some((task, _)) = app.change_feed.take() {
+        background.push(task);
+    }
+    if let Some(listener) = metrics_listener {
+        background.push(tokio::spawn(metrics::serve(listener, app.metrics.clone())));
+    }
     let stop_usage = Arc::new(Notify::new());
     let usage_task = tokio::spawn(
         app.usage
@@ -202,12 +216,12 @@ async fn run(
     );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<KeyServiceServer<KeyServiceImpl>>()
-        .await;
-    health_reporter
-        .set_serving::<VerifyServiceServer<VerifyServiceImpl>>()
-        .await;
+    report_health(&health_reporter, true).await;
+    background.push(tokio::spawn(watch_database(
+        app.store.clone(),
+        health_reporter,
+        config.health_check_interval,
+    )));
 
     let key_service = KeyServiceServer::new(KeyServiceImpl::new(
         app.keys.clone(),
@@ -219,12 +233,13 @@ async fn run(
     let verify_service = VerifyServiceServer::new(VerifyServiceImpl::new(
         app.verifier.clone(),
         TokenSet::new(&config.auth.verify_tokens),
+        app.metrics.clone(),
     ))
     .max_decoding_message_size(MAX_VERIFY_MESSAGE);
-    let forget_idle_limits = tokio::spawn(forget_idle_limits(
+    background.push(tokio::spawn(forget_idle_limits(
         app.issue_limiter.clone(),
         app.trial_limiter.clone(),
-    ));
+    )));
 
     let mut builder = tonic::transport::Server::builder().timeout(Duration::from_secs(30));
     if let Some(tls) = &config.tls {
@@ -235,6 +250,7 @@ async fn run(
 
     tracing::info!(%local_addr, database = database_kind(&config.database_url), "key-authority serving");
     let served = builder
+        .layer(RpcLayer::new(app.metrics.clone()))
         .add_service(health_service)
         .add_service(reflection_v1()?)
         .add_service(reflection_v1alpha()?)
@@ -248,13 +264,61 @@ async fn run(
     if usage_task.await.is_err() {
         tracing::error!("usage writer panicked");
     }
-    if let Some(task) = change_feed {
+    for task in background {
         task.abort();
     }
-    forget_idle_limits.abort();
     app.store.close().await;
     tracing::info!("key-authority stopped");
     served.map_err(|error| Error::Internal(format!("server failed: {error}")))
+}
+
+/// Every service is SERVING while the database answers, NOT_SERVING while it does not.
+async fn report_health(reporter: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(
+            <KeyServiceServer<KeyServiceImpl> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter
+        .set_service_status(
+            <VerifyServiceServer<VerifyServiceImpl> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// Pings the database every `interval` and reports the health status when it changes.
+async fn watch_database(
+    store: Arc<dyn Store>,
+    reporter: tonic_health::server::HealthReporter,
+    interval: Duration,
+) {
+    let mut serving = true;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let answered = matches!(
+            tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping()).await,
+            Ok(Ok(()))
+        );
+        if answered != serving {
+            serving = answered;
+            if serving {
+                tracing::info!("database reachable again: SERVING");
+            } else {
+                tracing::warn!("database unreachable: NOT_SERVING");
+            }
+            report_health(&reporter, serving).await;
+        }
+    }
 }
 
 fn server_tls(tls: &TlsConfig) -> ServerTlsConfig {
@@ -344,6 +408,8 @@ pub struct RunningServer {
     pub verifier: Arc<Verifier>,
     /// On PostgreSQL, what the cross-replica change feed has done.
     pub change_feed: Option<ChangeFeedStatus>,
+    /// Where `/metrics` is served, when it is.
+    pub metrics_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<()>>,
 }
@@ -359,14 +425,22 @@ impl RunningServer {
             .map_err(|error| Error::Internal(error.to_string()))?;
         // Built before spawning, so a bad database URL fails here and not at shutdown.
         let app = App::build(&config).await?;
+        let metrics_listener = match config.metrics_listen {
+            Some(address) => Some(metrics::bind(address).await?),
+            None => None,
+        };
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok());
         let verifier = app.verifier.clone();
-        let (change_feed_task, change_feed) = start_change_feed(&config, &app).unzip();
+        let change_feed = app.change_feed.as_ref().map(|(_, status)| status.clone());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(listener, app, change_feed_task, config, async {
+        let task = tokio::spawn(run(listener, metrics_listener, app, config, async {
             let _ = stopped.await;
         }));
         Ok(Self {
             local_addr,
+            metrics_addr,
             verifier,
             change_feed,
             stop: Some(stop),

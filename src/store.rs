@@ -50,6 +50,14 @@ pub struct UsageDelta {
     pub last_used_time: UnixMicros,
 }
 
+/// Connections of the database pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub open: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
 /// A successful rotation: the old key (now ending at its new expiry) and its successor.
 #[derive(Debug, Clone)]
 pub struct Rotation {
@@ -103,6 +111,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Succeeds when the database answers.
     async fn ping(&self) -> Result<()>;
+
+    /// The connection pool's use, for metrics.
+    fn pool_stats(&self) -> PoolStats;
 
     /// Waits for in-flight queries and closes every connection.
     async fn close(&self);

@@ -8,9 +8,11 @@ mod state;
 mod usage;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use moka::future::Cache;
+use tracing::Instrument as _;
 
 pub use lockout::{ClientIp, LockoutConfig, Lockouts};
 pub use state::{Invalidator, StateEntry};
@@ -133,6 +135,19 @@ pub struct Verifier {
     hashes: HashPool,
     usage: UsageRecorder,
     lockouts: Lockouts,
+    verdict_hits: AtomicU64,
+    verdict_misses: AtomicU64,
+}
+
+/// Cache counters and sizes, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub verdict_hits: u64,
+    pub verdict_misses: u64,
+    pub verdict_entries: u64,
+    pub state_hits: u64,
+    pub state_misses: u64,
+    pub state_entries: u64,
 }
 
 impl Verifier {
@@ -155,6 +170,8 @@ impl Verifier {
             hashes,
             usage,
             lockouts: Lockouts::new(&config.lockout),
+            verdict_hits: AtomicU64::new(0),
+            verdict_misses: AtomicU64::new(0),
         }
     }
 
@@ -171,6 +188,22 @@ impl Verifier {
         &self.lockouts
     }
 
+    pub fn usage(&self) -> &UsageRecorder {
+        &self.usage
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        let (state_hits, state_misses, state_entries) = self.states.stats();
+        CacheStats {
+            verdict_hits: self.verdict_hits.load(Ordering::Relaxed),
+            verdict_misses: self.verdict_misses.load(Ordering::Relaxed),
+            verdict_entries: self.verdicts.entry_count(),
+            state_hits,
+            state_misses,
+            state_entries,
+        }
+    }
+
     /// Decides on a presented key. `Err` only when the service cannot decide (the database is
     /// unreachable and nothing usable is cached): never answer "invalid" for an outage.
     pub async fn verify(&self, request: VerifyRequest<'_>) -> Result<Verdict> {
@@ -184,7 +217,16 @@ impl Verifier {
         };
         // The digest, never the plaintext, is the cache key.
         let digest: [u8; 32] = *blake3::hash(presented.expose_secret().as_bytes()).as_bytes();
-        let known = self.verdicts.get(&digest).await;
+        let known = self
+            .verdicts
+            .get(&digest)
+            .instrument(tracing::debug_span!("verify.verdict_cache"))
+            .await;
+        let counter = match known {
+            Some(_) => &self.verdict_hits,
+            None => &self.verdict_misses,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         // A secret already proven correct passes any lockout: an attacker who knows a public
         // prefix cannot lock its owner out. Anything else is refused while locked, unhashed.
         if known != Some(SecretVerdict::Matches)

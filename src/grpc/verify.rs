@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use super::convert::key_to_proto;
 use crate::auth::{TokenSet, bearer_token};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::pb;
 use crate::verify::{ClientIp, Verdict, Verifier, VerifyRequest};
 
@@ -18,11 +19,16 @@ pub struct VerifyServiceImpl {
     verifier: Arc<Verifier>,
     /// Service tokens callers must present; empty means VerifyKey is open.
     callers: TokenSet,
+    metrics: Arc<Metrics>,
 }
 
 impl VerifyServiceImpl {
-    pub fn new(verifier: Arc<Verifier>, callers: TokenSet) -> Self {
-        Self { verifier, callers }
+    pub fn new(verifier: Arc<Verifier>, callers: TokenSet, metrics: Arc<Metrics>) -> Self {
+        Self {
+            verifier,
+            callers,
+            metrics,
+        }
     }
 
     fn check_caller(&self, metadata: &MetadataMap) -> Result<(), Error> {
@@ -88,6 +94,7 @@ impl pb::verify_service_server::VerifyService for VerifyServiceImpl {
             })
             .await?;
         let code = verdict_code(&verdict);
+        self.metrics.record_verdict(code.as_str_name());
         let mut key = verdict.key().map(key_to_proto);
         match (&verdict, key.as_mut()) {
             // The decrement's own answer is exact; the cached state's count is not.

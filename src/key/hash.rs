@@ -84,6 +84,26 @@ pub struct HashPool {
     hasher: SecretHasher,
     permits: Arc<Semaphore>,
     verifications: Arc<AtomicU64>,
+    stats: Arc<PoolCounters>,
+}
+
+#[derive(Debug, Default)]
+struct PoolCounters {
+    /// Computations waiting for a permit or running.
+    in_flight: AtomicU64,
+    /// Computations finished (hashes and verifications).
+    runs: AtomicU64,
+    /// Time spent computing, in nanoseconds, over all runs.
+    run_nanos: AtomicU64,
+}
+
+/// What the argon2 pool has done, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashPoolStats {
+    pub verifications: u64,
+    pub in_flight: u64,
+    pub runs: u64,
+    pub run_nanos: u64,
 }
 
 impl HashPool {
@@ -92,6 +112,7 @@ impl HashPool {
             hasher,
             permits: Arc::new(Semaphore::new(size.max(1))),
             verifications: Arc::new(AtomicU64::new(0)),
+            stats: Arc::default(),
         }
     }
 
@@ -113,18 +134,43 @@ impl HashPool {
         self.verifications.load(Ordering::Relaxed)
     }
 
+    pub fn stats(&self) -> HashPoolStats {
+        HashPoolStats {
+            verifications: self.verifications.load(Ordering::Relaxed),
+            in_flight: self.stats.in_flight.load(Ordering::Relaxed),
+            runs: self.stats.runs.load(Ordering::Relaxed),
+            run_nanos: self.stats.run_nanos.load(Ordering::Relaxed),
+        }
+    }
+
+    #[tracing::instrument(name = "argon2", skip_all, level = "debug")]
     async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Error> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| Error::Internal("argon2 pool closed".to_owned()))?;
-        tokio::task::spawn_blocking(work)
+        let counters = self.stats.clone();
+        counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        let outcome = async {
+            let _permit = self
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| Error::Internal("argon2 pool closed".to_owned()))?;
+            let counters = counters.clone();
+            tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let output = work();
+                let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                counters.run_nanos.fetch_add(nanos, Ordering::Relaxed);
+                counters.runs.fetch_add(1, Ordering::Relaxed);
+                output
+            })
             .await
             .map_err(|error| Error::Internal(format!("argon2 task failed: {error}")))
+        }
+        .await;
+        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        outcome
     }
 }
 

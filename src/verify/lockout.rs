@@ -9,7 +9,7 @@
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
@@ -68,6 +68,8 @@ impl From<IpAddr> for ClientIp {
 /// Failure counters and active lockouts of one kind of subject (key ids, or client IPs).
 struct Tracker<K: Hash + Eq + Send + Sync + 'static> {
     threshold: u32,
+    /// Lockouts engaged since start.
+    engaged: AtomicU64,
     duration: Duration,
     failures: Cache<K, Arc<AtomicU32>>,
     locked_until: Cache<K, Instant>,
@@ -77,6 +79,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Tracker<K> {
     fn new(threshold: u32, config: &LockoutConfig) -> Self {
         Self {
             threshold,
+            engaged: AtomicU64::new(0),
             duration: config.duration,
             failures: Cache::builder()
                 .max_capacity(config.capacity)
@@ -109,6 +112,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Tracker<K> {
             self.locked_until
                 .insert(subject.clone(), Instant::now() + self.duration);
             self.failures.invalidate(subject);
+            self.engaged.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -148,6 +152,14 @@ impl Lockouts {
         if let Some(key_id) = wrong_secret_for {
             self.keys.failed(&key_id.to_owned());
         }
+    }
+
+    /// Lockouts engaged since start: (keys, IPs).
+    pub fn engaged(&self) -> (u64, u64) {
+        (
+            self.keys.engaged.load(Ordering::Relaxed),
+            self.ips.engaged.load(Ordering::Relaxed),
+        )
     }
 
     /// Counters and lockouts held in memory, keys and IPs together.

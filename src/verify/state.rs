@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use moka::future::Cache;
+use tracing::Instrument as _;
 
 use super::{VerifyConfig, shared_error};
 use crate::error::Result;
@@ -46,6 +47,7 @@ pub struct Invalidator {
     all_changed_at: Arc<AtomicU64>,
     /// Database reads of key state since start: single-flight tests and metrics read it.
     loads: Arc<AtomicU64>,
+    hits: Arc<AtomicU64>,
 }
 
 impl Invalidator {
@@ -63,15 +65,23 @@ impl Invalidator {
             generation: Arc::new(AtomicU64::new(1)),
             all_changed_at: Arc::new(AtomicU64::new(0)),
             loads: Arc::new(AtomicU64::new(0)),
+            hits: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// The key's current state: from memory when fresh, otherwise one database read shared by
     /// every concurrent caller.
     pub async fn get(&self, key_id: &str) -> Result<Arc<StateEntry>> {
+        self.get_or_load(key_id)
+            .instrument(tracing::debug_span!("verify.state_cache"))
+            .await
+    }
+
+    async fn get_or_load(&self, key_id: &str) -> Result<Arc<StateEntry>> {
         loop {
             if let Some(entry) = self.states.get(key_id).await {
                 if self.is_fresh(key_id, &entry).await {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(entry);
                 }
                 self.states.invalidate(key_id).await;
@@ -97,6 +107,15 @@ impl Invalidator {
             // A change landed while this read was in flight: read again.
             self.states.invalidate(key_id).await;
         }
+    }
+
+    /// (hits, misses, entries) of the state cache.
+    pub fn stats(&self) -> (u64, u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.loads.load(Ordering::Relaxed),
+            self.states.entry_count(),
+        )
     }
 
     /// How many key states were read from the database since start.

@@ -39,6 +39,8 @@ pub struct UsageRecorder {
     store: Arc<dyn Store>,
     /// Serialises flushes, so the periodic flush and the shutdown flush never interleave.
     flushing: Arc<tokio::sync::Mutex<()>>,
+    /// When usage was last fully written (nothing pending, or a successful flush).
+    last_written: Arc<Mutex<std::time::Instant>>,
 }
 
 impl UsageRecorder {
@@ -47,6 +49,7 @@ impl UsageRecorder {
             pending: Arc::default(),
             store,
             flushing: Arc::default(),
+            last_written: Arc::new(Mutex::new(std::time::Instant::now())),
         }
     }
 
@@ -81,6 +84,7 @@ impl UsageRecorder {
                 .unwrap_or_else(|poison| poison.into_inner()),
         );
         if taken.is_empty() {
+            self.mark_written();
             return Ok(());
         }
         let deltas: Vec<UsageDelta> = taken
@@ -95,7 +99,31 @@ impl UsageRecorder {
             self.put_back(taken);
             return Err(error);
         }
+        self.mark_written();
         Ok(())
+    }
+
+    fn mark_written(&self) {
+        *self
+            .last_written
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = std::time::Instant::now();
+    }
+
+    /// How far behind the database's counters are: the time since usage was last fully
+    /// written, and how many keys have counts waiting.
+    pub fn lag(&self) -> (Duration, usize) {
+        let since = self
+            .last_written
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .elapsed();
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .len();
+        (since, pending)
     }
 
     fn put_back(&self, taken: HashMap<String, Pending>) {
