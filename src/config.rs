@@ -208,6 +208,10 @@ pub struct ServeArgs {
     #[arg(long, env = "KEY_AUTHORITY_HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub health_check_interval: Duration,
 
+    /// How long a graceful shutdown waits for open calls before closing them.
+    #[arg(long, env = "KEY_AUTHORITY_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// PEM certificate chain: serve TLS.
     #[arg(long, env = "KEY_AUTHORITY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -286,6 +290,7 @@ impl ServeArgs {
             },
             tls,
             metrics_listen: self.metrics_listen,
+            shutdown_grace: self.shutdown_grace,
             health_check_interval: self.health_check_interval.max(Duration::from_millis(10)),
             listen: self.listen,
             database_url: self.database.database_url,

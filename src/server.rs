@@ -54,6 +54,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// How often the database is pinged for the health status.
     pub health_check_interval: Duration,
+    /// How long a graceful shutdown waits for open calls before closing them.
+    pub shutdown_grace: Duration,
 }
 
 /// PEM material for TLS, already read from disk.
@@ -94,6 +96,7 @@ impl Config {
             tls: None,
             metrics_listen: None,
             health_check_interval: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -217,11 +220,19 @@ async fn run(
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     report_health(&health_reporter, true).await;
-    background.push(tokio::spawn(watch_database(
+    let health_watch = tokio::spawn(watch_database(
         app.store.clone(),
-        health_reporter,
+        health_reporter.clone(),
         config.health_check_interval,
-    )));
+    ));
+    // On the shutdown signal: report NOT_SERVING (load balancers stop sending), then drain.
+    let (draining_tx, draining) = oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        health_watch.abort();
+        report_health(&health_reporter, false).await;
+        let _ = draining_tx.send(());
+    };
 
     let key_service = KeyServiceServer::new(KeyServiceImpl::new(
         app.keys.clone(),
@@ -256,8 +267,22 @@ async fn run(
         .add_service(reflection_v1alpha()?)
         .add_service(key_service)
         .add_service(verify_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    // Finish in-flight calls, but not forever: a client holding a stream open (a health Watch,
+    // say) must not keep the process alive past the grace period.
+    let grace = config.shutdown_grace;
+    let served = tokio::select! {
+        served = served => served,
+        () = async {
+            match draining.await {
+                Ok(()) => tokio::time::sleep(grace).await,
+                Err(_) => std::future::pending().await,
+            }
+        } => {
+            tracing::warn!(?grace, "calls still open after the shutdown grace period: closing them");
+            Ok(())
+        }
+    };
 
     // In-flight calls have finished: write the last usage, then close the pool.
     stop_usage.notify_one();
@@ -305,10 +330,9 @@ async fn watch_database(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let answered = matches!(
-            tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping()).await,
-            Ok(Ok(()))
-        );
+        // No timeout of our own around the ping: the pool's acquire timeout bounds it, and
+        // cancelling connection attempts half-way can leave the pool short of connections.
+        let answered = store.ping().await.is_ok();
         if answered != serving {
             serving = answered;
             if serving {

@@ -73,8 +73,9 @@ pub fn init(format: LogFormat) -> TelemetryGuard {
         LogFormat::Human => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
         LogFormat::Json => fmt
             .json()
-            .with_current_span(true)
-            .with_span_list(false)
+            // The span list carries the RPC span, and with it the trace id, on every line.
+            .with_current_span(false)
+            .with_span_list(true)
             .boxed(),
     };
     let (otel_layer, provider) = match otlp_provider() {

@@ -95,6 +95,11 @@ impl pb::verify_service_server::VerifyService for VerifyServiceImpl {
             .await?;
         let code = verdict_code(&verdict);
         self.metrics.record_verdict(code.as_str_name());
+        tracing::debug!(
+            code = code.as_str_name(),
+            key_prefix = verdict.key().map(|key| key.prefix.as_str()),
+            "verdict"
+        );
         let mut key = verdict.key().map(key_to_proto);
         match (&verdict, key.as_mut()) {
             // The decrement's own answer is exact; the cached state's count is not.

@@ -7,9 +7,9 @@ use key_authority::pb;
 use key_authority::pb::verify_service_client::VerifyServiceClient;
 use tonic::transport::Channel;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_key-authority");
+pub const BINARY: &str = env!("CARGO_BIN_EXE_key-authority");
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -17,7 +17,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn connect(port: u16) -> Channel {
+pub async fn connect(port: u16) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match Channel::from_shared(format!("http://127.0.0.1:{port}"))

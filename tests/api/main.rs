@@ -10,6 +10,7 @@ mod binary;
 mod hot_path;
 mod lifecycle;
 mod listing;
+mod observability;
 mod persistence;
 mod replicas;
 mod rotation;
