@@ -1,0 +1,262 @@
+//! [`KeyAuthorityClient`]: every RPC of `KeyService` and `VerifyService` over one tonic channel.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Error;
+use crate::pb;
+use crate::pb::key_service_client::KeyServiceClient;
+use crate::pb::verify_service_client::VerifyServiceClient;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A typed client of key-authority.
+///
+/// Cloning is cheap and clones share the channel (one HTTP/2 connection, reconnected on
+/// demand), so make one per process and clone it where needed. Every method takes `&self`.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), key_authority_client::Error> {
+/// use key_authority_client::{KeyAuthorityClient, pb};
+///
+/// let client = KeyAuthorityClient::connect("http://127.0.0.1:50051")
+///     .await?
+///     .with_bearer_token(&std::env::var("KEY_AUTHORITY_ADMIN_TOKEN").unwrap_or_default())?;
+/// let issued = client
+///     .issue_key(pb::IssueKeyRequest {
+///         workspace_id: "acme".into(),
+///         name: "billing worker".into(),
+///         scopes: vec!["payments:read".into()],
+///         ..Default::default()
+///     })
+///     .await?;
+/// // issued.secret is the plaintext key: shown once, store it now.
+/// let verdict = client
+///     .verify_key(pb::VerifyKeyRequest {
+///         key: issued.secret,
+///         required_scopes: vec!["payments:read".into()],
+///         ..Default::default()
+///     })
+///     .await?;
+/// assert_eq!(verdict.code(), pb::VerifyCode::Valid);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct KeyAuthorityClient {
+    keys: KeyServiceClient<Channel>,
+    verify: VerifyServiceClient<Channel>,
+    /// `Bearer <token>` for KeyService calls.
+    bearer: Option<MetadataValue<Ascii>>,
+    /// `Bearer <service token>` for VerifyKey, when the operator set `KEY_AUTHORITY_VERIFY_TOKENS`.
+    verify_token: Option<MetadataValue<Ascii>>,
+    timeout: Option<Duration>,
+}
+
+impl KeyAuthorityClient {
+    /// Connects to `endpoint` (e.g. `"http://127.0.0.1:50051"`, or a configured
+    /// [`Endpoint`] for TLS, timeouts and keep-alives) and fails if it cannot be reached now.
+    pub async fn connect<D>(endpoint: D) -> Result<Self, Error>
+    where
+        D: TryInto<Endpoint>,
+        D::Error: Into<BoxError>,
+    {
+        let endpoint = parse_endpoint(endpoint)?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|error| Error::transport("cannot connect to key-authority", error))?;
+        Ok(Self::new(channel))
+    }
+
+    /// Like [`connect`](Self::connect) but connects on the first call (and reconnects after a
+    /// failure), so a service can start while key-authority is down. Calls made while it is
+    /// unreachable fail with `UNAVAILABLE`. Call it inside a Tokio runtime.
+    pub fn connect_lazy<D>(endpoint: D) -> Result<Self, Error>
+    where
+        D: TryInto<Endpoint>,
+        D::Error: Into<BoxError>,
+    {
+        Ok(Self::new(parse_endpoint(endpoint)?.connect_lazy()))
+    }
+
+    /// A client over an existing channel.
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            keys: KeyServiceClient::new(channel.clone()),
+            verify: VerifyServiceClient::new(channel),
+            bearer: None,
+            verify_token: None,
+            timeout: None,
+        }
+    }
+
+    /// Sends `authorization: Bearer <token>` on every KeyService call: a platform admin token, a
+    /// dashboard JWT or an API key. The value is marked sensitive, so HTTP/2 header compression
+    /// and debug output leave it out. Fails if the token is not printable ASCII.
+    pub fn with_bearer_token(mut self, token: &str) -> Result<Self, Error> {
+        self.bearer = Some(bearer_value(token)?);
+        Ok(self)
+    }
+
+    /// Sends `authorization: Bearer <token>` on VerifyKey calls, for deployments that restrict
+    /// VerifyKey with `KEY_AUTHORITY_VERIFY_TOKENS`. Fails if the token is not printable ASCII.
+    pub fn with_verify_token(mut self, token: &str) -> Result<Self, Error> {
+        self.verify_token = Some(bearer_value(token)?);
+        Ok(self)
+    }
+
+    /// A deadline for every call: sent to the server as `grpc-timeout` and enforced here too
+    /// (a call still unanswered after it fails with `DEADLINE_EXCEEDED`). None by default.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Issues a key. The response's `secret` is the plaintext key, returned only this once.
+    pub async fn issue_key(
+        &self,
+        request: pb::IssueKeyRequest,
+    ) -> Result<pb::IssueKeyResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.issue_key(self.key_request(request)))
+            .await
+    }
+
+    /// Returns one key's public metadata.
+    pub async fn get_key(&self, request: pb::GetKeyRequest) -> Result<pb::GetKeyResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.get_key(self.key_request(request))).await
+    }
+
+    /// Lists a workspace's keys, newest first, one page at a time (pass `next_page_token` on).
+    pub async fn list_keys(
+        &self,
+        request: pb::ListKeysRequest,
+    ) -> Result<pb::ListKeysResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.list_keys(self.key_request(request)))
+            .await
+    }
+
+    /// Revokes a key; it stops verifying at once. Revoking a revoked key changes nothing.
+    pub async fn revoke_key(
+        &self,
+        request: pb::RevokeKeyRequest,
+    ) -> Result<pb::RevokeKeyResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.revoke_key(self.key_request(request)))
+            .await
+    }
+
+    /// Replaces a key by a new one; the old key keeps working for the grace period.
+    pub async fn rotate_key(
+        &self,
+        request: pb::RotateKeyRequest,
+    ) -> Result<pb::RotateKeyResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.rotate_key(self.key_request(request)))
+            .await
+    }
+
+    /// Issues a short-lived, usage-limited trial key. Needs no credentials; limited per client
+    /// IP (`RESOURCE_EXHAUSTED`, reason `IP_RATE_LIMITED`, with a [`retry_delay`](Error::retry_delay)).
+    pub async fn issue_trial_key(
+        &self,
+        request: pb::IssueTrialKeyRequest,
+    ) -> Result<pb::IssueTrialKeyResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.issue_trial_key(self.key_request(request)))
+            .await
+    }
+
+    /// Revokes a trial key by its public prefix. Needs no credentials.
+    pub async fn revoke_trial_key(
+        &self,
+        request: pb::RevokeTrialKeyRequest,
+    ) -> Result<pb::RevokeTrialKeyResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.revoke_trial_key(self.key_request(request)))
+            .await
+    }
+
+    /// Verifies a key. A refused key is an `Ok` answer with `valid == false` and a
+    /// [`code`](pb::VerifyKeyResponse::code) saying why; an `Err` means the request was bad or the
+    /// service could not decide (`UNAVAILABLE`): never treat an `Err` as "invalid".
+    pub async fn verify_key(
+        &self,
+        request: pb::VerifyKeyRequest,
+    ) -> Result<pb::VerifyKeyResponse, Error> {
+        let mut request = tonic::Request::new(request);
+        if let Some(token) = &self.verify_token {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        if let Some(timeout) = self.timeout {
+            request.set_timeout(timeout);
+        }
+        let mut client = self.verify.clone();
+        self.finish(client.verify_key(request)).await
+    }
+
+    fn key_request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        if let Some(timeout) = self.timeout {
+            request.set_timeout(timeout);
+        }
+        request
+    }
+
+    async fn finish<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, Error> {
+        let answer = match self.timeout {
+            Some(timeout) => tokio::time::timeout(timeout, call)
+                .await
+                .map_err(|_| Error::timeout(timeout))?,
+            None => call.await,
+        };
+        answer.map(tonic::Response::into_inner).map_err(Error::from)
+    }
+}
+
+impl fmt::Debug for KeyAuthorityClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the tokens themselves.
+        f.debug_struct("KeyAuthorityClient")
+            .field("bearer_token", &self.bearer.as_ref().map(|_| "<set>"))
+            .field("verify_token", &self.verify_token.as_ref().map(|_| "<set>"))
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_endpoint<D>(endpoint: D) -> Result<Endpoint, Error>
+where
+    D: TryInto<Endpoint>,
+    D::Error: Into<BoxError>,
+{
+    endpoint.try_into().map_err(|error| {
+        let error: BoxError = error.into();
+        Error::invalid_argument(format!("invalid key-authority endpoint: {error}"))
+    })
+}
+
+fn bearer_value(token: &str) -> Result<MetadataValue<Ascii>, Error> {
+    let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| Error::invalid_argument("the token is not printable ASCII"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}

@@ -1,0 +1,28 @@
+//! A Rust client for [key-authority](https://github.com/): typed calls to every RPC, errors with
+//! their decoded `google.rpc` details, and a tower layer that protects a tonic or axum service
+//! with API keys.
+//!
+//! - [`pb`]: the generated messages and raw tonic stubs of `keyauthority.v1`.
+//! - [`KeyAuthorityClient`]: `connect`, `with_bearer_token`, one method per RPC.
+//! - [`Error`]: the gRPC code, the `ErrorInfo` reason and the `RetryInfo` delay of a refusal.
+//! - [`VerifyKeyLayer`]: verifies `authorization: Bearer <key>` with `VerifyKey` before the
+//!   inner service runs, and hands it a [`VerifiedKey`].
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod client;
+mod error;
+mod layer;
+
+pub use client::KeyAuthorityClient;
+pub use error::Error;
+pub use layer::{ERROR_DOMAIN, MAX_CACHE_TTL, VerifiedKey, VerifyKeyLayer, VerifyKeyService};
+/// The decoded `google.rpc` detail types that [`Error`] exposes.
+pub use tonic_types::{ErrorInfo, RetryInfo};
+
+/// Generated protobuf messages and tonic client stubs of `keyauthority.v1` (no server code).
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("keyauthority.v1");
+}

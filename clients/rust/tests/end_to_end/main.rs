@@ -1,0 +1,7 @@
+//! End-to-end tests of the client crate against the real key-authority server, started in this
+//! process on a fresh SQLite database: the typed client, its error details, and VerifyKeyLayer
+//! protecting a small gRPC service (and a plain HTTP one).
+
+mod client;
+mod harness;
+mod layer;
