@@ -46,10 +46,10 @@ pub enum Error {
     #[error("permission denied: the caller cannot act in workspace {0:?}")]
     WorkspaceMismatch(String),
     /// Too many requests of this kind from this caller; retry after the delay.
-    #[error("rate limited: retry in {} s", .0.as_secs().max(1))]
+    #[error("rate limited: retry in {} s", whole_seconds_up(.0))]
     RateLimited(Duration),
     /// Too many requests from this client IP; retry after the delay.
-    #[error("rate limited for this client IP: retry in {} s", .0.as_secs().max(1))]
+    #[error("rate limited for this client IP: retry in {} s", whole_seconds_up(.0))]
     IpRateLimited(Duration),
     /// A concurrent change won; the caller may retry.
     #[error("a concurrent change to the same key won, retry")]
@@ -63,6 +63,11 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A delay in whole seconds, rounded up, so a client reading the message never retries early.
+fn whole_seconds_up(delay: &Duration) -> u64 {
+    delay.as_secs() + u64::from(delay.subsec_nanos() > 0)
+}
 
 impl Error {
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {

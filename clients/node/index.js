@@ -1,0 +1,208 @@
+'use strict';
+// A thin promise-based client of key-authority. The service definitions are loaded at run time
+// from the repository's protos (../../proto, or $KEY_AUTHORITY_PROTO_DIR) by @grpc/proto-loader:
+// nothing is generated or checked in. Messages are plain objects with the protos' field names
+// (snake_case), enums as their names ('VERIFY_CODE_VALID'), int64 as numbers, and
+// google.protobuf.Duration / Timestamp as { seconds, nanos }.
+
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs');
+
+const ERROR_DOMAIN = 'keyauthority.v1';
+const DETAILS_TRAILER = 'grpc-status-details-bin';
+const VENDORED_PROTOS = path.join(__dirname, 'protos');
+
+function protoDir() {
+  return process.env.KEY_AUTHORITY_PROTO_DIR || path.join(__dirname, '..', '..', 'proto');
+}
+
+const LOADER_OPTIONS = {
+  keepCase: true,
+  longs: Number,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+};
+
+let services;
+function loadServices() {
+  if (!services) {
+    const definition = protoLoader.loadSync(
+      ['keyauthority/v1/key_service.proto', 'keyauthority/v1/verify_service.proto', 'health.proto'],
+      { ...LOADER_OPTIONS, includeDirs: [protoDir(), VENDORED_PROTOS] },
+    );
+    const loaded = grpc.loadPackageDefinition(definition);
+    services = {
+      KeyService: loaded.keyauthority.v1.KeyService,
+      VerifyService: loaded.keyauthority.v1.VerifyService,
+      Health: loaded.grpc.health.v1.Health,
+    };
+  }
+  return services;
+}
+
+let rpcTypes;
+function loadRpcTypes() {
+  if (!rpcTypes) {
+    const root = new protobuf.Root();
+    root.loadSync(path.join(VENDORED_PROTOS, 'google_rpc.proto'), { keepCase: true });
+    rpcTypes = {
+      Status: root.lookupType('google.rpc.Status'),
+      ErrorInfo: root.lookupType('google.rpc.ErrorInfo'),
+      RetryInfo: root.lookupType('google.rpc.RetryInfo'),
+      BadRequest: root.lookupType('google.rpc.BadRequest'),
+    };
+  }
+  return rpcTypes;
+}
+
+function bearer(token) {
+  const metadata = new grpc.Metadata();
+  if (token) metadata.set('authorization', `Bearer ${token}`);
+  return metadata;
+}
+
+class KeyAuthority {
+  /**
+   * @param {string} target host:port
+   * @param {object} [options]
+   * @param {string} [options.adminToken] bearer token for KeyService calls: an admin token, a
+   *   dashboard JWT or an API key of this service
+   * @param {string} [options.verifyToken] bearer token for VerifyKey, if the operator set
+   *   KEY_AUTHORITY_VERIFY_TOKENS
+   * @param {grpc.ChannelCredentials} [options.credentials] TLS; plaintext when absent
+   * @param {number} [options.timeoutMs] deadline of each call (10 s)
+   */
+  constructor(target, options = {}) {
+    const { KeyService, VerifyService, Health } = loadServices();
+    const credentials = options.credentials || grpc.credentials.createInsecure();
+    this.target = target;
+    this.timeoutMs = options.timeoutMs ?? 10_000;
+    this.keys = new KeyService(target, credentials);
+    // One HTTP/2 connection for every service.
+    const shared = { channelOverride: this.keys.getChannel() };
+    this.verifier = new VerifyService(target, credentials, shared);
+    this.health = new Health(target, credentials, shared);
+    this.adminToken = options.adminToken;
+    this.verifyToken = options.verifyToken;
+  }
+
+  call(client, method, request, token) {
+    return new Promise((resolve, reject) => {
+      client[method](
+        request,
+        bearer(token),
+        { deadline: Date.now() + this.timeoutMs },
+        (error, response) => (error ? reject(error) : resolve(response)),
+      );
+    });
+  }
+
+  /** IssueKey: resolves to { key, secret }; the secret is shown this once only. */
+  issueKey(request) {
+    return this.call(this.keys, 'IssueKey', request, this.adminToken);
+  }
+
+  /** GetKey: resolves to the Key. */
+  async getKey(workspace_id, key_id) {
+    return (await this.call(this.keys, 'GetKey', { workspace_id, key_id }, this.adminToken)).key;
+  }
+
+  /** ListKeys: one page, { keys, next_page_token, total_size }. */
+  listKeys(request) {
+    return this.call(this.keys, 'ListKeys', request, this.adminToken);
+  }
+
+  /** Every key of a listing, page after page. */
+  async *iterKeys(request) {
+    let page_token = '';
+    do {
+      const page = await this.listKeys({ ...request, page_token });
+      yield* page.keys;
+      page_token = page.next_page_token;
+    } while (page_token);
+  }
+
+  /** RevokeKey: resolves to the revoked Key. */
+  async revokeKey(workspace_id, key_id) {
+    return (await this.call(this.keys, 'RevokeKey', { workspace_id, key_id }, this.adminToken)).key;
+  }
+
+  /** RotateKey: resolves to { key, secret, previous_key }. */
+  rotateKey(request) {
+    return this.call(this.keys, 'RotateKey', request, this.adminToken);
+  }
+
+  /** IssueTrialKey: needs no credentials; client_ip counts only from an admin-token holder. */
+  issueTrialKey(request = {}) {
+    return this.call(this.keys, 'IssueTrialKey', request, this.adminToken);
+  }
+
+  /** RevokeTrialKey: resolves to the revoked trial Key. */
+  async revokeTrialKey(prefix) {
+    return (await this.call(this.keys, 'RevokeTrialKey', { prefix })).key;
+  }
+
+  /**
+   * VerifyKey: resolves to { valid, code, key, retry_after }. A refused key is an answer, not an
+   * error; a rejected promise means the request was bad or the service could not decide.
+   */
+  verifyKey(request) {
+    return this.call(this.verifier, 'VerifyKey', request, this.verifyToken);
+  }
+
+  /** grpc.health.v1 Check: resolves to 'SERVING', 'NOT_SERVING', ... */
+  async healthStatus(service = '') {
+    return (await this.call(this.health, 'Check', { service })).status;
+  }
+
+  close() {
+    this.verifier.close();
+    this.health.close();
+    this.keys.close();
+  }
+}
+
+/**
+ * Decodes the google.rpc details of a failed call from its `grpc-status-details-bin` trailer:
+ * { code, codeName, message, reason, domain, metadata, retryDelayMs, fieldViolations }.
+ */
+function errorDetails(error) {
+  const details = {
+    code: error.code,
+    codeName: Object.keys(grpc.status).find((name) => grpc.status[name] === error.code),
+    message: error.details,
+    reason: '',
+    domain: '',
+    metadata: {},
+    retryDelayMs: null,
+    fieldViolations: [],
+  };
+  const [raw] = error.metadata ? error.metadata.get(DETAILS_TRAILER) : [];
+  if (!raw) return details;
+  const types = loadRpcTypes();
+  const status = types.Status.decode(raw);
+  details.message = status.message;
+  const plain = { longs: Number, defaults: true };
+  for (const any of status.details) {
+    const typeName = any.type_url.slice(any.type_url.lastIndexOf('/') + 1);
+    if (typeName === 'google.rpc.ErrorInfo') {
+      const info = types.ErrorInfo.toObject(types.ErrorInfo.decode(any.value), plain);
+      details.reason = info.reason;
+      details.domain = info.domain;
+      details.metadata = info.metadata;
+    } else if (typeName === 'google.rpc.RetryInfo') {
+      const retry = types.RetryInfo.toObject(types.RetryInfo.decode(any.value), plain);
+      const delay = retry.retry_delay || { seconds: 0, nanos: 0 };
+      details.retryDelayMs = delay.seconds * 1000 + delay.nanos / 1e6;
+    } else if (typeName === 'google.rpc.BadRequest') {
+      const bad = types.BadRequest.toObject(types.BadRequest.decode(any.value), plain);
+      details.fieldViolations = bad.field_violations;
+    }
+  }
+  return details;
+}
+
+module.exports = { KeyAuthority, errorDetails, ERROR_DOMAIN, protoDir };

@@ -1,0 +1,326 @@
+'use strict';
+// Starts the real key-authority binary ($KEY_AUTHORITY_BIN, else ../../target/debug/key-authority)
+// on a free 127.0.0.1 port with a temporary SQLite database and a random admin token, runs the
+// key lifecycle through the Node client, and stops the server with SIGTERM.
+
+const { test, before, after } = require('node:test');
+const assert = require('node:assert/strict');
+const { spawn, execFile } = require('node:child_process');
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const net = require('node:net');
+const os = require('node:os');
+const path = require('node:path');
+const { promisify } = require('node:util');
+
+const grpc = require('@grpc/grpc-js');
+const { KeyAuthority, errorDetails, ERROR_DOMAIN } = require('..');
+
+const CLIENT_DIR = path.join(__dirname, '..');
+const START_TIMEOUT_MS = 30_000;
+const STOP_TIMEOUT_MS = 20_000;
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+function serverEnv(adminToken) {
+  // Only this suite's configuration: drop anything the caller's environment would add.
+  const env = {};
+  for (const [name, value] of Object.entries(process.env)) {
+    if (name.startsWith('KEY_AUTHORITY_') || name.startsWith('OTEL_') || name === 'DATABASE_URL') {
+      continue;
+    }
+    env[name] = value;
+  }
+  env.KEY_AUTHORITY_ADMIN_TOKEN = adminToken;
+  env.RUST_LOG = env.RUST_LOG || 'info';
+  return env;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function startServer() {
+  const binary =
+    process.env.KEY_AUTHORITY_BIN ||
+    path.join(CLIENT_DIR, '..', '..', 'target', 'debug', 'key-authority');
+  if (!fs.existsSync(binary)) {
+    throw new Error(
+      `server binary not found at ${binary}: run cargo build or set KEY_AUTHORITY_BIN`,
+    );
+  }
+  const folder = fs.mkdtempSync(path.join(os.tmpdir(), 'key-authority-node-'));
+  const adminToken = `kaadmin_node_${crypto.randomBytes(16).toString('hex')}`;
+  const port = await freePort();
+  const target = `127.0.0.1:${port}`;
+  let log = '';
+  const child = spawn(
+    binary,
+    [
+      'serve',
+      '--listen',
+      target,
+      '--database-url',
+      `sqlite://${path.join(folder, 'keys.db')}`,
+      '--shutdown-grace',
+      '5s',
+    ],
+    { env: serverEnv(adminToken), stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  child.stdout.on('data', (chunk) => (log += chunk));
+  child.stderr.on('data', (chunk) => (log += chunk));
+  const exited = new Promise((resolve) =>
+    child.once('exit', (code, signal) => resolve({ code, signal })),
+  );
+  // Never leave the server behind, even if this process exits abruptly.
+  const killOnExit = () => child.kill('SIGKILL');
+  process.once('exit', killOnExit);
+
+  const probe = new KeyAuthority(target, { timeoutMs: 1000 });
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  try {
+    for (;;) {
+      if (child.exitCode !== null) {
+        throw new Error(`key-authority exited with ${child.exitCode} before serving:\n${log}`);
+      }
+      try {
+        if ((await probe.healthStatus('')) === 'SERVING') break;
+      } catch {
+        // not listening yet
+      }
+      if (Date.now() > deadline) {
+        child.kill('SIGKILL');
+        throw new Error(
+          `key-authority did not report SERVING within ${START_TIMEOUT_MS} ms:\n${log}`,
+        );
+      }
+      await sleep(50);
+    }
+  } finally {
+    probe.close();
+  }
+
+  return {
+    target,
+    adminToken,
+    log: () => log,
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), STOP_TIMEOUT_MS);
+      const result = await exited;
+      clearTimeout(timer);
+      process.removeListener('exit', killOnExit);
+      fs.rmSync(folder, { recursive: true, force: true });
+      return result;
+    },
+  };
+}
+
+let server;
+let client;
+
+before(async () => {
+  server = await startServer();
+  client = new KeyAuthority(server.target, { adminToken: server.adminToken });
+});
+
+after(async () => {
+  if (client) client.close();
+  if (server) {
+    const { code, signal } = await server.stop();
+    assert.equal(signal, null, `key-authority was killed by ${signal}:\n${server.log()}`);
+    assert.equal(code, 0, `key-authority exited with ${code} on SIGTERM:\n${server.log()}`);
+  }
+});
+
+const newWorkspace = () => `ws-${crypto.randomBytes(8).toString('hex')}`;
+
+async function refusal(promise) {
+  try {
+    await promise;
+  } catch (error) {
+    return errorDetails(error);
+  }
+  assert.fail('the call was expected to fail');
+}
+
+test('issue, verify, list, rotate, revoke', { timeout: 30_000 }, async () => {
+  const workspace = newWorkspace();
+  const issued = await client.issueKey({
+    workspace_id: workspace,
+    name: 'billing worker',
+    scopes: ['payments:read', 'payments:write'],
+    ttl: { seconds: 3600 },
+    metadata: { team: 'payments' },
+  });
+  assert.match(issued.secret, /^ka_live_[0-9A-Za-z]{50}$/);
+  assert.equal(issued.key.prefix, `ka_live_${issued.key.key_id}`);
+  assert.ok(issued.secret.startsWith(issued.key.prefix));
+  assert.equal(issued.key.workspace_id, workspace);
+  assert.deepEqual(issued.key.scopes, ['payments:read', 'payments:write']);
+  assert.deepEqual(issued.key.metadata, { team: 'payments' });
+  assert.equal(issued.key.environment, 'ENVIRONMENT_LIVE');
+  assert.equal(issued.key.role, 'ROLE_DEVELOPER');
+  assert.equal(issued.key.state, 'KEY_STATE_ACTIVE');
+  assert.equal(issued.key.created_by, 'admin');
+  assert.equal(
+    Number(issued.key.expire_time.seconds) - Number(issued.key.create_time.seconds),
+    3600,
+  );
+
+  const fetched = await client.getKey(workspace, issued.key.key_id);
+  assert.equal(fetched.key_id, issued.key.key_id);
+  assert.equal(fetched.name, 'billing worker');
+
+  let answer = await client.verifyKey({ key: issued.secret, required_scopes: ['payments:write'] });
+  assert.equal(answer.valid, true);
+  assert.equal(answer.code, 'VERIFY_CODE_VALID');
+  assert.equal(answer.key.key_id, issued.key.key_id);
+
+  // cost 0 is sent (proto3 optional) and checks without consuming.
+  const metered = await client.issueKey({
+    workspace_id: workspace,
+    name: 'metered',
+    usage_limit: 1,
+  });
+  answer = await client.verifyKey({ key: metered.secret, cost: 0 });
+  assert.equal(answer.code, 'VERIFY_CODE_VALID');
+  assert.equal(answer.key.usage_remaining, 1);
+  answer = await client.verifyKey({ key: metered.secret });
+  assert.equal(answer.key.usage_remaining, 0);
+  answer = await client.verifyKey({ key: metered.secret });
+  assert.equal(answer.code, 'VERIFY_CODE_USAGE_EXHAUSTED');
+
+  // Newest first, one key per page.
+  const first = await client.listKeys({ workspace_id: workspace, page_size: 1 });
+  assert.equal(first.total_size, 2);
+  assert.deepEqual(
+    first.keys.map((key) => key.key_id),
+    [metered.key.key_id],
+  );
+  assert.notEqual(first.next_page_token, '');
+  const second = await client.listKeys({
+    workspace_id: workspace,
+    page_size: 1,
+    page_token: first.next_page_token,
+  });
+  assert.deepEqual(
+    second.keys.map((key) => key.key_id),
+    [issued.key.key_id],
+  );
+  assert.equal(second.next_page_token, '');
+  const all = [];
+  for await (const key of client.iterKeys({ workspace_id: workspace, page_size: 1 })) {
+    all.push(key.key_id);
+  }
+  assert.deepEqual(all, [metered.key.key_id, issued.key.key_id]);
+
+  // Rotation without grace: the old key is EXPIRED at once, the new one VALID.
+  const rotated = await client.rotateKey({
+    workspace_id: workspace,
+    key_id: issued.key.key_id,
+    grace_period: { seconds: 0 },
+  });
+  assert.notEqual(rotated.key.key_id, issued.key.key_id);
+  assert.equal(rotated.key.rotated_from_key_id, issued.key.key_id);
+  assert.equal(rotated.previous_key.rotated_to_key_id, rotated.key.key_id);
+  assert.deepEqual(rotated.key.scopes, ['payments:read', 'payments:write']);
+  answer = await client.verifyKey({ key: issued.secret });
+  assert.equal(answer.valid, false);
+  assert.equal(answer.code, 'VERIFY_CODE_EXPIRED');
+  assert.equal(answer.key.state, 'KEY_STATE_EXPIRED');
+  answer = await client.verifyKey({ key: rotated.secret });
+  assert.equal(answer.code, 'VERIFY_CODE_VALID');
+
+  const revoked = await client.revokeKey(workspace, rotated.key.key_id);
+  assert.equal(revoked.state, 'KEY_STATE_REVOKED');
+  assert.equal(revoked.revoked_by, 'admin');
+  answer = await client.verifyKey({ key: rotated.secret });
+  assert.equal(answer.valid, false);
+  assert.equal(answer.code, 'VERIFY_CODE_REVOKED');
+  assert.equal(answer.key.key_id, rotated.key.key_id);
+
+  // Only the metered key is still active; include_inactive shows all three.
+  const active = await client.listKeys({ workspace_id: workspace });
+  assert.deepEqual(
+    active.keys.map((key) => key.key_id),
+    [metered.key.key_id],
+  );
+  const everything = await client.listKeys({ workspace_id: workspace, include_inactive: true });
+  assert.equal(everything.total_size, 3);
+});
+
+test('a refusal carries ErrorInfo in grpc-status-details-bin', { timeout: 30_000 }, async () => {
+  const details = await refusal(client.issueKey({ workspace_id: newWorkspace(), name: '' }));
+  assert.equal(details.code, grpc.status.INVALID_ARGUMENT);
+  assert.equal(details.codeName, 'INVALID_ARGUMENT');
+  assert.equal(details.reason, 'INVALID_ARGUMENT');
+  assert.equal(details.domain, ERROR_DOMAIN);
+  assert.equal(details.domain, 'keyauthority.v1');
+  assert.deepEqual(details.metadata, { field: 'name' });
+  assert.match(details.message, /^invalid name: /);
+  assert.deepEqual(
+    details.fieldViolations.map((violation) => violation.field),
+    ['name'],
+  );
+  assert.equal(details.retryDelayMs, null);
+
+  const anonymous = new KeyAuthority(server.target);
+  const missing = await refusal(anonymous.listKeys({ workspace_id: newWorkspace() }));
+  anonymous.close();
+  assert.equal(missing.code, grpc.status.UNAUTHENTICATED);
+  assert.equal(missing.reason, 'MISSING_AUTH_HEADER');
+
+  const notFound = await refusal(client.getKey(newWorkspace(), 'AAAAAAAAAAAA'));
+  assert.equal(notFound.code, grpc.status.NOT_FOUND);
+  assert.equal(notFound.reason, 'KEY_NOT_FOUND');
+  assert.deepEqual(notFound.metadata, {});
+});
+
+test('IssueTrialKey over the per-IP limit carries RetryInfo', { timeout: 30_000 }, async () => {
+  // The admin token makes this client a trusted front end, so client_ip is honoured.
+  const client_ip = '203.0.113.9';
+  for (let n = 0; n < 5; n += 1) {
+    const trial = await client.issueTrialKey({ client_ip });
+    assert.equal(trial.key.role, 'ROLE_TRIAL');
+    assert.equal(trial.key.environment, 'ENVIRONMENT_TRIAL');
+    assert.equal(trial.key.usage_limit, 10);
+  }
+  const details = await refusal(client.issueTrialKey({ client_ip }));
+  assert.equal(details.code, grpc.status.RESOURCE_EXHAUSTED);
+  assert.equal(details.reason, 'IP_RATE_LIMITED');
+  assert.equal(details.domain, 'keyauthority.v1');
+  assert.ok(details.retryDelayMs > 0, `retry delay ${details.retryDelayMs}`);
+  assert.ok(details.retryDelayMs <= 60_000, `retry delay ${details.retryDelayMs}`);
+});
+
+test('example.js runs the lifecycle', { timeout: 30_000 }, async () => {
+  const { stdout } = await promisify(execFile)(process.execPath, ['example.js'], {
+    cwd: CLIENT_DIR,
+    env: {
+      ...process.env,
+      KEY_AUTHORITY_TARGET: server.target,
+      KEY_AUTHORITY_ADMIN_TOKEN: server.adminToken,
+    },
+    timeout: 20_000,
+  });
+  const lines = stdout.trim().split('\n');
+  assert.match(lines[0], /^issued ka_live_[0-9A-Za-z]{12}$/);
+  assert.match(lines[2], /^listed \d+ of \d+$/);
+  assert.deepEqual(
+    [lines[1], ...lines.slice(3)],
+    [
+      'verify: VERIFY_CODE_VALID',
+      'old key after rotate: VERIFY_CODE_EXPIRED',
+      'new key after revoke: VERIFY_CODE_REVOKED',
+      "refused: INVALID_ARGUMENT { field: 'name' }",
+    ],
+  );
+});
