@@ -167,10 +167,10 @@ impl ColdReport {
         );
         println!();
         println!(
-            "cold − argon2: p50 {} µs, p99 {} µs; cold − argon2 − warm round trip (p50): {} µs; \
-             failures: {}",
+            "cold − argon2 (same percentile): p50 {} µs, p99 {} µs; cold − argon2 − warm round \
+             trip (p50): {} µs; failures: {}",
             us(self.cold.p50_us - self.argon2.p50_us),
-            us(self.cold.p99_us - self.argon2.p50_us),
+            us(self.cold.p99_us - self.argon2.p99_us),
             us(self.cold.p50_us - self.argon2.p50_us - self.warm_after.p50_us),
             self.failures
         );
@@ -204,7 +204,18 @@ impl ColdReport {
             ),
         ));
         lines.push(TargetLine::at_most(
-            "cold VerifyKey p99 <= one argon2 verify + 2 ms",
+            "cold VerifyKey p99 <= argon2 verify p99 + 2 ms",
+            self.cold.p99_us / 1000.0,
+            (self.argon2.p99_us + 2000.0) / 1000.0,
+            "ms",
+            format!(
+                "{} µs vs {} + 2000 µs",
+                us(self.cold.p99_us),
+                us(self.argon2.p99_us)
+            ),
+        ));
+        lines.push(TargetLine::at_most(
+            "cold VerifyKey p99 <= argon2 verify p50 + 2 ms (strict reading)",
             self.cold.p99_us / 1000.0,
             limit / 1000.0,
             "ms",

@@ -8,6 +8,7 @@
 
 mod client;
 mod cold;
+mod cpu;
 mod driver;
 mod flood;
 mod propagation;
@@ -81,6 +82,9 @@ enum Command {
         /// Concurrency levels (request loops), comma separated.
         #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
         concurrency: Vec<usize>,
+        /// The server's pid (same machine), to report its CPU time per request.
+        #[arg(long)]
+        server_pid: Option<u32>,
         #[command(flatten)]
         loops: LoopArgs,
     },
@@ -137,6 +141,9 @@ enum Command {
         /// Warm request loops of the flood comparison.
         #[arg(long, default_value_t = 16)]
         flood_warm_concurrency: usize,
+        /// The target's pid (same machine), to report its CPU time per request.
+        #[arg(long)]
+        server_pid: Option<u32>,
         #[command(flatten)]
         loops: LoopArgs,
         #[command(flatten)]
@@ -294,10 +301,12 @@ async fn run(cli: Cli) -> Result<Vec<TargetLine>> {
         Command::Warm {
             target,
             concurrency,
+            server_pid,
             loops,
         } => {
             client::wait_serving(&net, &target, cli.wait).await?;
-            let report = warm::run(&net, &target, &concurrency, &loops.settings()).await?;
+            let report =
+                warm::run(&net, &target, &concurrency, &loops.settings(), server_pid).await?;
             Ok(report.targets())
         }
         Command::Cold { target, cold } => {
@@ -355,6 +364,7 @@ async fn run(cli: Cli) -> Result<Vec<TargetLine>> {
             database_url,
             concurrency,
             flood_warm_concurrency,
+            server_pid,
             loops,
             cold,
             flood,
@@ -366,7 +376,7 @@ async fn run(cli: Cli) -> Result<Vec<TargetLine>> {
                 client::wait_serving(&net, replica, cli.wait).await?;
             }
             let settings = loops.settings();
-            let mut lines = warm::run(&net, &target, &concurrency, &settings)
+            let mut lines = warm::run(&net, &target, &concurrency, &settings, server_pid)
                 .await?
                 .targets();
             lines.extend(

@@ -9,6 +9,7 @@ use key_authority::pb::key_service_client::KeyServiceClient;
 use key_authority::pb::verify_service_client::VerifyServiceClient;
 
 use crate::client::{self, CheckProbe, Net, Result, VerifyProbe};
+use crate::cpu;
 use crate::driver::{self, Window};
 use crate::report::TargetLine;
 use crate::stats::{Failures, Summary, ratio, us};
@@ -33,6 +34,9 @@ pub struct Level {
     pub connections: usize,
     pub check: Summary,
     pub verify: Summary,
+    /// Server CPU time per answered request, in µs, when the server's pid was given.
+    pub check_cpu_us: Option<f64>,
+    pub verify_cpu_us: Option<f64>,
     pub check_failures: Failures,
     pub verify_failures: Failures,
 }
@@ -46,6 +50,7 @@ pub async fn run(
     target: &str,
     concurrency: &[usize],
     loops: &LoopSettings,
+    server_pid: Option<u32>,
 ) -> Result<WarmReport> {
     let channel = net.connect(target).await?;
     let key = client::issue_key(
@@ -72,17 +77,31 @@ pub async fn run(
         net.loops_per_connection
     );
     println!();
-    println!("| c | conns | RPC | RPS | p50 µs | p99 µs | p99.9 µs | max µs | failures |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| c | conns | RPC | RPS | p50 µs | p99 µs | p99.9 µs | max µs | server CPU µs/req | failures |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut levels = Vec::new();
     for &c in concurrency {
         let channels = net.connect_for_loops(target, c).await?;
         let probes = (0..c)
             .map(|i| CheckProbe::new(channels[i % channels.len()].clone()))
             .collect();
-        let check = driver::run_loops(probes, loops.window()).await;
+        let window = loops.window();
+        let (check, check_cpu) = tokio::join!(
+            driver::run_loops(probes, window),
+            cpu::server_cpu_during(server_pid, window)
+        );
         let check_summary = check.summary();
-        print_row(c, channels.len(), "Check", &check_summary, &check.failures);
+        let check_cpu_us = per_request(check_cpu, &check_summary);
+        print_row(
+            c,
+            channels.len(),
+            "Check",
+            &check_summary,
+            check_cpu_us,
+            &check.failures,
+        );
 
         let probes = (0..c)
             .map(|i| {
@@ -94,13 +113,19 @@ pub async fn run(
                 )
             })
             .collect();
-        let verify = driver::run_loops(probes, loops.window()).await;
+        let window = loops.window();
+        let (verify, verify_cpu) = tokio::join!(
+            driver::run_loops(probes, window),
+            cpu::server_cpu_during(server_pid, window)
+        );
         let verify_summary = verify.summary();
+        let verify_cpu_us = per_request(verify_cpu, &verify_summary);
         print_row(
             c,
             channels.len(),
             "VerifyKey",
             &verify_summary,
+            verify_cpu_us,
             &verify.failures,
         );
         levels.push(Level {
@@ -108,6 +133,8 @@ pub async fn run(
             connections: channels.len(),
             check: check_summary,
             verify: verify_summary,
+            check_cpu_us,
+            verify_cpu_us,
             check_failures: check.failures,
             verify_failures: verify.failures,
         });
@@ -117,14 +144,29 @@ pub async fn run(
     Ok(report)
 }
 
-fn print_row(c: usize, connections: usize, rpc: &str, summary: &Summary, failures: &Failures) {
+/// Server CPU seconds over a window spread over the requests answered in it, in µs.
+fn per_request(cpu_seconds: Option<f64>, summary: &Summary) -> Option<f64> {
+    cpu_seconds
+        .filter(|_| summary.count > 0)
+        .map(|seconds| seconds * 1e6 / summary.count as f64)
+}
+
+fn print_row(
+    c: usize,
+    connections: usize,
+    rpc: &str,
+    summary: &Summary,
+    cpu_us: Option<f64>,
+    failures: &Failures,
+) {
     println!(
-        "| {c} | {connections} | {rpc} | {:.0} | {} | {} | {} | {} | {failures} |",
+        "| {c} | {connections} | {rpc} | {:.0} | {} | {} | {} | {} | {} | {failures} |",
         summary.rps,
         us(summary.p50_us),
         us(summary.p99_us),
         us(summary.p999_us),
         us(summary.max_us),
+        cpu_us.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}")),
     );
 }
 
@@ -132,18 +174,32 @@ impl WarmReport {
     fn print_ratios(&self) {
         println!();
         println!(
-            "| c | VerifyKey RPS / Check RPS | VerifyKey p50 / Check p50 | VerifyKey p99 / Check p99 | VerifyKey p99.9 / Check p99.9 |"
+            "| c | conns | VerifyKey RPS / Check RPS | VerifyKey p50 / Check p50 | \
+             VerifyKey p99 / Check p99 | VerifyKey p99.9 / Check p99.9 | \
+             Check / VerifyKey server CPU per request |"
         );
-        println!("|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|");
         for level in &self.levels {
+            let cpu = match (level.check_cpu_us, level.verify_cpu_us) {
+                (Some(check), Some(verify)) => format!("{:.3}", ratio(check, verify)),
+                _ => "n/a".to_owned(),
+            };
             println!(
-                "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {cpu} |",
                 level.concurrency,
                 level.connections,
                 ratio(level.verify.rps, level.check.rps),
                 ratio(level.verify.p50_us, level.check.p50_us),
                 ratio(level.verify.p99_us, level.check.p99_us),
                 ratio(level.verify.p999_us, level.check.p999_us),
+            );
+        }
+        if self.levels.iter().any(|l| l.check_cpu_us.is_some()) {
+            println!();
+            println!(
+                "Check / VerifyKey server CPU per request is the throughput ratio a server-bound \
+                 run would show (one where the server, not the load generator, saturates its \
+                 core)."
             );
         }
     }
@@ -178,6 +234,18 @@ impl WarmReport {
             }
             None => TargetLine::not_measured(RPS, "c=64 not run"),
         });
+        if let Some((check, verify)) = self
+            .level(64)
+            .and_then(|l| Some((l.check_cpu_us?, l.verify_cpu_us?)))
+        {
+            let r = ratio(check, verify);
+            lines.push(TargetLine::at_least(
+                "(same, server-bound estimate: Check / VerifyKey server CPU per request >= 0.9 at c=64)",
+                r,
+                0.9,
+                format!("{check:.2} / {verify:.2} µs = {r:.3}"),
+            ));
+        }
         const P50: &str = "warm VerifyKey p50 <= 1.15 x Check p50 at c=1";
         lines.push(match self.level(1) {
             Some(l) => {

@@ -1,0 +1,368 @@
+#!/usr/bin/env bash
+# Runs the key-authority benchmarks on this machine and writes a report (see BENCHMARKS.md).
+#
+#   bench/run.sh                     # everything: about 2 minutes after the release build on a
+#                                    # quiet machine (phases wait for and retry around others)
+#   BENCH_DURATION=2s bench/run.sh   # shorter load phases, for a quick look
+#   BENCH_PHASES="warm flood" bench/run.sh   # only some of: warm cold flood throughput
+#                                            # propagation scale
+#
+# What it does:
+#   1. cargo build --release (key-authority and loadgen), and runs copies of the binaries;
+#   2. starts a throwaway PostgreSQL cluster in a temp dir (as the `postgres` user when root);
+#   3. starts replica A pinned to core 0 (one tokio worker) and replica B (unpinned) on it;
+#   4. latency: loadgen pinned to core 1 (one worker) runs warm, cold and flood against A
+#      (`loadgen all` runs the same three in one go; separate runs retry separately);
+#   5. throughput: a fresh server T, unpinned with default workers, loaded by an unpinned
+#      loadgen with 2 workers (warm only);
+#   6. propagation: RevokeKey on A, VerifyKey on B until REVOKED (loadgen pinned to core 1);
+#   7. scale: server S (pinned like A) on a fresh database; 1k then 1M rows in api_key, cold
+#      VerifyKey at each (loadgen pinned to core 1).
+# Each phase waits until no other process uses the CPU, and is run again (BENCH_ATTEMPTS,
+# default 3) when one did during it. Every server and the cluster are stopped,
+# and the temp dir removed, on exit. Only 127.0.0.1 is used. The report goes to
+# target/bench/report.md (BENCH_OUT to change).
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+DURATION=${BENCH_DURATION:-5s}
+WARMUP=${BENCH_WARMUP:-1s}
+ROUNDS=${BENCH_ROUNDS:-200}
+PROPAGATION_BUDGET=${BENCH_PROPAGATION_BUDGET:-90s}
+SIZES=${BENCH_SIZES:-1000,1000000}
+PHASES=${BENCH_PHASES:-warm cold flood throughput propagation scale}
+OUT=${BENCH_OUT:-$ROOT/target/bench}
+SERVER_CORE=0
+LOADGEN_CORE=1
+
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+command -v taskset >/dev/null || die "taskset (util-linux) is required"
+[ "$(nproc)" -ge 2 ] || die "pinning needs at least 2 cores, this machine has $(nproc)"
+
+# --- build -------------------------------------------------------------------------------------
+log "building release binaries"
+cargo build --release --bin key-authority --bin loadgen
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+pg_bin_dir() {
+    if [ -n "${KEY_AUTHORITY_PG_BIN:-}" ]; then
+        echo "$KEY_AUTHORITY_PG_BIN"
+        return
+    fi
+    local dir
+    dir=$(pg_config --bindir 2>/dev/null || true)
+    if [ -n "$dir" ] && [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ]; then
+        echo "$dir"
+        return
+    fi
+    dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$dir" ] && [ -x "$dir/initdb" ] || die "no PostgreSQL binaries found (set KEY_AUTHORITY_PG_BIN)"
+    echo "$dir"
+}
+PG_BIN=$(pg_bin_dir)
+AS_ROOT=0
+[ "$(id -u)" = 0 ] && AS_ROOT=1
+
+# PostgreSQL refuses to run as root: as root, run its binaries as the postgres user.
+pg() {
+    local program=$1
+    shift
+    if [ "$AS_ROOT" = 1 ]; then
+        runuser -u postgres -- "$PG_BIN/$program" "$@"
+    else
+        "$PG_BIN/$program" "$@"
+    fi
+}
+
+free_port() {
+    local port
+    for _ in $(seq 1 100); do
+        port=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return
+        fi
+    done
+    die "no free port found"
+}
+
+# Other people's builds and tests on these 2 cores ruin latency figures. A monitor samples, once
+# a second, the CPU time of user-space processes outside this script's process tree and our
+# PostgreSQL cluster ("foreign" CPU, in % of one core). Each phase waits until the machine is
+# quiet (at most BENCH_QUIET_WAIT seconds), and is run again when foreign CPU went above
+# BENCH_FOREIGN_MAX % of a core for a second during it.
+QUIET_WAIT=${BENCH_QUIET_WAIT:-300}
+FOREIGN_MAX=${BENCH_FOREIGN_MAX:-15}
+ROOT_PID=$$
+
+cpu_monitor() {
+    # A vanished /proc entry must not end the monitor (it runs in its own subshell).
+    set +e +o pipefail
+    local prev=$WORK/ticks.prev current=$WORK/ticks.current postmaster
+    : >"$prev"
+    while sleep 1; do
+        postmaster=$(head -n 1 "$WORK/pg/postmaster.pid" 2>/dev/null || echo -1)
+        # One line per process: pid (comm) state ppid ... with utime and stime the 12th and 13th
+        # fields after the comm's closing parenthesis. Foreign CPU is the CPU time, in ticks
+        # (1/100 s, so % of one core per second), of every other user-space process: whoever
+        # exits between two samples is missed, so our own exits never count as foreign.
+        cat /proc/[0-9]*/stat 2>/dev/null | awk -v root="$ROOT_PID" \
+            -v postmaster="$postmaster" -v prevfile="$prev" -v currentfile="$current" \
+            -v now="$(date +%s)" '
+            BEGIN { while ((getline line < prevfile) > 0) { split(line, kv, " "); before[kv[1]] = kv[2] } }
+            /^[0-9]+ \(/ {
+                pid = $1; rest = $0; sub(/^.*\) /, "", rest); split(rest, f, " ")
+                parent[pid] = f[2]; ticks[pid] = f[12] + f[13]
+            }
+            END {
+                foreign = 0
+                for (pid in ticks) {
+                    p = pid; mine = 0
+                    for (depth = 0; depth < 64 && p > 0; depth++) {
+                        # Ours, PostgreSQL'"'"'s, or a kernel thread (a child of kthreadd, pid 2).
+                        if (p == root || p == postmaster || p == 2) { mine = 1; break }
+                        if (!(p in parent)) break
+                        p = parent[p]
+                    }
+                    if (!mine) { d = ticks[pid] - ((pid in before) ? before[pid] : 0); if (d > 0) foreign += d }
+                    print pid, ticks[pid] > currentfile
+                }
+                print "sampled", 1 > currentfile
+                if ("sampled" in before) print now, foreign
+            }'
+        mv "$current" "$prev"
+    done
+}
+
+# Seconds in [FROM, TO] whose foreign CPU exceeded FOREIGN_MAX.
+foreign_seconds() {
+    awk -v from="$1" -v to="$2" -v max="$FOREIGN_MAX" \
+        '$1 >= from && $1 <= to && $2 > max { n++ } END { print n + 0 }' "$WORK/cpu.log"
+}
+
+# Average foreign CPU (% of a core) over [FROM, TO].
+foreign_average() {
+    awk -v from="$1" -v to="$2" \
+        '$1 >= from && $1 <= to { sum += $2; n++ } END { printf "%.1f", n ? sum / n : 0 }' "$WORK/cpu.log"
+}
+
+# Waits until the last 3 seconds were quiet, for at most QUIET_WAIT seconds.
+wait_quiet() {
+    local waited=0 now
+    while :; do
+        now=$(date +%s)
+        if [ "$(wc -l <"$WORK/cpu.log")" -ge 3 ] && [ "$(foreign_seconds $((now - 3)) "$now")" = 0 ]; then
+            return
+        fi
+        if [ "$waited" -ge "$QUIET_WAIT" ]; then
+            log "the machine is still busy after ${QUIET_WAIT}s: measuring anyway (see the report)"
+            return
+        fi
+        [ "$waited" = 0 ] && log "waiting for other processes' CPU use to stop before measuring"
+        sleep 2
+        waited=$((waited + 2))
+    done
+}
+
+WORK=$(mktemp -d /tmp/key-authority-bench.XXXXXX)
+chmod 755 "$WORK"
+mkdir -p "$OUT"
+declare -A PIDS=()
+PG_STARTED=0
+
+cleanup() {
+    local status=$?
+    set +e
+    for name in "${!PIDS[@]}"; do
+        kill -TERM "${PIDS[$name]}" 2>/dev/null
+    done
+    for name in "${!PIDS[@]}"; do
+        wait "${PIDS[$name]}" 2>/dev/null
+    done
+    if [ "$PG_STARTED" = 1 ]; then
+        pg pg_ctl -D "$WORK/pg" -m fast -w stop >/dev/null 2>&1
+    fi
+    cp "$WORK/cpu.log" "$OUT/foreign-cpu.log" 2>/dev/null
+    rm -rf "$WORK"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+[ "$AS_ROOT" = 1 ] && chown postgres: "$WORK"
+# Run copies, so a rebuild in the work tree during the run cannot swap the binaries under us.
+SERVER=$WORK/key-authority
+LOADGEN=$WORK/loadgen
+cp "$ROOT/target/release/key-authority" "$SERVER"
+cp "$ROOT/target/release/loadgen" "$LOADGEN"
+cpu_monitor >"$WORK/cpu.log" 2>/dev/null &
+PIDS[monitor]=$!
+PG_PORT=$(free_port)
+log "starting PostgreSQL ($PG_BIN) on 127.0.0.1:$PG_PORT in $WORK"
+pg initdb -D "$WORK/pg" -U postgres -A trust -E UTF8 --locale=C --no-sync >/dev/null
+pg pg_ctl -D "$WORK/pg" -l "$WORK/pg.log" -w -t 60 start -o \
+    "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $WORK -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+    >/dev/null
+PG_STARTED=1
+pg createdb -h 127.0.0.1 -p "$PG_PORT" -U postgres keyauthority
+DB_URL="postgres://postgres@127.0.0.1:$PG_PORT/keyauthority"
+
+# --- servers -----------------------------------------------------------------------------------
+ADMIN_TOKEN=bench-admin-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+export LOADGEN_ADMIN_TOKEN=$ADMIN_TOKEN
+
+# start_server NAME PORT CORE WORKERS DATABASE_URL: CORE and WORKERS may be empty (unpinned,
+# tokio's default worker count).
+start_server() {
+    local name=$1 port=$2 core=$3 workers=$4 url=$5
+    local command=("$SERVER" serve --listen "127.0.0.1:$port" --database-url "$url")
+    [ -n "$core" ] && command=(taskset -c "$core" "${command[@]}")
+    local environment=(KEY_AUTHORITY_ADMIN_TOKEN="$ADMIN_TOKEN")
+    [ -n "$workers" ] && environment+=(TOKIO_WORKER_THREADS="$workers")
+    env "${environment[@]}" "${command[@]}" >>"$OUT/server-$name.log" 2>&1 &
+    PIDS[$name]=$!
+    log "server $name on 127.0.0.1:$port (pid ${PIDS[$name]}, cores ${core:-all}, workers ${workers:-default})"
+}
+
+stop_server() {
+    local name=$1
+    kill -TERM "${PIDS[$name]}" 2>/dev/null || true
+    wait "${PIDS[$name]}" 2>/dev/null || true
+    unset "PIDS[$name]"
+}
+
+A_PORT=$(free_port)
+B_PORT=$(free_port)
+T_PORT=$(free_port)
+S_PORT=$(free_port)
+A=127.0.0.1:$A_PORT
+B=127.0.0.1:$B_PORT
+T=127.0.0.1:$T_PORT
+S=127.0.0.1:$S_PORT
+rm -f "$OUT"/server-*.log
+start_server A "$A_PORT" "$SERVER_CORE" 1 "$DB_URL"
+start_server B "$B_PORT" "" "" "$DB_URL"
+
+REPORT=$OUT/report.md
+{
+    echo "# key-authority benchmark run, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo
+    echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr)"
+    echo "- $(rustc --version), $("$PG_BIN/postgres" --version)"
+    echo "- commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+    echo "- servers A and S: taskset -c $SERVER_CORE, TOKIO_WORKER_THREADS=1; B: unpinned; T: unpinned, default workers; PostgreSQL unpinned"
+} >"$REPORT"
+
+# loadgen CORE WORKERS ARGS...: runs loadgen (pinned to CORE unless empty) and notes the command.
+loadgen() {
+    local core=$1 workers=$2
+    shift 2
+    local command=("$LOADGEN" --workers "$workers" "$@")
+    [ -n "$core" ] && command=(taskset -c "$core" "${command[@]}")
+    echo "${command[*]//$WORK\//}" >>"$WORK/commands"
+    log "${command[*]}"
+    "${command[@]}"
+}
+
+# phase NAME TITLE FUNCTION: runs FUNCTION (which calls loadgen) and appends its output to the
+# report, if NAME is in BENCH_PHASES.
+# When other builds ran during it, the attempt is discarded and the phase run again, up to
+# BENCH_ATTEMPTS times; the last attempt is kept either way, with a warning.
+ATTEMPTS=${BENCH_ATTEMPTS:-3}
+phase() {
+    local name=$1 title=$2 function=$3 attempt=1 started ended busy
+    case " $PHASES " in
+        *" $name "*) ;;
+        *) log "skipping $name (not in BENCH_PHASES)"; return 0 ;;
+    esac
+    while :; do
+        wait_quiet
+        : >"$WORK/commands"
+        started=$(date +%s)
+        "$function" >"$WORK/phase.out" || { cat "$WORK/phase.out"; die "$title failed"; }
+        ended=$(date +%s)
+        busy=$(foreign_seconds "$started" "$ended")
+        if [ "$busy" = 0 ] || [ "$attempt" -ge "$ATTEMPTS" ]; then
+            break
+        fi
+        log "$title: other processes used more than $FOREIGN_MAX % of a core during $busy s of it: discarding this attempt"
+        attempt=$((attempt + 1))
+    done
+    {
+        echo
+        echo "# $title"
+        echo
+        echo '```'
+        cat "$WORK/commands"
+        echo '```'
+        cat "$WORK/phase.out"
+        echo
+        echo "CPU used outside the benchmark during this phase: $(foreign_average "$started" "$ended") % of a core on average (attempt $attempt)."
+        if [ "$busy" != 0 ]; then
+            echo "WARNING: other processes used more than $FOREIGN_MAX % of a core during $busy s of this phase: its figures are suspect."
+        fi
+    } | tee -a "$REPORT"
+}
+
+LOOPS=(--duration "$DURATION" --warmup "$WARMUP")
+
+# 1-3. Latency: A on core 0, loadgen on core 1 (three phases, so that a build that disturbs one
+#      costs only that one a re-run).
+warm_pinned() {
+    loadgen "$LOADGEN_CORE" 1 warm --target "$A" --server-pid "${PIDS[A]}" \
+        --concurrency 1,16,64 "${LOOPS[@]}" || return 1
+}
+phase warm "Warm latency (server A on core $SERVER_CORE, loadgen on core $LOADGEN_CORE)" warm_pinned
+
+cold() {
+    loadgen "$LOADGEN_CORE" 1 cold --target "$A" --keys 200 || return 1
+}
+phase cold "Cold verify (server A on core $SERVER_CORE, loadgen on core $LOADGEN_CORE)" cold
+
+flood() {
+    loadgen "$LOADGEN_CORE" 1 flood --target "$A" --concurrency 16 --flood-concurrency 16 \
+        --flood-keys 1000,8 "${LOOPS[@]}" || return 1
+}
+phase flood "Wrong-secret flood (server A on core $SERVER_CORE, loadgen on core $LOADGEN_CORE)" flood
+
+# 4. Throughput: a fresh server T and loadgen, both unpinned.
+throughput() {
+    start_server T "$T_PORT" "" "" "$DB_URL"
+    local status=0
+    loadgen "" 2 warm --target "$T" --server-pid "${PIDS[T]}" --concurrency 1,16,64 \
+        "${LOOPS[@]}" || status=$?
+    stop_server T
+    return "$status"
+}
+phase throughput "Throughput (server T and loadgen unpinned, both free to use both cores): warm" throughput
+
+# 5. Propagation: RevokeKey on A, VerifyKey on B until REVOKED.
+propagation() {
+    loadgen "$LOADGEN_CORE" 1 propagation --target "$A" --replica "$B" \
+        --rounds "$ROUNDS" --time-budget "$PROPAGATION_BUDGET" || return 1
+}
+phase propagation "Propagation (RevokeKey on A, VerifyKey on B until REVOKED)" propagation
+
+# 6. Scale: a fresh database per attempt (the 1k size needs an almost empty table), server S
+#    pinned like A.
+SCALE_ATTEMPT=0
+scale() {
+    SCALE_ATTEMPT=$((SCALE_ATTEMPT + 1))
+    local database=keyauthority_scale_$SCALE_ATTEMPT
+    pg createdb -h 127.0.0.1 -p "$PG_PORT" -U postgres "$database" || return 1
+    local url="postgres://postgres@127.0.0.1:$PG_PORT/$database" status=0
+    start_server S "$S_PORT" "$SERVER_CORE" 1 "$url"
+    loadgen "$LOADGEN_CORE" 1 scale --target "$S" --database-url "$url" --sizes "$SIZES" \
+        --keys-per-size 100 || status=$?
+    stop_server S
+    return "$status"
+}
+phase scale "Scale (cold VerifyKey on S by rows in api_key)" scale
+
+log "report written to $REPORT"
