@@ -24,7 +24,7 @@ use crate::key::{PresentedKey, WorkspaceId};
 use crate::verify::{Verdict, Verifier, VerifyRequest};
 
 /// How KeyService callers are recognised.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct AuthConfig {
     /// Platform admin tokens (compared in constant time).
     pub admin_tokens: Vec<String>,
@@ -36,6 +36,19 @@ pub struct AuthConfig {
     pub issue_limit_per_hour: u32,
     /// IssueTrialKey calls allowed per client IP per minute; 0 means unlimited.
     pub trial_limit_per_minute: u32,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    /// Counts tokens, never prints them: a configuration may be logged.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("admin_tokens", &self.admin_tokens.len())
+            .field("jwt", &self.jwt)
+            .field("verify_tokens", &self.verify_tokens.len())
+            .field("issue_limit_per_hour", &self.issue_limit_per_hour)
+            .field("trial_limit_per_minute", &self.trial_limit_per_minute)
+            .finish()
+    }
 }
 
 /// The bearer token of a request, if any.
@@ -83,6 +96,19 @@ impl Authenticator {
         Err(Error::InvalidCredentials("unknown token"))
     }
 
+    /// Lets a VerifyKey call through: always when no verify tokens are configured, otherwise
+    /// only with one of them.
+    pub fn check_verify_caller(&self, metadata: &MetadataMap) -> Result<()> {
+        if self.verify_tokens.is_empty() {
+            return Ok(());
+        }
+        let token = bearer_token(metadata).ok_or(Error::MissingCredentials)?;
+        if self.verify_tokens.contains(token) {
+            return Ok(());
+        }
+        Err(Error::InvalidCredentials("unknown verify token"))
+    }
+
     /// True for a trusted front end (a caller with an admin or verify token), whose word on the
     /// end user's IP address is taken.
     pub fn is_trusted_front_end(&self, metadata: &MetadataMap) -> bool {
@@ -119,5 +145,22 @@ impl Authenticator {
             )),
             _ => Err(Error::InvalidCredentials("unknown API key")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_tokens() {
+        let config = AuthConfig {
+            admin_tokens: vec!["admin-secret-token".to_owned()],
+            verify_tokens: vec!["verify-secret-token".to_owned()],
+            ..AuthConfig::default()
+        };
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("admin-secret-token"), "{printed}");
+        assert!(!printed.contains("verify-secret-token"), "{printed}");
     }
 }

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::auth::{AuthConfig, Authenticator, IssueRateLimiter, TokenSet, TrialRateLimiter};
+use crate::auth::{AuthConfig, Authenticator, IssueRateLimiter, TrialRateLimiter};
 use crate::change_feed::{self, ChangeFeedStatus};
 use crate::error::{Error, Result};
 use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
@@ -243,7 +243,7 @@ async fn run(
     .max_decoding_message_size(MAX_KEY_SERVICE_MESSAGE);
     let verify_service = VerifyServiceServer::new(VerifyServiceImpl::new(
         app.verifier.clone(),
-        TokenSet::new(&config.auth.verify_tokens),
+        app.auth.clone(),
         app.metrics.clone(),
     ))
     .max_decoding_message_size(MAX_VERIFY_MESSAGE);

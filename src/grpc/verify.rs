@@ -2,11 +2,10 @@
 
 use std::sync::Arc;
 
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::convert::key_to_proto;
-use crate::auth::{TokenSet, bearer_token};
+use crate::auth::Authenticator;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::pb;
@@ -17,29 +16,18 @@ const MAX_REQUIRED_SCOPES: usize = 64;
 
 pub struct VerifyServiceImpl {
     verifier: Arc<Verifier>,
-    /// Service tokens callers must present; empty means VerifyKey is open.
-    callers: TokenSet,
+    /// Decides who may call VerifyKey (open unless verify tokens are configured).
+    auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
 }
 
 impl VerifyServiceImpl {
-    pub fn new(verifier: Arc<Verifier>, callers: TokenSet, metrics: Arc<Metrics>) -> Self {
+    pub fn new(verifier: Arc<Verifier>, auth: Arc<Authenticator>, metrics: Arc<Metrics>) -> Self {
         Self {
             verifier,
-            callers,
+            auth,
             metrics,
         }
-    }
-
-    fn check_caller(&self, metadata: &MetadataMap) -> Result<(), Error> {
-        if self.callers.is_empty() {
-            return Ok(());
-        }
-        let token = bearer_token(metadata).ok_or(Error::MissingCredentials)?;
-        if self.callers.contains(token) {
-            return Ok(());
-        }
-        Err(Error::InvalidCredentials("unknown verify token"))
     }
 }
 
@@ -71,7 +59,7 @@ impl pb::verify_service_server::VerifyService for VerifyServiceImpl {
         &self,
         request: Request<pb::VerifyKeyRequest>,
     ) -> Result<Response<pb::VerifyKeyResponse>, Status> {
-        self.check_caller(request.metadata())?;
+        self.auth.check_verify_caller(request.metadata())?;
         let request = request.into_inner();
         if request.required_scopes.len() > MAX_REQUIRED_SCOPES {
             return Err(Error::invalid(

@@ -9,13 +9,7 @@ use tonic::transport::Channel;
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_key-authority");
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::postgres_cluster::free_port;
 
 pub async fn connect(port: u16) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(30);

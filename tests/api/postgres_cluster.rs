@@ -86,7 +86,7 @@ fn pg_command(bin_dir: &Path, program: &str, as_root: bool) -> Command {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
