@@ -128,8 +128,51 @@ async fn no_plaintext_key_reaches_the_database_files(db: TestDb) {
     assert!(scanned > 0, "some data was scanned");
 }
 
+/// Every mutation writes its audit row in the same transaction, naming the actor.
+async fn every_mutation_leaves_an_audit_row(db: TestDb) {
+    use sqlx::Connection;
+
+    let mut app = TestApp::spawn(&db).await;
+    let issued = app.issue("acme", "audited").await;
+    let key_id = key_of(&issued).key_id.clone();
+    let rotated = app.rotate("acme", &key_id, None).await.unwrap();
+    let successor = rotated.key.unwrap().key_id;
+    app.revoke("acme", &successor).await.unwrap();
+    app.revoke("acme", &successor).await.unwrap(); // a no-op: no second row
+    app.stop().await;
+
+    let query = "select key_id, action, actor from audit_event order by event_id";
+    let rows: Vec<(String, String, String)> = match db.backend {
+        crate::common::Backend::Sqlite => {
+            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query_as(query)
+                .fetch_all(&mut connection)
+                .await
+                .unwrap()
+        }
+        crate::common::Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query_as(query)
+                .fetch_all(&mut connection)
+                .await
+                .unwrap()
+        }
+    };
+    let admin = "admin".to_owned();
+    assert_eq!(
+        rows,
+        vec![
+            (key_id.clone(), "issue".to_owned(), admin.clone()),
+            (key_id, "rotate".to_owned(), admin.clone()),
+            (successor.clone(), "issue".to_owned(), admin.clone()),
+            (successor, "revoke".to_owned(), admin),
+        ]
+    );
+}
+
 on_both_databases!(
     keys_survive_a_restart,
     usage_is_exact_after_graceful_shutdown,
     no_plaintext_key_reaches_the_database_files,
+    every_mutation_leaves_an_audit_row,
 );
