@@ -190,6 +190,16 @@ impl TestApp {
 
     pub async fn spawn_with(config: Config) -> Self {
         let server = RunningServer::start(config).await.expect("server starts");
+        // On PostgreSQL, wait for the change feed: establishing LISTEN drops every cached state
+        // (anything may have changed while nobody listened), which would make cache-counting
+        // tests depend on timing.
+        if let Some(feed) = &server.change_feed {
+            let mut listening = feed.listening.clone();
+            listening
+                .wait_for(|count| *count >= 1)
+                .await
+                .expect("change feed runs");
+        }
         let channel = Channel::from_shared(format!("http://{}", server.local_addr))
             .unwrap()
             .connect()
