@@ -391,8 +391,8 @@ fn trial_key_id(prefix: &str) -> Result<&str> {
     let id = prefix
         .split_once("_trial_")
         .map(|(_, rest)| rest)
-        .filter(|rest| rest.len() >= KEY_ID_LEN)
-        .map(|rest| &rest[..KEY_ID_LEN])
+        // `get`, not slicing: the 12th byte may fall inside a multi-byte character.
+        .and_then(|rest| rest.get(..KEY_ID_LEN))
         .filter(|id| KeyId::parse(id).is_some())
         .ok_or_else(|| {
             Error::invalid(
@@ -416,4 +416,18 @@ fn ensure_rotatable(key: &Key, now: UnixMicros) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trial_key_id_refuses_a_multibyte_character_across_the_id_boundary() {
+        // 11 ASCII characters then "é" (2 bytes): byte 12 falls inside the character.
+        let error = trial_key_id("ka_trial_abcdefghijké").unwrap_err();
+        assert!(matches!(error, Error::InvalidArgument { field: "prefix", .. }));
+        assert!(trial_key_id("ka_trial_ééééééééééééé").is_err());
+        assert_eq!(trial_key_id("ka_trial_abcdefghijkl").unwrap(), "abcdefghijkl");
+    }
 }
