@@ -34,8 +34,10 @@ pub struct AuthConfig {
     pub verify_tokens: Vec<String>,
     /// IssueKey calls allowed per user per hour (admins exempt); 0 means unlimited.
     pub issue_limit_per_hour: u32,
-    /// IssueTrialKey calls allowed per client IP per minute; 0 means unlimited.
+    /// IssueTrialKey calls allowed per client IP per minute; 0 issues none.
     pub trial_limit_per_minute: u32,
+    /// RevokeTrialKey calls allowed per client IP per minute; 0 allows none.
+    pub trial_revoke_limit_per_minute: u32,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -47,6 +49,10 @@ impl std::fmt::Debug for AuthConfig {
             .field("verify_tokens", &self.verify_tokens.len())
             .field("issue_limit_per_hour", &self.issue_limit_per_hour)
             .field("trial_limit_per_minute", &self.trial_limit_per_minute)
+            .field(
+                "trial_revoke_limit_per_minute",
+                &self.trial_revoke_limit_per_minute,
+            )
             .finish()
     }
 }

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::auth::{AuthConfig, JwtConfig};
 use crate::key::format::random_base62;
 use crate::key::{Brand, HashParams, WorkspaceId};
-use crate::keys::TrialConfig;
+use crate::keys::{KeyLimits, TrialConfig};
 use crate::server::{Config, TlsConfig};
 use crate::telemetry::LogFormat;
 use crate::verify::{LockoutConfig, UsageConfig, VerifyConfig};
@@ -180,6 +180,20 @@ pub struct ServeArgs {
     )]
     pub lockout_capacity: u64,
 
+    /// The furthest a key's expiry (IssueKey or RotateKey `ttl`/`expire_time`) may be from now;
+    /// 0 allows any expiry up to the end of year 9999 (the protobuf Timestamp range). Keys without
+    /// an expiry are not affected.
+    #[arg(long, env = "KEY_AUTHORITY_MAX_KEY_LIFETIME", default_value = "10years", value_parser = humantime::parse_duration)]
+    pub max_key_lifetime: Duration,
+
+    /// The longest grace period RotateKey may give the old key (an API key gets at most 24h).
+    #[arg(long, env = "KEY_AUTHORITY_MAX_ROTATION_GRACE", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub max_rotation_grace: Duration,
+
+    /// Serve IssueTrialKey and RevokeTrialKey; `false` answers both with UNIMPLEMENTED.
+    #[arg(long, env = "KEY_AUTHORITY_TRIAL_KEYS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub trial_keys: bool,
+
     /// The workspace trial keys belong to.
     #[arg(long, env = "KEY_AUTHORITY_TRIAL_WORKSPACE", default_value = "trial")]
     pub trial_workspace: String,
@@ -192,13 +206,29 @@ pub struct ServeArgs {
     #[arg(long, env = "KEY_AUTHORITY_TRIAL_USAGE_LIMIT", default_value_t = 10)]
     pub trial_usage_limit: i64,
 
-    /// IssueTrialKey calls per client IP per minute; 0 disables the limit.
+    /// IssueTrialKey calls per client IP per minute; 0 issues no trial keys at all.
     #[arg(
         long,
         env = "KEY_AUTHORITY_TRIAL_LIMIT_PER_MINUTE",
         default_value_t = 5
     )]
     pub trial_limit_per_minute: u32,
+
+    /// RevokeTrialKey calls per client IP per minute; 0 allows none.
+    #[arg(
+        long,
+        env = "KEY_AUTHORITY_TRIAL_REVOKE_LIMIT_PER_MINUTE",
+        default_value_t = 5
+    )]
+    pub trial_revoke_limit_per_minute: u32,
+
+    /// How long an expired trial key is kept before the background sweep deletes it.
+    #[arg(long, env = "KEY_AUTHORITY_TRIAL_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub trial_retention: Duration,
+
+    /// How often the background sweep deletes expired trial keys (in batches of 500).
+    #[arg(long, env = "KEY_AUTHORITY_TRIAL_SWEEP_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub trial_sweep_interval: Duration,
 
     /// Serve Prometheus metrics at http://ADDRESS/metrics.
     #[arg(long, env = "KEY_AUTHORITY_METRICS_LISTEN")]
@@ -281,12 +311,21 @@ impl ServeArgs {
                 verify_tokens: self.verify_tokens,
                 issue_limit_per_hour: self.issue_limit_per_hour,
                 trial_limit_per_minute: self.trial_limit_per_minute,
+                trial_revoke_limit_per_minute: self.trial_revoke_limit_per_minute,
             },
             trial: TrialConfig {
+                enabled: self.trial_keys,
                 workspace_id: WorkspaceId::parse(&self.trial_workspace)
                     .map_err(|reason| format!("trial workspace {reason}"))?,
                 ttl: self.trial_ttl,
                 usage_limit: self.trial_usage_limit.max(1),
+                retention: self.trial_retention,
+                sweep_interval: self.trial_sweep_interval.max(Duration::from_millis(10)),
+            },
+            limits: KeyLimits {
+                max_key_lifetime: (!self.max_key_lifetime.is_zero())
+                    .then_some(self.max_key_lifetime),
+                max_rotation_grace: self.max_rotation_grace,
             },
             tls,
             metrics_listen: self.metrics_listen,
@@ -336,6 +375,14 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(config.brand.as_str(), "ka");
         assert_eq!(config.verify.state_ttl, Duration::from_secs(5));
+        // The flags' defaults are the library's defaults.
+        assert_eq!(config.limits, KeyLimits::default());
+        assert!(config.trial.enabled);
+        assert_eq!(config.trial.retention, TrialConfig::default().retention);
+        assert_eq!(
+            config.trial.sweep_interval,
+            TrialConfig::default().sweep_interval
+        );
     }
 
     #[test]

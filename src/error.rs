@@ -51,6 +51,12 @@ pub enum Error {
     /// Too many requests from this client IP; retry after the delay.
     #[error("rate limited for this client IP: retry in {} s", whole_seconds_up(.0))]
     IpRateLimited(Duration),
+    /// The operator switched trial keys off (`--trial-keys false`).
+    #[error("trial keys are switched off on this server")]
+    TrialKeysDisabled,
+    /// The operator allows no trial keys per client IP (`--trial-limit-per-minute 0`).
+    #[error("this server issues no trial keys")]
+    TrialKeysPaused,
     /// A concurrent change won; the caller may retry.
     #[error("a concurrent change to the same key won, retry")]
     Conflict,
@@ -92,6 +98,8 @@ impl Error {
             Self::WorkspaceMismatch(_) => "WORKSPACE_MISMATCH",
             Self::RateLimited(_) => "RATE_LIMITED",
             Self::IpRateLimited(_) => "IP_RATE_LIMITED",
+            Self::TrialKeysDisabled => "TRIAL_KEYS_DISABLED",
+            Self::TrialKeysPaused => "TRIAL_KEYS_PAUSED",
             Self::Conflict => "CONCURRENT_MODIFICATION",
             Self::Unavailable(_) => "DATABASE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
@@ -107,7 +115,10 @@ impl Error {
             }
             Self::MissingCredentials | Self::InvalidCredentials(_) => Code::Unauthenticated,
             Self::InsufficientRole(_) | Self::WorkspaceMismatch(_) => Code::PermissionDenied,
-            Self::RateLimited(_) | Self::IpRateLimited(_) => Code::ResourceExhausted,
+            Self::RateLimited(_) | Self::IpRateLimited(_) | Self::TrialKeysPaused => {
+                Code::ResourceExhausted
+            }
+            Self::TrialKeysDisabled => Code::Unimplemented,
             Self::Conflict => Code::Aborted,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,

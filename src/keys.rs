@@ -13,13 +13,18 @@ use crate::key::{
     Metadata, Role, Scopes, StoredKey, WorkspaceId,
 };
 use crate::store::{AuditRecord, ListQuery, Store};
-use crate::timestamp::{UnixMicros, duration_micros, now_micros};
+use crate::timestamp::{self, UnixMicros, duration_micros, now_micros};
 use crate::verify::Invalidator;
 use page_token::PageTokenCodec;
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(24 * 60 * 60);
+/// The longest an API key may keep the key it rotates working: whoever holds a key can renew
+/// its secret, never stretch how long the old one lives.
+pub const API_KEY_MAX_ROTATION_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
+/// Trial keys the background sweep deletes in one transaction.
+const TRIAL_SWEEP_BATCH: u32 = 500;
 /// How often a freshly generated key id may collide before issuing gives up (71 random bits:
 /// even one collision is practically impossible).
 const KEY_ID_ATTEMPTS: usize = 3;
@@ -47,23 +52,82 @@ pub struct NewKey {
     pub usage_limit: i64,
 }
 
-/// What IssueTrialKey makes.
+/// What IssueTrialKey makes, and whether it makes anything.
 #[derive(Debug, Clone)]
 pub struct TrialConfig {
+    /// IssueTrialKey and RevokeTrialKey answer at all (`--trial-keys`).
+    pub enabled: bool,
     /// The workspace trial keys belong to.
     pub workspace_id: WorkspaceId,
     pub ttl: Duration,
     pub usage_limit: i64,
+    /// How long an expired trial key is kept (readable, and verifying as EXPIRED) before the
+    /// background sweep deletes it.
+    pub retention: Duration,
+    /// How often the sweep looks for trial keys to delete.
+    pub sweep_interval: Duration,
 }
 
 impl Default for TrialConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             workspace_id: WorkspaceId::parse("trial").expect("a valid workspace id"),
             ttl: Duration::from_secs(30 * 60),
             usage_limit: 10,
+            retention: Duration::from_secs(24 * 60 * 60),
+            sweep_interval: Duration::from_secs(60),
         }
     }
+}
+
+/// Bounds on what a request may ask of a key's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLimits {
+    /// The furthest an expiry may be from now; `None` allows any expiry a protobuf Timestamp can
+    /// carry (up to the end of year 9999).
+    pub max_key_lifetime: Option<Duration>,
+    /// The longest grace period RotateKey may give the old key.
+    pub max_rotation_grace: Duration,
+}
+
+impl Default for KeyLimits {
+    fn default() -> Self {
+        Self {
+            // Ten years of 365.25 days, as humantime counts them ("10years" in flags and errors).
+            max_key_lifetime: Some(Duration::from_secs(315_576_000)),
+            max_rotation_grace: Duration::from_secs(7 * 24 * 60 * 60),
+        }
+    }
+}
+
+/// What the caller of a rotation may ask for beyond a new secret (decided by the caller's kind
+/// and role, in `auth::policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotationRights {
+    /// May give the successor a new expiry: only callers that may issue keys.
+    pub may_set_expiry: bool,
+    /// A grace cap of the caller's own, below the server's; `None` for the server's alone.
+    pub grace_cap: Option<Duration>,
+    /// The highest role the caller may hold through a rotation; `None` is no limit.
+    pub role_ceiling: Option<Role>,
+}
+
+/// A validated RotateKey request.
+#[derive(Debug, Clone, Copy)]
+pub struct RotateRequest {
+    /// How long the old key keeps working; `None` for the default (24 hours, or less if capped).
+    pub grace_period: Option<Duration>,
+    /// A new expiry for the successor; `None` keeps the old key's.
+    pub expiration: Option<Expiration>,
+    pub rights: RotationRights,
+}
+
+/// What RevokeKey did: the key and, when asked for, its successors in rotation order.
+#[derive(Debug)]
+pub struct Revoked {
+    pub key: Key,
+    pub successors: Vec<Key>,
 }
 
 /// A key and its plaintext, returned once.
@@ -110,6 +174,7 @@ pub struct KeyManager {
     page_tokens: PageTokenCodec,
     invalidator: Invalidator,
     trial: TrialConfig,
+    limits: KeyLimits,
 }
 
 impl KeyManager {
@@ -128,11 +193,40 @@ impl KeyManager {
             page_tokens,
             invalidator,
             trial,
+            limits: KeyLimits::default(),
+        }
+    }
+
+    /// The same manager with other lifetime bounds.
+    pub fn with_limits(mut self, limits: KeyLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn trial_config(&self) -> &TrialConfig {
+        &self.trial
+    }
+
+    /// Deletes trial keys that expired more than the retention ago, in batches, until none is
+    /// left; returns how many were deleted.
+    pub async fn sweep_trial_keys(&self) -> Result<u64> {
+        let before = now_micros().saturating_sub(duration_micros(self.trial.retention));
+        let mut deleted = 0;
+        loop {
+            let batch = self
+                .store
+                .delete_ended_trial_keys(before, TRIAL_SWEEP_BATCH)
+                .await?;
+            deleted += batch;
+            if batch < u64::from(TRIAL_SWEEP_BATCH) {
+                return Ok(deleted);
+            }
         }
     }
 
     /// A trial key: environment and role TRIAL, a short TTL and a usage limit.
     pub async fn issue_trial(&self, name: KeyName, actor: &Actor) -> Result<IssuedKey> {
+        self.ensure_trial_enabled()?;
         let trial = NewKey {
             workspace_id: self.trial.workspace_id.clone(),
             name,
@@ -150,6 +244,7 @@ impl KeyManager {
     /// Revokes the trial key named by its public prefix (or its whole text). Any other key is
     /// simply not found: this path can revoke nothing but trial keys.
     pub async fn revoke_trial(&self, prefix: &str, actor: &Actor) -> Result<Key> {
+        self.ensure_trial_enabled()?;
         let key_id = trial_key_id(prefix)?;
         let Some(stored) = self.store.find_key_for_verify(key_id).await? else {
             return Err(Error::KeyNotFound);
@@ -159,23 +254,22 @@ impl KeyManager {
         }
         let workspace_id = WorkspaceId::parse(&stored.key.workspace_id)
             .map_err(|reason| Error::Internal(format!("stored workspace: {reason}")))?;
-        self.revoke(&workspace_id, key_id, actor).await
+        Ok(self.revoke(&workspace_id, key_id, false, actor).await?.key)
+    }
+
+    /// Refuses trial-key calls when the operator switched them off.
+    pub fn ensure_trial_enabled(&self) -> Result<()> {
+        if self.trial.enabled {
+            Ok(())
+        } else {
+            Err(Error::TrialKeysDisabled)
+        }
     }
 
     #[tracing::instrument(name = "keys.issue", skip_all, fields(workspace_id = %new.workspace_id.as_str()))]
     pub async fn issue(&self, new: NewKey, actor: &Actor) -> Result<IssuedKey> {
         let now = now_micros();
-        let expire_time = match new.expiration {
-            Expiration::Never => None,
-            Expiration::At(at) if at <= now => {
-                return Err(Error::invalid("expire_time", "must be in the future"));
-            }
-            Expiration::At(at) => Some(at),
-            Expiration::After(ttl) if ttl.is_zero() => {
-                return Err(Error::invalid("ttl", "must be positive"));
-            }
-            Expiration::After(ttl) => Some(now.saturating_add(duration_micros(ttl))),
-        };
+        let expire_time = self.expire_time(new.expiration, now)?;
         let template = Key {
             key_id: KeyId::generate(),
             workspace_id: new.workspace_id.as_str().to_owned(),
@@ -197,6 +291,8 @@ impl KeyManager {
             revoked_by: None,
             usage_limit: new.usage_limit,
             usage_remaining: new.usage_limit,
+            // A limited key starts a chain with its own budget (see `mint`).
+            budget_id: None,
         };
         let audit = self.audit("issue", actor, now);
         for _ in 0..KEY_ID_ATTEMPTS {
@@ -264,39 +360,64 @@ impl KeyManager {
         })
     }
 
-    #[tracing::instrument(name = "keys.revoke", skip_all, fields(key_id = %key_id))]
+    /// Revokes a key and, with `successors`, every key its rotations led to, in one
+    /// transaction.
+    #[tracing::instrument(name = "keys.revoke", skip_all, fields(key_id = %key_id, successors))]
     pub async fn revoke(
         &self,
         workspace_id: &WorkspaceId,
         key_id: &str,
+        successors: bool,
         actor: &Actor,
-    ) -> Result<Key> {
+    ) -> Result<Revoked> {
         let audit = self.audit("revoke", actor, now_micros());
-        let key = self
+        let revocation = self
             .store
-            .revoke_key(workspace_id, key_id, &audit)
+            .revoke_key(workspace_id, key_id, successors, &audit)
             .await?
             .ok_or(Error::KeyNotFound)?;
-        // Read your writes: this replica's next VerifyKey must see the revocation.
-        self.invalidator.key_changed(key_id).await;
-        tracing::info!(key_prefix = %key.prefix, "key revoked");
-        Ok(key)
+        // Read your writes: this replica's next VerifyKey must see every revocation.
+        for revoked in &revocation.newly_revoked {
+            self.invalidator.key_changed(revoked).await;
+        }
+        tracing::info!(
+            key_prefix = %revocation.key.prefix,
+            successors_revoked = revocation.newly_revoked.len().saturating_sub(1),
+            "key revoked"
+        );
+        Ok(Revoked {
+            key: revocation.key,
+            successors: revocation.successors,
+        })
     }
 
+    /// Replaces a key with a successor that has a new secret and, unless a caller who may issue
+    /// keys says otherwise, everything else of the old key: its expiry and its usage budget.
     #[tracing::instrument(name = "keys.rotate", skip_all, fields(key_id = %key_id))]
     pub async fn rotate(
         &self,
         workspace_id: &WorkspaceId,
         key_id: &str,
-        grace_period: Duration,
+        request: RotateRequest,
         actor: &Actor,
-        role_ceiling: Option<Role>,
     ) -> Result<(IssuedKey, Key)> {
         let now = now_micros();
+        let grace_period = self.grace_period(&request)?;
+        let new_expire_time = match request.expiration {
+            None => None,
+            Some(_) if !request.rights.may_set_expiry => {
+                return Err(Error::InsufficientRole(
+                    "only a caller that may issue keys can set a successor's expiry; \
+                     a rotation by an API key renews its secret, never its lifetime"
+                        .to_owned(),
+                ));
+            }
+            Some(expiration) => Some(self.expire_time(expiration, now)?),
+        };
         let previous = self.get(workspace_id, key_id).await?;
         ensure_rotatable(&previous, now)?;
         // A rotation mints a new secret with the old key's role: as much a grant as IssueKey.
-        if let Some(ceiling) = role_ceiling
+        if let Some(ceiling) = request.rights.role_ceiling
             && previous.role > ceiling
         {
             return Err(Error::InsufficientRole(format!(
@@ -305,14 +426,11 @@ impl KeyManager {
                 previous.role.as_str()
             )));
         }
-        // The successor lives as long as its predecessor was meant to live.
-        let lifetime = previous
-            .expire_time
-            .map(|expiry| expiry.saturating_sub(previous.create_time));
         let template = Key {
             key_id: KeyId::generate(),
             create_time: now,
-            expire_time: lifetime.map(|lifetime| now.saturating_add(lifetime)),
+            // The successor ends when the old key was meant to end, unless told otherwise.
+            expire_time: new_expire_time.unwrap_or(previous.expire_time),
             revoke_time: None,
             last_used_time: None,
             total_requests: 0,
@@ -356,13 +474,81 @@ impl KeyManager {
         ))
     }
 
+    /// The grace period a rotation asked for, within the server's cap and the caller's.
+    fn grace_period(&self, request: &RotateRequest) -> Result<Duration> {
+        let server_cap = self.limits.max_rotation_grace;
+        let cap = request
+            .rights
+            .grace_cap
+            .map_or(server_cap, |caller_cap| caller_cap.min(server_cap));
+        let Some(asked) = request.grace_period else {
+            return Ok(DEFAULT_GRACE_PERIOD.min(cap));
+        };
+        if asked <= cap {
+            return Ok(asked);
+        }
+        let whose = if cap < server_cap {
+            "for an API key"
+        } else {
+            "on this server (--max-rotation-grace)"
+        };
+        Err(Error::invalid(
+            "grace_period",
+            format!(
+                "must be at most {} {whose}",
+                humantime::format_duration(cap)
+            ),
+        ))
+    }
+
+    /// The expiry an expiration asks for, if it is in the future and within the limits.
+    fn expire_time(&self, expiration: Expiration, now: UnixMicros) -> Result<Option<UnixMicros>> {
+        let (field, at) = match expiration {
+            Expiration::Never => return Ok(None),
+            Expiration::At(at) if at <= now => {
+                return Err(Error::invalid("expire_time", "must be in the future"));
+            }
+            Expiration::At(at) => ("expire_time", at),
+            Expiration::After(ttl) if ttl.is_zero() => {
+                return Err(Error::invalid("ttl", "must be positive"));
+            }
+            Expiration::After(ttl) => ("ttl", now.saturating_add(duration_micros(ttl))),
+        };
+        if let Some(max) = self.limits.max_key_lifetime
+            && at.saturating_sub(now) > duration_micros(max)
+        {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "must be at most {} from now (--max-key-lifetime)",
+                    humantime::format_duration(max)
+                ),
+            ));
+        }
+        // Beyond this, JSON renderings of the key (grpcurl, buf curl, protobuf's JSON mapping)
+        // fail for every client that lists the workspace.
+        if at > timestamp::MAX_PROTO_MICROS {
+            return Err(Error::invalid(
+                field,
+                "must be before year 10000 (the range of a protobuf Timestamp)",
+            ));
+        }
+        Ok(Some(at))
+    }
+
     /// A fresh id and secret for `template`, with the secret's argon2id hash.
     async fn mint(&self, template: &Key) -> Result<(StoredKey, String)> {
         let generated = GeneratedKey::generate(&self.brand, template.environment);
         let secret_hash = self.hashes.hash(generated.plaintext.clone()).await?;
+        // A limited key without a budget starts a chain: the budget is named after its first key.
+        let budget_id = template
+            .budget_id
+            .clone()
+            .or_else(|| (template.usage_limit > 0).then(|| generated.key_id.as_str().to_owned()));
         let key = Key {
             key_id: generated.key_id,
             prefix: generated.prefix,
+            budget_id,
             ..template.clone()
         };
         Ok((StoredKey { key, secret_hash }, generated.plaintext))
@@ -426,8 +612,17 @@ mod tests {
     fn trial_key_id_refuses_a_multibyte_character_across_the_id_boundary() {
         // 11 ASCII characters then "é" (2 bytes): byte 12 falls inside the character.
         let error = trial_key_id("ka_trial_abcdefghijké").unwrap_err();
-        assert!(matches!(error, Error::InvalidArgument { field: "prefix", .. }));
+        assert!(matches!(
+            error,
+            Error::InvalidArgument {
+                field: "prefix",
+                ..
+            }
+        ));
         assert!(trial_key_id("ka_trial_ééééééééééééé").is_err());
-        assert_eq!(trial_key_id("ka_trial_abcdefghijkl").unwrap(), "abcdefghijkl");
+        assert_eq!(
+            trial_key_id("ka_trial_abcdefghijkl").unwrap(),
+            "abcdefghijkl"
+        );
     }
 }

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
 use crate::key::{Brand, HashParams, HashPool, SecretHasher};
 use crate::keys::page_token::PageTokenCodec;
-use crate::keys::{KeyManager, TrialConfig};
+use crate::keys::{KeyLimits, KeyManager, TrialConfig};
 use crate::metrics::{self, Metrics, Sources};
 use crate::pb;
 use crate::pb::key_service_server::KeyServiceServer;
@@ -48,6 +48,8 @@ pub struct Config {
     pub usage: UsageConfig,
     pub auth: AuthConfig,
     pub trial: TrialConfig,
+    /// How far away expiries and rotation grace periods may be.
+    pub limits: KeyLimits,
     /// Serve TLS (and require client certificates when a client CA is set).
     pub tls: Option<TlsConfig>,
     /// Where to serve Prometheus metrics (`GET /metrics`); none when unset.
@@ -90,9 +92,11 @@ impl Config {
             auth: AuthConfig {
                 issue_limit_per_hour: 10,
                 trial_limit_per_minute: 5,
+                trial_revoke_limit_per_minute: 5,
                 ..AuthConfig::default()
             },
             trial: TrialConfig::default(),
+            limits: KeyLimits::default(),
             tls: None,
             metrics_listen: None,
             health_check_interval: Duration::from_secs(2),
@@ -110,6 +114,7 @@ pub struct App {
     pub auth: Arc<Authenticator>,
     pub issue_limiter: IssueRateLimiter,
     pub trial_limiter: TrialRateLimiter,
+    pub trial_revoke_limiter: TrialRateLimiter,
     pub metrics: Arc<Metrics>,
     /// The cross-replica change feed (PostgreSQL only) and what it has done.
     pub change_feed: Option<(JoinHandle<()>, ChangeFeedStatus)>,
@@ -129,14 +134,17 @@ impl App {
             usage.clone(),
             &config.verify,
         ));
-        let keys = Arc::new(KeyManager::new(
-            store.clone(),
-            hashes,
-            config.brand.clone(),
-            page_tokens,
-            verifier.invalidator(),
-            config.trial.clone(),
-        ));
+        let keys = Arc::new(
+            KeyManager::new(
+                store.clone(),
+                hashes,
+                config.brand.clone(),
+                page_tokens,
+                verifier.invalidator(),
+                config.trial.clone(),
+            )
+            .with_limits(config.limits),
+        );
         let auth = Arc::new(Authenticator::new(&config.auth, verifier.clone())?);
         // On PostgreSQL, replicas tell each other about key changes; SQLite has one node.
         let change_feed = (database_kind(&config.database_url) == "postgres")
@@ -160,9 +168,9 @@ impl App {
                 config.auth.issue_limit_per_hour,
                 Duration::from_secs(3600),
             ),
-            trial_limiter: TrialRateLimiter::new(
-                config.auth.trial_limit_per_minute,
-                Duration::from_secs(60),
+            trial_limiter: TrialRateLimiter::per_minute(config.auth.trial_limit_per_minute),
+            trial_revoke_limiter: TrialRateLimiter::per_minute(
+                config.auth.trial_revoke_limit_per_minute,
             ),
         })
     }
@@ -239,6 +247,7 @@ async fn run(
         app.auth.clone(),
         app.issue_limiter.clone(),
         app.trial_limiter.clone(),
+        app.trial_revoke_limiter.clone(),
     ))
     .max_decoding_message_size(MAX_KEY_SERVICE_MESSAGE);
     let verify_service = VerifyServiceServer::new(VerifyServiceImpl::new(
@@ -249,8 +258,9 @@ async fn run(
     .max_decoding_message_size(MAX_VERIFY_MESSAGE);
     background.push(tokio::spawn(forget_idle_limits(
         app.issue_limiter.clone(),
-        app.trial_limiter.clone(),
+        [app.trial_limiter.clone(), app.trial_revoke_limiter.clone()],
     )));
+    background.push(tokio::spawn(sweep_trial_keys(app.keys.clone())));
 
     let mut builder = tonic::transport::Server::builder().timeout(Duration::from_secs(30));
     if let Some(tls) = &config.tls {
@@ -358,12 +368,29 @@ fn server_tls(tls: &TlsConfig) -> ServerTlsConfig {
 }
 
 /// Keeps the rate limiter's memory bounded by recently active callers.
-async fn forget_idle_limits(issue: IssueRateLimiter, trial: TrialRateLimiter) {
+async fn forget_idle_limits(issue: IssueRateLimiter, trial: [TrialRateLimiter; 2]) {
     let mut ticker = tokio::time::interval(Duration::from_secs(60));
     loop {
         ticker.tick().await;
         issue.forget_idle();
-        trial.forget_idle();
+        for limiter in &trial {
+            limiter.forget_idle();
+        }
+    }
+}
+
+/// Deletes trial keys some time after they expired, in bounded batches. Every replica sweeps;
+/// a batch that another replica deleted first simply finds nothing.
+async fn sweep_trial_keys(keys: Arc<KeyManager>) {
+    let mut ticker = tokio::time::interval(keys.trial_config().sweep_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match keys.sweep_trial_keys().await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "expired trial keys deleted"),
+            Err(error) => tracing::warn!(%error, "trial key sweep failed"),
+        }
     }
 }
 

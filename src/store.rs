@@ -58,6 +58,15 @@ pub struct PoolStats {
     pub max: u32,
 }
 
+/// A revocation: the key as it is now and, when asked for, its successors in rotation order.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    pub key: Key,
+    pub successors: Vec<Key>,
+    /// The ids of the keys this call revoked (not those that were revoked already).
+    pub newly_revoked: Vec<String>,
+}
+
 /// A successful rotation: the old key (now ending at its new expiry) and its successor.
 #[derive(Debug, Clone)]
 pub struct Rotation {
@@ -79,13 +88,16 @@ pub trait Store: Send + Sync + 'static {
     async fn list_keys(&self, query: &ListQuery) -> Result<(Vec<Key>, i64)>;
 
     /// Sets the key's revoke time unless it is already revoked (then nothing changes), and
-    /// returns the key as it is now. `None` if no such key exists in the workspace.
+    /// returns the key as it is now. With `successors`, does the same in the same transaction
+    /// for every key the rotation chain leads to from it, each with its audit record and change
+    /// notification. `None` if no such key exists in the workspace.
     async fn revoke_key(
         &self,
         workspace_id: &WorkspaceId,
         key_id: &str,
+        successors: bool,
         audit: &AuditRecord,
-    ) -> Result<Option<Key>>;
+    ) -> Result<Option<Revocation>>;
 
     /// Atomically marks `key_id` as rotated to `successor` (only if it is active and not rotated
     /// yet), caps its expiry at `previous_expire_time`, and inserts the successor. `None` when
@@ -102,9 +114,13 @@ pub trait Store: Send + Sync + 'static {
     /// Adds a batch of usage to the keys' counters in one transaction.
     async fn record_usage(&self, deltas: &[UsageDelta]) -> Result<()>;
 
-    /// Atomically consumes `cost` uses of a usage-limited key (with `cost` 0, checks that one is
+    /// Atomically consumes `cost` uses of a usage budget (with `cost` 0, checks that one is
     /// left). `Some(remaining)` on success; `None` when not enough are left.
-    async fn consume_usage(&self, key_id: &str, cost: i64) -> Result<Option<i64>>;
+    async fn consume_usage(&self, budget_id: &str, cost: i64) -> Result<Option<i64>>;
+
+    /// Deletes up to `limit` trial keys that expired before `before` (and the budgets no key
+    /// draws on any more); returns how many keys were deleted.
+    async fn delete_ended_trial_keys(&self, before: UnixMicros, limit: u32) -> Result<u64>;
 
     /// A random secret shared by every replica on this database, created on first use.
     async fn shared_secret(&self, name: &str) -> Result<Vec<u8>>;

@@ -5,6 +5,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub type UnixMicros = i64;
 
+/// The last microsecond a protobuf Timestamp can carry: 9999-12-31T23:59:59.999999Z. JSON
+/// renderings of a later time (RFC 3339) fail in every protobuf runtime.
+pub const MAX_PROTO_MICROS: UnixMicros = 253_402_300_799 * 1_000_000 + 999_999;
+
 pub fn now_micros() -> UnixMicros {
     let since_epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)

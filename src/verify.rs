@@ -260,12 +260,11 @@ impl Verifier {
             return Ok(Verdict::InsufficientScope(entry));
         }
         let remaining = if stored.key.usage_limit > 0 {
-            // Limited keys take the strict path: an atomic decrement in the database.
-            match self
-                .store
-                .consume_usage(presented.key_id(), request.cost)
-                .await?
-            {
+            // Limited keys take the strict path: an atomic decrement in the database, of the
+            // budget the whole rotation chain shares. A limited key always has a budget; were
+            // one missing, no budget row matches and the key is refused, never granted.
+            let budget_id = stored.key.budget_id.as_deref().unwrap_or_default();
+            match self.store.consume_usage(budget_id, request.cost).await? {
                 Some(remaining) => Some(remaining),
                 None => return Ok(Verdict::UsageExhausted(entry)),
             }

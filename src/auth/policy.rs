@@ -5,12 +5,14 @@
 //! | IssueKey | yes | no | yes | yes | never |
 //! | GetKey, ListKeys | yes | yes | yes | yes | viewer and up |
 //! | RevokeKey, RotateKey | yes | no | yes | yes | developer and up, or itself |
+//! | RotateKey: set the successor's expiry | yes | no | yes | yes | never |
+//! | RotateKey: longest grace period | server cap | - | server cap | server cap | 24 h |
 //!
 //! Nobody grants a role above their own.
 
 use crate::error::{Error, Result};
 use crate::key::{Role, WorkspaceId};
-use crate::keys::Actor;
+use crate::keys::{API_KEY_MAX_ROTATION_GRACE, Actor, RotationRights};
 
 /// An authenticated caller of KeyService.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,11 +69,27 @@ impl Caller {
         Err(Error::WorkspaceMismatch(requested.to_owned()))
     }
 
-    /// The highest role this caller may hand out or hold through a rotation; `None` is no limit.
-    pub fn role_ceiling(&self) -> Option<Role> {
+    /// What this caller may ask of a rotation beyond a new secret. Only callers that may issue
+    /// keys may give a successor a new lifetime; an API key (rotating itself or another key)
+    /// renews secrets only, with a short grace period, so a leaked key cannot outlive its owner's
+    /// intent.
+    pub fn rotation_rights(&self) -> RotationRights {
         match self {
-            Self::Admin => None,
-            Self::User { role, .. } | Self::ApiKey { role, .. } => Some(*role),
+            Self::Admin => RotationRights {
+                may_set_expiry: true,
+                grace_cap: None,
+                role_ceiling: None,
+            },
+            Self::User { role, .. } => RotationRights {
+                may_set_expiry: *role >= Role::Developer,
+                grace_cap: None,
+                role_ceiling: Some(*role),
+            },
+            Self::ApiKey { role, .. } => RotationRights {
+                may_set_expiry: false,
+                grace_cap: Some(API_KEY_MAX_ROTATION_GRACE),
+                role_ceiling: Some(*role),
+            },
         }
     }
 

@@ -50,8 +50,36 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
 /// IssueKey calls per user per hour.
 pub type IssueRateLimiter = KeyedLimit<String>;
 
-/// IssueTrialKey calls per client IP per minute.
-pub type TrialRateLimiter = KeyedLimit<crate::verify::ClientIp>;
+/// IssueTrialKey (or RevokeTrialKey) calls per client IP per minute. Unlike IssueKey's limit, 0
+/// allows none: an operator who sets it to 0 means "issue no trial keys", never "no limit".
+#[derive(Clone)]
+pub struct TrialRateLimiter {
+    per_ip: KeyedLimit<crate::verify::ClientIp>,
+    allows_none: bool,
+}
+
+impl TrialRateLimiter {
+    pub fn per_minute(count: u32) -> Self {
+        Self {
+            per_ip: KeyedLimit::new(count, Duration::from_secs(60)),
+            allows_none: count == 0,
+        }
+    }
+
+    /// Counts one call from `client_ip`.
+    pub fn check(&self, client_ip: &crate::verify::ClientIp) -> crate::error::Result<()> {
+        if self.allows_none {
+            return Err(crate::error::Error::TrialKeysPaused);
+        }
+        self.per_ip
+            .check(client_ip)
+            .map_err(crate::error::Error::IpRateLimited)
+    }
+
+    pub fn forget_idle(&self) {
+        self.per_ip.forget_idle();
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -66,6 +94,22 @@ mod tests {
         let wait = limiter.check(&"alice").unwrap_err();
         assert!(wait > Duration::from_secs(60) && wait <= Duration::from_secs(20 * 60));
         limiter.check(&"bob").unwrap();
+    }
+
+    #[test]
+    fn a_zero_trial_limit_allows_none() {
+        let ip = crate::verify::ClientIp::parse("192.0.2.1").unwrap();
+        let limiter = TrialRateLimiter::per_minute(0);
+        assert!(matches!(
+            limiter.check(&ip),
+            Err(crate::error::Error::TrialKeysPaused)
+        ));
+        let limiter = TrialRateLimiter::per_minute(1);
+        limiter.check(&ip).unwrap();
+        assert!(matches!(
+            limiter.check(&ip),
+            Err(crate::error::Error::IpRateLimited(_))
+        ));
     }
 
     #[test]

@@ -11,11 +11,12 @@ use crate::auth::{Action, Authenticator, Caller, IssueRateLimiter, TrialRateLimi
 use crate::error::Error;
 use crate::key::{KeyDescription, KeyName, Metadata, Scopes, WorkspaceId};
 use crate::keys::{
-    Actor, DEFAULT_GRACE_PERIOD, DEFAULT_PAGE_SIZE, Expiration, KeyManager, ListRequest,
-    MAX_PAGE_SIZE, NewKey,
+    Actor, DEFAULT_PAGE_SIZE, Expiration, KeyManager, ListRequest, MAX_PAGE_SIZE, NewKey,
+    RotateRequest, RotationRights,
 };
 use crate::pb;
 use crate::pb::issue_key_request::Expiration as PbExpiration;
+use crate::pb::rotate_key_request::Expiration as PbRotateExpiration;
 use crate::timestamp;
 use crate::verify::ClientIp;
 
@@ -24,6 +25,7 @@ pub struct KeyServiceImpl {
     auth: Arc<Authenticator>,
     issue_limiter: IssueRateLimiter,
     trial_limiter: TrialRateLimiter,
+    trial_revoke_limiter: TrialRateLimiter,
 }
 
 impl KeyServiceImpl {
@@ -32,22 +34,20 @@ impl KeyServiceImpl {
         auth: Arc<Authenticator>,
         issue_limiter: IssueRateLimiter,
         trial_limiter: TrialRateLimiter,
+        trial_revoke_limiter: TrialRateLimiter,
     ) -> Self {
         Self {
             keys,
             auth,
             issue_limiter,
             trial_limiter,
+            trial_revoke_limiter,
         }
     }
 
-    /// The end user's address: the request's `client_ip` from a trusted front end, otherwise
-    /// the connection's peer.
-    fn trial_client_ip(
-        &self,
-        request: &Request<pb::IssueTrialKeyRequest>,
-    ) -> Result<ClientIp, Error> {
-        let claimed = &request.get_ref().client_ip;
+    /// The end user's address: `claimed` (a request's `client_ip`) from a trusted front end,
+    /// otherwise the connection's peer.
+    fn trial_client_ip<T>(&self, request: &Request<T>, claimed: &str) -> Result<ClientIp, Error> {
         if !claimed.is_empty() && self.auth.is_trusted_front_end(request.metadata()) {
             return ClientIp::parse(claimed)
                 .ok_or_else(|| Error::invalid("client_ip", "must be an IPv4 or IPv6 address"));
@@ -95,6 +95,32 @@ fn parse_new_key(request: pb::IssueKeyRequest, workspace_id: WorkspaceId) -> Res
         expiration,
         metadata: Metadata::parse(&request.metadata)
             .map_err(|reason| Error::invalid("metadata", reason))?,
+    })
+}
+
+fn parse_rotate_request(
+    request: &pb::RotateKeyRequest,
+    rights: RotationRights,
+) -> Result<RotateRequest, Error> {
+    let grace_period = request
+        .grace_period
+        .as_ref()
+        .map(|grace| duration_from_proto("grace_period", grace))
+        .transpose()?;
+    let expiration = match &request.expiration {
+        None => None,
+        Some(PbRotateExpiration::ExpireTime(at)) => Some(Expiration::At(
+            timestamp::from_proto(at)
+                .ok_or_else(|| Error::invalid("expire_time", "is out of range"))?,
+        )),
+        Some(PbRotateExpiration::Ttl(ttl)) => {
+            Some(Expiration::After(duration_from_proto("ttl", ttl)?))
+        }
+    };
+    Ok(RotateRequest {
+        grace_period,
+        expiration,
+        rights,
     })
 }
 
@@ -181,14 +207,21 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         let (caller, workspace_id) = self
             .caller_in(&request, &request.get_ref().workspace_id)
             .await?;
-        let key_id = require_key_id(&request.get_ref().key_id)?;
+        let request = request.get_ref();
+        let key_id = require_key_id(&request.key_id)?;
         caller.authorize(Action::Revoke { key_id })?;
-        let key = self
+        let revoked = self
             .keys
-            .revoke(&workspace_id, key_id, &caller.actor())
+            .revoke(
+                &workspace_id,
+                key_id,
+                request.revoke_successors,
+                &caller.actor(),
+            )
             .await?;
         Ok(Response::new(pb::RevokeKeyResponse {
-            key: Some(key_to_proto(&key)),
+            key: Some(key_to_proto(&revoked.key)),
+            successors: revoked.successors.iter().map(key_to_proto).collect(),
         }))
     }
 
@@ -202,19 +235,10 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         let request = request.get_ref();
         let key_id = require_key_id(&request.key_id)?;
         caller.authorize(Action::Rotate { key_id })?;
-        let grace_period = match &request.grace_period {
-            None => DEFAULT_GRACE_PERIOD,
-            Some(grace) => duration_from_proto("grace_period", grace)?,
-        };
+        let rotation = parse_rotate_request(request, caller.rotation_rights())?;
         let (issued, previous) = self
             .keys
-            .rotate(
-                &workspace_id,
-                key_id,
-                grace_period,
-                &caller.actor(),
-                caller.role_ceiling(),
-            )
+            .rotate(&workspace_id, key_id, rotation, &caller.actor())
             .await?;
         Ok(Response::new(pb::RotateKeyResponse {
             key: Some(key_to_proto(&issued.key)),
@@ -227,15 +251,14 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::IssueTrialKeyRequest>,
     ) -> Result<Response<pb::IssueTrialKeyResponse>, Status> {
-        let client_ip = self.trial_client_ip(&request)?;
+        self.keys.ensure_trial_enabled()?;
+        let client_ip = self.trial_client_ip(&request, &request.get_ref().client_ip)?;
         let name = match request.get_ref().name.as_str() {
             "" => "trial",
             name => name,
         };
         let name = KeyName::parse(name).map_err(|reason| Error::invalid("name", reason))?;
-        self.trial_limiter
-            .check(&client_ip)
-            .map_err(Error::IpRateLimited)?;
+        self.trial_limiter.check(&client_ip)?;
         let issued = self
             .keys
             .issue_trial(name, &Actor::new("trial".to_owned()))
@@ -250,6 +273,9 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::RevokeTrialKeyRequest>,
     ) -> Result<Response<pb::RevokeTrialKeyResponse>, Status> {
+        self.keys.ensure_trial_enabled()?;
+        let client_ip = self.trial_client_ip(&request, &request.get_ref().client_ip)?;
+        self.trial_revoke_limiter.check(&client_ip)?;
         let key = self
             .keys
             .revoke_trial(&request.get_ref().prefix, &Actor::new("trial".to_owned()))

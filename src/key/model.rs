@@ -100,8 +100,11 @@ pub struct Key {
     pub revoked_by: Option<String>,
     /// How many VALID verdicts the key may give in all; 0 means unlimited.
     pub usage_limit: i64,
-    /// How many are left, as last read from the database.
+    /// How many are left, as last read from the database: the rotation chain's budget.
     pub usage_remaining: i64,
+    /// The usage budget a limited key draws on: the key id of its rotation chain's first key,
+    /// shared by every successor. `None` for unlimited keys.
+    pub budget_id: Option<String>,
 }
 
 impl Key {

@@ -28,6 +28,7 @@ pub(super) struct KeyRow {
     revoked_by: Option<String>,
     usage_limit: i64,
     usage_remaining: i64,
+    budget_id: Option<String>,
 }
 
 impl KeyRow {
@@ -63,6 +64,7 @@ impl KeyRow {
                 revoked_by: self.revoked_by,
                 usage_limit: self.usage_limit,
                 usage_remaining: self.usage_remaining,
+                budget_id: self.budget_id,
             },
             secret_hash: self.secret_hash,
         })

@@ -5,20 +5,32 @@
 //! for each database's pool type; each store only provides `pool` and `key_changed`, the hook
 //! that tells other replicas about a change (PostgreSQL NOTIFY; nothing on SQLite).
 
-/// The columns of `api_key` that `KeyRow` reads, in one place for every select.
+/// The columns that `KeyRow` reads, in one place for every select: the key (`k`) and the usage
+/// budget its rotation chain draws on (`b`). Use with `key_tables!`.
 macro_rules! key_columns {
     () => {
-        "key_id, workspace_id, name, description, prefix, scopes, role, environment, \
-         secret_hash, metadata, create_time, expire_time, revoke_time, last_used_time, \
-         total_requests, rotated_from_key_id, rotated_to_key_id, created_by, revoked_by, \
-         usage_limit, usage_remaining"
+        "k.key_id, k.workspace_id, k.name, k.description, k.prefix, k.scopes, k.role, \
+         k.environment, k.secret_hash, k.metadata, k.create_time, k.expire_time, k.revoke_time, \
+         k.last_used_time, k.total_requests, k.rotated_from_key_id, k.rotated_to_key_id, \
+         k.created_by, k.revoked_by, k.usage_limit, \
+         coalesce(b.usage_remaining, 0) as usage_remaining, k.budget_id"
+    };
+}
+
+macro_rules! key_tables {
+    () => {
+        " from api_key k left join usage_budget b on b.budget_id = k.budget_id "
     };
 }
 
 pub(super) const INSERT_KEY: &str = "insert into api_key (key_id, workspace_id, name, \
      description, prefix, scopes, role, environment, secret_hash, metadata, create_time, \
-     expire_time, rotated_from_key_id, created_by, usage_limit, usage_remaining) \
+     expire_time, rotated_from_key_id, created_by, usage_limit, budget_id) \
      values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
+
+/// A new rotation chain's usage budget, created with its first key.
+pub(super) const INSERT_BUDGET: &str =
+    "insert into usage_budget (budget_id, usage_remaining) values ($1, $2)";
 
 pub(super) const INSERT_AUDIT: &str = "insert into audit_event (workspace_id, key_id, action, \
      actor, occur_time, detail) values ($1, $2, $3, $4, $5, $6)";
@@ -26,20 +38,26 @@ pub(super) const INSERT_AUDIT: &str = "insert into audit_event (workspace_id, ke
 pub(super) const SELECT_KEY_IN_WORKSPACE: &str = concat!(
     "select ",
     key_columns!(),
-    " from api_key where workspace_id = $1 and key_id = $2"
+    key_tables!(),
+    "where k.workspace_id = $1 and k.key_id = $2"
 );
 
-pub(super) const SELECT_KEY_BY_ID: &str =
-    concat!("select ", key_columns!(), " from api_key where key_id = $1");
+pub(super) const SELECT_KEY_BY_ID: &str = concat!(
+    "select ",
+    key_columns!(),
+    key_tables!(),
+    "where k.key_id = $1"
+);
 
 /// `$2`: include inactive keys; `$3`: now; `($4, $5)`: the position to continue after.
 pub(super) const LIST_KEYS: &str = concat!(
     "select ",
     key_columns!(),
-    " from api_key where workspace_id = $1 \
-     and ($2 or (revoke_time is null and (expire_time is null or expire_time > $3))) \
-     and (create_time, key_id) < ($4, $5) \
-     order by create_time desc, key_id desc limit $6"
+    key_tables!(),
+    "where k.workspace_id = $1 \
+     and ($2 or (k.revoke_time is null and (k.expire_time is null or k.expire_time > $3))) \
+     and (k.create_time, k.key_id) < ($4, $5) \
+     order by k.create_time desc, k.key_id desc limit $6"
 );
 
 pub(super) const COUNT_KEYS: &str = "select count(*) from api_key where workspace_id = $1 \
@@ -55,17 +73,31 @@ pub(super) const MARK_ROTATED: &str = "update api_key set rotated_to_key_id = $1
      where workspace_id = $3 and key_id = $4 and rotated_to_key_id is null \
      and revoke_time is null and (expire_time is null or expire_time > $5)";
 
+/// A guard against a corrupt (cyclic) chain; a key rotated daily for 270 years stays below it.
+pub(super) const MAX_ROTATION_CHAIN: usize = 100_000;
+
 pub(super) const ADD_USAGE: &str = "update api_key set total_requests = total_requests + $1, \
      last_used_time = case when last_used_time is null or last_used_time < $2 then $2 \
      else last_used_time end where key_id = $3";
 
-/// Consumes `$1` uses (checks for at least one when `$1` is 0) in one atomic statement, so
-/// concurrent verifies on any number of replicas never give more VALID verdicts than the limit.
-pub(super) const CONSUME_USAGE: &str = "update api_key \
+/// Consumes `$1` uses of budget `$2` (checks for at least one when `$1` is 0) in one atomic
+/// statement, so concurrent verifies of any key of the chain on any number of replicas never
+/// give more VALID verdicts than the limit.
+pub(super) const CONSUME_USAGE: &str = "update usage_budget \
      set usage_remaining = usage_remaining - $1 \
-     where key_id = $2 and usage_limit > 0 \
+     where budget_id = $2 \
      and usage_remaining >= case when $1 > 0 then $1 else 1 end \
      returning usage_remaining";
+
+/// Up to `$2` trial keys that ended before `$1`, oldest first; trial keys always expire.
+pub(super) const DELETE_ENDED_TRIAL_KEYS: &str = "delete from api_key where key_id in \
+     (select key_id from api_key where environment = 'trial' and expire_time < $1 \
+     order by expire_time limit $2) \
+     returning budget_id";
+
+/// A budget no key draws on any more.
+pub(super) const DELETE_UNUSED_BUDGET: &str = "delete from usage_budget where budget_id = $1 \
+     and not exists (select 1 from api_key where budget_id = $1)";
 
 pub(super) const INSERT_SECRET: &str =
     "insert into service_secret (name, value) values ($1, $2) on conflict (name) do nothing";
@@ -152,28 +184,55 @@ macro_rules! impl_sql_store {
                 &self,
                 workspace_id: &$crate::key::WorkspaceId,
                 key_id: &str,
+                successors: bool,
                 audit: &$crate::store::AuditRecord,
-            ) -> $crate::error::Result<Option<$crate::key::Key>> {
+            ) -> $crate::error::Result<Option<$crate::store::Revocation>> {
                 let mut tx = self.pool.begin().await?;
-                let changed = sqlx::query($crate::store::sql::REVOKE_KEY)
-                    .bind(audit.occur_time)
-                    .bind(audit.actor.as_str())
-                    .bind(workspace_id.as_str())
-                    .bind(key_id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if changed == 1 {
-                    insert_audit(&mut tx, workspace_id.as_str(), key_id, audit).await?;
-                    Self::key_changed(&mut tx, key_id).await?;
+                let mut newly_revoked = Vec::new();
+                let Some(key) =
+                    revoke_one(&mut tx, workspace_id, key_id, audit, &mut newly_revoked).await?
+                else {
+                    tx.rollback().await?;
+                    return Ok(None);
+                };
+                let mut chain = Vec::new();
+                if successors {
+                    let chain_audit = $crate::store::AuditRecord {
+                        detail: serde_json::json!({ "revoked_with": key_id }).to_string(),
+                        ..audit.clone()
+                    };
+                    // Each key row is locked by its update before its successor is read, so a
+                    // rotation racing this walk either commits first (and is followed) or finds
+                    // its key revoked and fails.
+                    let mut next = key.rotated_to_key_id.clone();
+                    while let Some(successor_id) = next {
+                        if chain.len() >= $crate::store::sql::MAX_ROTATION_CHAIN {
+                            return Err($crate::error::Error::Internal(format!(
+                                "rotation chain of key {key_id} is longer than {}",
+                                $crate::store::sql::MAX_ROTATION_CHAIN
+                            )));
+                        }
+                        let Some(successor) = revoke_one(
+                            &mut tx,
+                            workspace_id,
+                            &successor_id,
+                            &chain_audit,
+                            &mut newly_revoked,
+                        )
+                        .await?
+                        else {
+                            break;
+                        };
+                        next = successor.rotated_to_key_id.clone();
+                        chain.push(successor);
+                    }
                 }
-                let row: Option<KeyRow> = sqlx::query_as($crate::store::sql::SELECT_KEY_IN_WORKSPACE)
-                    .bind(workspace_id.as_str())
-                    .bind(key_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
                 tx.commit().await?;
-                row.map(KeyRow::into_key).transpose()
+                Ok(Some($crate::store::Revocation {
+                    key,
+                    successors: chain,
+                    newly_revoked,
+                }))
             }
 
             #[tracing::instrument(name = "store.rotate_key", skip_all, fields(key_id = %key_id))]
@@ -207,10 +266,16 @@ macro_rules! impl_sql_store {
                     .bind(key_id)
                     .fetch_one(&mut *tx)
                     .await?;
+                // Read back: the successor shows the chain's budget as it is now.
+                let inserted: KeyRow = sqlx::query_as($crate::store::sql::SELECT_KEY_IN_WORKSPACE)
+                    .bind(workspace_id.as_str())
+                    .bind(successor.key.key_id.as_str())
+                    .fetch_one(&mut *tx)
+                    .await?;
                 tx.commit().await?;
                 Ok(Some($crate::store::Rotation {
                     previous: previous.into_key()?,
-                    successor: successor.key.clone(),
+                    successor: inserted.into_key()?,
                 }))
             }
 
@@ -232,18 +297,44 @@ macro_rules! impl_sql_store {
                 Ok(())
             }
 
-            #[tracing::instrument(name = "store.consume_usage", skip_all, fields(key_id = %key_id))]
+            #[tracing::instrument(name = "store.consume_usage", skip_all, fields(budget_id = %budget_id))]
             async fn consume_usage(
                 &self,
-                key_id: &str,
+                budget_id: &str,
                 cost: i64,
             ) -> $crate::error::Result<Option<i64>> {
                 let remaining: Option<(i64,)> = sqlx::query_as($crate::store::sql::CONSUME_USAGE)
                     .bind(cost)
-                    .bind(key_id)
+                    .bind(budget_id)
                     .fetch_optional(&self.pool)
                     .await?;
                 Ok(remaining.map(|(remaining,)| remaining))
+            }
+
+            #[tracing::instrument(name = "store.delete_ended_trial_keys", skip_all)]
+            async fn delete_ended_trial_keys(
+                &self,
+                before: $crate::timestamp::UnixMicros,
+                limit: u32,
+            ) -> $crate::error::Result<u64> {
+                let mut tx = self.pool.begin().await?;
+                let budgets: Vec<(Option<String>,)> =
+                    sqlx::query_as($crate::store::sql::DELETE_ENDED_TRIAL_KEYS)
+                        .bind(before)
+                        .bind(i64::from(limit))
+                        .fetch_all(&mut *tx)
+                        .await?;
+                let deleted = budgets.len() as u64;
+                let budgets: std::collections::BTreeSet<String> =
+                    budgets.into_iter().filter_map(|(budget,)| budget).collect();
+                for budget in budgets {
+                    sqlx::query($crate::store::sql::DELETE_UNUSED_BUDGET)
+                        .bind(budget)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(deleted)
             }
 
             async fn shared_secret(&self, name: &str) -> $crate::error::Result<Vec<u8>> {
@@ -303,14 +394,52 @@ macro_rules! impl_sql_store {
                 .bind(key.rotated_from_key_id.as_deref())
                 .bind(audit.actor.as_str())
                 .bind(key.usage_limit)
-                .bind(key.usage_remaining)
+                .bind(key.budget_id.as_deref())
                 .execute(&mut **tx)
                 .await?;
+            // The first key of a chain brings the chain's budget; successors share it.
+            if key.budget_id.as_deref() == Some(key.key_id.as_str()) {
+                sqlx::query($crate::store::sql::INSERT_BUDGET)
+                    .bind(key.key_id.as_str())
+                    .bind(key.usage_remaining)
+                    .execute(&mut **tx)
+                    .await?;
+            }
             let issue = $crate::store::AuditRecord {
                 action: "issue",
                 ..audit.clone()
             };
             insert_audit(tx, key.workspace_id.as_str(), key.key_id.as_str(), &issue).await
+        }
+
+        /// Revokes one key unless it is revoked already (with its audit record and change
+        /// notification), and returns it as it is now; `None` if it does not exist.
+        async fn revoke_one(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            workspace_id: &$crate::key::WorkspaceId,
+            key_id: &str,
+            audit: &$crate::store::AuditRecord,
+            newly_revoked: &mut Vec<String>,
+        ) -> $crate::error::Result<Option<$crate::key::Key>> {
+            let changed = sqlx::query($crate::store::sql::REVOKE_KEY)
+                .bind(audit.occur_time)
+                .bind(audit.actor.as_str())
+                .bind(workspace_id.as_str())
+                .bind(key_id)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+            if changed == 1 {
+                insert_audit(tx, workspace_id.as_str(), key_id, audit).await?;
+                <$store>::key_changed(tx, key_id).await?;
+                newly_revoked.push(key_id.to_owned());
+            }
+            let row: Option<KeyRow> = sqlx::query_as($crate::store::sql::SELECT_KEY_IN_WORKSPACE)
+                .bind(workspace_id.as_str())
+                .bind(key_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+            row.map(KeyRow::into_key).transpose()
         }
 
         async fn insert_audit(

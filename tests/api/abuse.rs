@@ -434,7 +434,10 @@ async fn trial_keys_revoke_by_prefix_and_nothing_else(db: TestDb) {
     assert!(app.verify_key(&trial.secret, &[]).await.valid);
     let prefix = trial.key.as_ref().unwrap().prefix.clone();
     let revoked = anonymous
-        .revoke_trial_key(pb::RevokeTrialKeyRequest { prefix })
+        .revoke_trial_key(pb::RevokeTrialKeyRequest {
+            prefix,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -455,6 +458,7 @@ async fn trial_keys_revoke_by_prefix_and_nothing_else(db: TestDb) {
     anonymous
         .revoke_trial_key(pb::RevokeTrialKeyRequest {
             prefix: second.secret.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -463,6 +467,7 @@ async fn trial_keys_revoke_by_prefix_and_nothing_else(db: TestDb) {
     let status = anonymous
         .revoke_trial_key(pb::RevokeTrialKeyRequest {
             prefix: key_of(&regular).prefix.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -472,7 +477,10 @@ async fn trial_keys_revoke_by_prefix_and_nothing_else(db: TestDb) {
     );
     let forged_env = key_of(&regular).prefix.replace("_live_", "_trial_");
     let status = anonymous
-        .revoke_trial_key(pb::RevokeTrialKeyRequest { prefix: forged_env })
+        .revoke_trial_key(pb::RevokeTrialKeyRequest {
+            prefix: forged_env,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(
@@ -484,6 +492,7 @@ async fn trial_keys_revoke_by_prefix_and_nothing_else(db: TestDb) {
     let status = anonymous
         .revoke_trial_key(pb::RevokeTrialKeyRequest {
             prefix: "ka_trial_abc".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

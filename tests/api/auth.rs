@@ -134,6 +134,7 @@ async fn try_every_rpc(
                 workspace_id: workspace.into(),
                 key_id: target.into(),
                 grace_period: None,
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -143,6 +144,7 @@ async fn try_every_rpc(
             .revoke_key(pb::RevokeKeyRequest {
                 workspace_id: workspace.into(),
                 key_id: target.into(),
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -153,6 +155,7 @@ async fn try_every_rpc(
                 .revoke_key(pb::RevokeKeyRequest {
                     workspace_id: workspace.into(),
                     key_id: own.into(),
+                    ..Default::default()
                 })
                 .await
                 .map(drop),

@@ -275,6 +275,7 @@ impl TestApp {
             .revoke_key(pb::RevokeKeyRequest {
                 workspace_id: workspace_id.to_owned(),
                 key_id: key_id.to_owned(),
+                ..Default::default()
             })
             .await
             .map(|response| response.into_inner().key.expect("RevokeKey returns a key"))
@@ -291,6 +292,7 @@ impl TestApp {
                 workspace_id: workspace_id.to_owned(),
                 key_id: key_id.to_owned(),
                 grace_period: grace,
+                ..Default::default()
             })
             .await
             .map(tonic::Response::into_inner)

@@ -358,6 +358,7 @@ async fn the_most_verbose_logs_hold_no_secret_and_carry_trace_ids() {
             workspace_id: "w".into(),
             key_id: issued.key.as_ref().unwrap().key_id.clone(),
             grace_period: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -367,6 +368,7 @@ async fn the_most_verbose_logs_hold_no_secret_and_carry_trace_ids() {
         .revoke_key(pb::RevokeKeyRequest {
             workspace_id: "w".into(),
             key_id: rotated.key.as_ref().unwrap().key_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();

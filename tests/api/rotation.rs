@@ -186,6 +186,7 @@ async fn concurrent_rotations_make_one_successor(db: TestDb) {
                         workspace_id: "acme".into(),
                         key_id,
                         grace_period: None,
+                        ..Default::default()
                     })
                     .await
             })

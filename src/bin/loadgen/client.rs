@@ -134,6 +134,7 @@ pub async fn revoke_key(
     let request = pb::RevokeKeyRequest {
         workspace_id: WORKSPACE.to_owned(),
         key_id: key_id.to_owned(),
+        ..Default::default()
     };
     client
         .revoke_key(authorized(request, net.admin_auth.as_ref()))

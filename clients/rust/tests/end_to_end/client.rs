@@ -78,6 +78,7 @@ async fn typed_client_lifecycle() {
                 seconds: 0,
                 nanos: 0,
             }),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -109,6 +110,7 @@ async fn typed_client_lifecycle() {
             workspace_id: "acme".into(),
             key_id: key.key_id.clone(),
             grace_period: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -123,6 +125,7 @@ async fn typed_client_lifecycle() {
         .revoke_key(pb::RevokeKeyRequest {
             workspace_id: "acme".into(),
             key_id: successor.key_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -179,6 +182,7 @@ async fn typed_client_lifecycle() {
     let revoked = anonymous
         .revoke_trial_key(pb::RevokeTrialKeyRequest {
             prefix: trial_key.prefix.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();

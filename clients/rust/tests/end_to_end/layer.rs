@@ -80,6 +80,7 @@ async fn layer_protects_a_grpc_service() {
         .revoke_key(pb::RevokeKeyRequest {
             workspace_id: "acme".into(),
             key_id,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -235,6 +236,7 @@ async fn verdict_cache_saves_calls_and_is_capped_at_five_seconds() {
         .revoke_key(pb::RevokeKeyRequest {
             workspace_id: "acme".into(),
             key_id,
+            ..Default::default()
         })
         .await
         .unwrap();
