@@ -321,6 +321,7 @@ impl ServeArgs {
                 usage_limit: self.trial_usage_limit.max(1),
                 retention: self.trial_retention,
                 sweep_interval: self.trial_sweep_interval.max(Duration::from_millis(10)),
+                ..TrialConfig::default()
             },
             limits: KeyLimits {
                 max_key_lifetime: (!self.max_key_lifetime.is_zero())

@@ -23,8 +23,7 @@ pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(24 * 60 * 60);
 /// The longest an API key may keep the key it rotates working: whoever holds a key can renew
 /// its secret, never stretch how long the old one lives.
 pub const API_KEY_MAX_ROTATION_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
-/// Trial keys the background sweep deletes in one transaction.
-const TRIAL_SWEEP_BATCH: u32 = 500;
+
 /// How often a freshly generated key id may collide before issuing gives up (71 random bits:
 /// even one collision is practically impossible).
 const KEY_ID_ATTEMPTS: usize = 3;
@@ -66,6 +65,8 @@ pub struct TrialConfig {
     pub retention: Duration,
     /// How often the sweep looks for trial keys to delete.
     pub sweep_interval: Duration,
+    /// Trial keys the sweep deletes in one transaction (it repeats until none is left).
+    pub sweep_batch: u32,
 }
 
 impl Default for TrialConfig {
@@ -77,6 +78,7 @@ impl Default for TrialConfig {
             usage_limit: 10,
             retention: Duration::from_secs(24 * 60 * 60),
             sweep_interval: Duration::from_secs(60),
+            sweep_batch: 500,
         }
     }
 }
@@ -211,14 +213,15 @@ impl KeyManager {
     /// left; returns how many were deleted.
     pub async fn sweep_trial_keys(&self) -> Result<u64> {
         let before = now_micros().saturating_sub(duration_micros(self.trial.retention));
+        let batch_size = self.trial.sweep_batch.max(1);
         let mut deleted = 0;
         loop {
             let batch = self
                 .store
-                .delete_ended_trial_keys(before, TRIAL_SWEEP_BATCH)
+                .delete_ended_trial_keys(before, batch_size)
                 .await?;
             deleted += batch;
-            if batch < u64::from(TRIAL_SWEEP_BATCH) {
+            if batch < u64::from(batch_size) {
                 return Ok(deleted);
             }
         }

@@ -68,4 +68,19 @@ expect "$(field "$workdir/revoked.json" key.state)" KEY_STATE_REVOKED "RevokeKey
 buf curl --protocol grpc --http2-prior-knowledge -d "{\"key\": \"$secret\"}" \
   "$url/keyauthority.v1.VerifyService/VerifyKey" > "$workdir/old.json"
 expect "$(field "$workdir/old.json" code)" VERIFY_CODE_EXPIRED "the rotated-away key"
-echo "lifecycle: 6 passed, 0 failed"
+
+# An expiry past --max-key-lifetime (10 years by default) is refused; one just inside it is stored
+# and every JSON rendering of the workspace keeps working (a year-10000 expiry used to break it).
+if buf curl --protocol grpc --http2-prior-knowledge -H "authorization: Bearer $token" \
+  -d '{"workspace_id": "far", "name": "forever", "ttl": "400000000s"}' \
+  "$url/keyauthority.v1.KeyService/IssueKey" >/dev/null 2>"$workdir/far.err"; then
+  echo "FAIL: a 12-year ttl was accepted" >&2; exit 1
+fi
+grep -q 'invalid_argument' "$workdir/far.err" || { echo "FAIL: 12-year ttl: $(cat "$workdir/far.err")" >&2; exit 1; }
+buf curl --protocol grpc --http2-prior-knowledge -H "authorization: Bearer $token" \
+  -d '{"workspace_id": "far", "name": "long", "ttl": "315000000s"}' \
+  "$url/keyauthority.v1.KeyService/IssueKey" >/dev/null
+buf curl --protocol grpc --http2-prior-knowledge -H "authorization: Bearer $token" \
+  -d '{"workspace_id": "far"}' "$url/keyauthority.v1.KeyService/ListKeys" > "$workdir/far.json"
+expect "$(field "$workdir/far.json" totalSize)" 1 "ListKeys renders a key expiring in 9.98 years"
+echo "lifecycle: 8 passed, 0 failed"

@@ -316,6 +316,27 @@ pub fn reason(status: &tonic::Status) -> String {
         .unwrap_or_default()
 }
 
+/// Every audit event of the database, oldest first: (key id, action, actor).
+pub async fn audit_events(db: &TestDb) -> Vec<(String, String, String)> {
+    const QUERY: &str = "select key_id, action, actor from audit_event order by event_id";
+    match db.backend {
+        Backend::Sqlite => {
+            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query_as(QUERY)
+                .fetch_all(&mut connection)
+                .await
+                .unwrap()
+        }
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query_as(QUERY)
+                .fetch_all(&mut connection)
+                .await
+                .unwrap()
+        }
+    }
+}
+
 /// Runs each listed `async fn(TestDb)` as two tests: one on SQLite, one on PostgreSQL.
 macro_rules! on_both_databases {
     ($($test:ident),* $(,)?) => {

@@ -2,7 +2,9 @@
 
 use key_authority::pb;
 
-use crate::common::{TestApp, TestDb, code, key_of, on_both_databases, test_config};
+use crate::common::{
+    TestApp, TestDb, audit_events, code, key_of, on_both_databases, test_config,
+};
 
 async fn keys_survive_a_restart(db: TestDb) {
     let mut app = TestApp::spawn(&db).await;
@@ -130,8 +132,6 @@ async fn no_plaintext_key_reaches_the_database_files(db: TestDb) {
 
 /// Every mutation writes its audit row in the same transaction, naming the actor.
 async fn every_mutation_leaves_an_audit_row(db: TestDb) {
-    use sqlx::Connection;
-
     let mut app = TestApp::spawn(&db).await;
     let issued = app.issue("acme", "audited").await;
     let key_id = key_of(&issued).key_id.clone();
@@ -141,23 +141,7 @@ async fn every_mutation_leaves_an_audit_row(db: TestDb) {
     app.revoke("acme", &successor).await.unwrap(); // a no-op: no second row
     app.stop().await;
 
-    let query = "select key_id, action, actor from audit_event order by event_id";
-    let rows: Vec<(String, String, String)> = match db.backend {
-        crate::common::Backend::Sqlite => {
-            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-            sqlx::query_as(query)
-                .fetch_all(&mut connection)
-                .await
-                .unwrap()
-        }
-        crate::common::Backend::Postgres => {
-            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::query_as(query)
-                .fetch_all(&mut connection)
-                .await
-                .unwrap()
-        }
-    };
+    let rows = audit_events(&db).await;
     let admin = "admin".to_owned();
     assert_eq!(
         rows,

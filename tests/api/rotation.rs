@@ -3,7 +3,9 @@
 use key_authority::pb;
 use tonic::Code;
 
-use crate::common::{TestApp, TestDb, code, key_of, on_both_databases, reason};
+use crate::common::{
+    TestApp, TestDb, audit_events, code, key_of, keys_as, on_both_databases, reason, test_config,
+};
 
 fn seconds(seconds: i64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration { seconds, nanos: 0 })
@@ -113,10 +115,8 @@ async fn rotation_never_extends_an_earlier_expiry(db: TestDb) {
         rotated.previous_key.unwrap().expire_time.unwrap(),
         old_expiry
     );
-    // The successor lives as long as the original was meant to: 60 s.
-    let new = rotated.key.unwrap();
-    let lifetime = new.expire_time.unwrap().seconds - new.create_time.unwrap().seconds;
-    assert!((59..=61).contains(&lifetime), "lifetime {lifetime}");
+    // The successor ends exactly when the original was meant to end.
+    assert_eq!(rotated.key.unwrap().expire_time.unwrap(), old_expiry);
     app.stop().await;
 }
 
@@ -220,7 +220,339 @@ async fn concurrent_rotations_make_one_successor(db: TestDb) {
     app.stop().await;
 }
 
+fn rotate_request(key_id: &str, grace: Option<prost_types::Duration>) -> pb::RotateKeyRequest {
+    pb::RotateKeyRequest {
+        workspace_id: "acme".into(),
+        key_id: key_id.to_owned(),
+        grace_period: grace,
+        ..Default::default()
+    }
+}
+
+fn ttl(seconds: i64) -> Option<pb::rotate_key_request::Expiration> {
+    Some(pb::rotate_key_request::Expiration::Ttl(
+        prost_types::Duration { seconds, nanos: 0 },
+    ))
+}
+
+fn now_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A key rotating itself renews its secret and nothing else: no grace beyond 24 hours, no new
+/// lifetime, however often it rotates.
+async fn a_key_rotating_itself_never_extends_anything(db: TestDb) {
+    let mut app = TestApp::spawn(&db).await;
+    let original = app
+        .issue_with(pb::IssueKeyRequest {
+            workspace_id: "acme".into(),
+            name: "self-rotating".into(),
+            role: pb::Role::Developer as i32,
+            expiration: Some(pb::issue_key_request::Expiration::Ttl(
+                prost_types::Duration {
+                    seconds: 30 * 86_400,
+                    nanos: 0,
+                },
+            )),
+            ..Default::default()
+        })
+        .await;
+    let original_expiry = key_of(&original).expire_time.unwrap();
+    let mut caller = keys_as(&app.channel, Some(&original.secret));
+
+    // A ten-year grace would keep the old key alive past its owner's intent.
+    let status = caller
+        .rotate_key(rotate_request(
+            &key_of(&original).key_id,
+            seconds(10 * 365 * 86_400),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("grace_period") && status.message().contains("1day"),
+        "{status:?}"
+    );
+    // 24 hours and a second is still too long for a key.
+    let status = caller
+        .rotate_key(rotate_request(&key_of(&original).key_id, seconds(86_401)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // A key may not give its successor a lifetime of its own choosing.
+    let status = caller
+        .rotate_key(pb::RotateKeyRequest {
+            expiration: ttl(365 * 86_400),
+            ..rotate_request(&key_of(&original).key_id, seconds(60))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "INSUFFICIENT_ROLE");
+
+    // Rotate five times, each successor rotating itself: every key ends when the first would
+    // have, and no old key outlives the 24-hour cap.
+    let mut current = original.secret.clone();
+    let mut current_id = key_of(&original).key_id.clone();
+    for _ in 0..5 {
+        let rotated = keys_as(&app.channel, Some(&current))
+            .rotate_key(rotate_request(&current_id, seconds(86_400)))
+            .await
+            .unwrap()
+            .into_inner();
+        let successor = rotated.key.unwrap();
+        assert_eq!(successor.expire_time.unwrap(), original_expiry);
+        let old_end = rotated.previous_key.unwrap().expire_time.unwrap().seconds;
+        assert!(old_end <= now_seconds() + 86_400, "old key ends at {old_end}");
+        current = rotated.secret;
+        current_id = successor.key_id;
+    }
+    // An unset grace from a key is the default day, within its cap.
+    let rotated = keys_as(&app.channel, Some(&current))
+        .rotate_key(rotate_request(&current_id, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rotated.key.unwrap().expire_time.unwrap(), original_expiry);
+    app.stop().await;
+}
+
+/// A key that is about to expire stays about to expire through its self-rotations, and then
+/// it and every successor are EXPIRED.
+async fn self_rotations_expire_with_the_original(db: TestDb) {
+    let mut app = TestApp::spawn(&db).await;
+    let original = app
+        .issue_with(pb::IssueKeyRequest {
+            workspace_id: "acme".into(),
+            name: "short-lived".into(),
+            role: pb::Role::Developer as i32,
+            expiration: Some(pb::issue_key_request::Expiration::Ttl(
+                prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                },
+            )),
+            ..Default::default()
+        })
+        .await;
+    let expiry = key_of(&original).expire_time.unwrap();
+    let mut secrets = vec![original.secret.clone()];
+    let mut current_id = key_of(&original).key_id.clone();
+    for _ in 0..3 {
+        let rotated = keys_as(&app.channel, Some(secrets.last().unwrap()))
+            .rotate_key(rotate_request(&current_id, seconds(3600)))
+            .await
+            .unwrap()
+            .into_inner();
+        let successor = rotated.key.unwrap();
+        assert_eq!(successor.expire_time.unwrap(), expiry);
+        current_id = successor.key_id;
+        secrets.push(rotated.secret);
+    }
+    // Wait for the original expiry itself: it is the event under test.
+    let expiry_at = std::time::UNIX_EPOCH
+        + std::time::Duration::new(expiry.seconds as u64, expiry.nanos as u32)
+        + std::time::Duration::from_millis(50);
+    if let Ok(wait) = expiry_at.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    for secret in &secrets {
+        assert_eq!(
+            code(&app.verify_key(secret, &[]).await),
+            pb::VerifyCode::Expired
+        );
+    }
+    app.stop().await;
+}
+
+/// Callers that may issue keys may give a successor a new expiry, within the server's limits;
+/// every grace period is capped by --max-rotation-grace.
+async fn issuers_may_set_a_new_expiry_within_the_limits(db: TestDb) {
+    let mut config = test_config(&db);
+    config.limits.max_rotation_grace = std::time::Duration::from_secs(3600);
+    let mut app = TestApp::spawn_with(config).await;
+    let issued = app.issue("acme", "renewed").await;
+    let key_id = key_of(&issued).key_id.clone();
+
+    let status = app.rotate("acme", &key_id, seconds(3601)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("grace_period") && status.message().contains("1h"),
+        "{status:?}"
+    );
+    // An unset grace is the default day, capped by the server's hour.
+    let rotated = app
+        .keys
+        .rotate_key(pb::RotateKeyRequest {
+            expiration: ttl(86_400),
+            ..rotate_request(&key_id, None)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let previous_end = rotated.previous_key.unwrap().expire_time.unwrap().seconds;
+    assert!((now_seconds() + 3590..=now_seconds() + 3600).contains(&previous_end));
+    let successor = rotated.key.unwrap();
+    let successor_end = successor.expire_time.unwrap().seconds;
+    assert!((now_seconds() + 86_390..=now_seconds() + 86_400).contains(&successor_end));
+
+    // A developer API key rotating another key may not set its expiry either.
+    let developer = app
+        .issue_with(pb::IssueKeyRequest {
+            workspace_id: "acme".into(),
+            name: "automation".into(),
+            role: pb::Role::Developer as i32,
+            ..Default::default()
+        })
+        .await;
+    let status = keys_as(&app.channel, Some(&developer.secret))
+        .rotate_key(pb::RotateKeyRequest {
+            expiration: ttl(60),
+            ..rotate_request(&successor.key_id, seconds(60))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // A new expiry obeys IssueKey's rules: in the future, within --max-key-lifetime.
+    let status = app
+        .keys
+        .rotate_key(pb::RotateKeyRequest {
+            expiration: ttl(20 * 365 * 86_400),
+            ..rotate_request(&successor.key_id, seconds(60))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("ttl"), "{status:?}");
+    app.stop().await;
+}
+
+/// A leaked key that the thief rotated: revoking the original alone leaves the thief's
+/// successor working; `revoke_successors` revokes the whole chain, each key with its audit row.
+async fn revoke_successors_reaches_what_a_thief_rotated(db: TestDb) {
+    let mut app = TestApp::spawn(&db).await;
+    let leaked = app
+        .issue_with(pb::IssueKeyRequest {
+            workspace_id: "acme".into(),
+            name: "leaked".into(),
+            role: pb::Role::Developer as i32,
+            ..Default::default()
+        })
+        .await;
+    let leaked_id = key_of(&leaked).key_id.clone();
+    // The thief rotates the key, then rotates the successor again.
+    let first = keys_as(&app.channel, Some(&leaked.secret))
+        .rotate_key(rotate_request(&leaked_id, seconds(0)))
+        .await
+        .unwrap()
+        .into_inner();
+    let first_id = first.key.clone().unwrap().key_id;
+    let second = keys_as(&app.channel, Some(&first.secret))
+        .rotate_key(rotate_request(&first_id, seconds(0)))
+        .await
+        .unwrap()
+        .into_inner();
+    let second_id = second.key.clone().unwrap().key_id;
+    assert!(app.verify_key(&second.secret, &[]).await.valid);
+
+    // Revoking the original alone does not reach the thief's key.
+    let alone = app
+        .keys
+        .revoke_key(pb::RevokeKeyRequest {
+            workspace_id: "acme".into(),
+            key_id: leaked_id.clone(),
+            revoke_successors: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(alone.successors.is_empty());
+    assert!(app.verify_key(&second.secret, &[]).await.valid);
+
+    let chain = app
+        .keys
+        .revoke_key(pb::RevokeKeyRequest {
+            workspace_id: "acme".into(),
+            key_id: leaked_id.clone(),
+            revoke_successors: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let successors: Vec<(String, i32, String)> = chain
+        .successors
+        .iter()
+        .map(|key| (key.key_id.clone(), key.state, key.revoked_by.clone()))
+        .collect();
+    let revoked = pb::KeyState::Revoked as i32;
+    assert_eq!(
+        successors,
+        vec![
+            (first_id.clone(), revoked, "admin".to_owned()),
+            (second_id.clone(), revoked, "admin".to_owned()),
+        ]
+    );
+    for secret in [&first.secret, &second.secret] {
+        assert_eq!(
+            code(&app.verify_key(secret, &[]).await),
+            pb::VerifyCode::Revoked
+        );
+    }
+    app.stop().await;
+
+    // One revoke row per key: the original's from the first call, the successors' from the
+    // chain revocation; nothing for the original twice.
+    let revokes: Vec<String> = audit_events(&db)
+        .await
+        .into_iter()
+        .filter(|(_, action, _)| action == "revoke")
+        .map(|(key_id, _, _)| key_id)
+        .collect();
+    assert_eq!(revokes, vec![leaked_id, first_id, second_id]);
+}
+
+/// A usage-limited key and its successors share one budget: rotating cannot mint uses, even
+/// while the old key keeps working through its grace period.
+async fn a_rotation_chain_shares_one_usage_budget(db: TestDb) {
+    let mut app = TestApp::spawn(&db).await;
+    let metered = app
+        .issue_with(pb::IssueKeyRequest {
+            workspace_id: "acme".into(),
+            name: "metered".into(),
+            usage_limit: 3,
+            ..Default::default()
+        })
+        .await;
+    assert!(app.verify_key(&metered.secret, &[]).await.valid);
+    let rotated = app
+        .rotate("acme", &key_of(&metered).key_id, seconds(3600))
+        .await
+        .unwrap();
+    let successor = rotated.key.clone().unwrap();
+    assert_eq!((successor.usage_limit, successor.usage_remaining), (3, 2));
+    // The old key (in its grace period) and the new one draw on the same two uses.
+    assert!(app.verify_key(&metered.secret, &[]).await.valid);
+    assert!(app.verify_key(&rotated.secret, &[]).await.valid);
+    for secret in [&metered.secret, &rotated.secret] {
+        assert_eq!(
+            code(&app.verify_key(secret, &[]).await),
+            pb::VerifyCode::UsageExhausted
+        );
+    }
+    let read = app.get("acme", &successor.key_id).await.unwrap();
+    assert_eq!((read.usage_limit, read.usage_remaining), (3, 0));
+    app.stop().await;
+}
+
 on_both_databases!(
+    a_key_rotating_itself_never_extends_anything,
+    self_rotations_expire_with_the_original,
+    issuers_may_set_a_new_expiry_within_the_limits,
+    revoke_successors_reaches_what_a_thief_rotated,
+    a_rotation_chain_shares_one_usage_budget,
     rotation_copies_the_key_and_keeps_the_old_one_for_the_grace_period,
     default_grace_is_a_day,
     rotation_never_extends_an_earlier_expiry,
