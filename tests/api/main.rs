@@ -16,5 +16,6 @@ mod replicas;
 mod rotation;
 mod server;
 mod transport;
+mod trial;
 mod validation;
 mod verify;

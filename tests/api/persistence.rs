@@ -2,9 +2,7 @@
 
 use key_authority::pb;
 
-use crate::common::{
-    TestApp, TestDb, audit_events, code, key_of, on_both_databases, test_config,
-};
+use crate::common::{TestApp, TestDb, audit_events, code, key_of, on_both_databases, test_config};
 
 async fn keys_survive_a_restart(db: TestDb) {
     let mut app = TestApp::spawn(&db).await;

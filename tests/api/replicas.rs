@@ -199,7 +199,10 @@ async fn a_rotated_chain_never_exceeds_its_usage_limit_across_replicas() {
     for verifier in verifiers {
         total += verifier.await.unwrap();
     }
-    assert_eq!(total, 2, "exactly the usage limit, across the chain and both replicas");
+    assert_eq!(
+        total, 2,
+        "exactly the usage limit, across the chain and both replicas"
+    );
     let last = a.get("acme", &key_id).await.unwrap();
     assert_eq!((last.usage_limit, last.usage_remaining), (2, 0));
     a.stop().await;

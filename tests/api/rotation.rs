@@ -306,7 +306,10 @@ async fn a_key_rotating_itself_never_extends_anything(db: TestDb) {
         let successor = rotated.key.unwrap();
         assert_eq!(successor.expire_time.unwrap(), original_expiry);
         let old_end = rotated.previous_key.unwrap().expire_time.unwrap().seconds;
-        assert!(old_end <= now_seconds() + 86_400, "old key ends at {old_end}");
+        assert!(
+            old_end <= now_seconds() + 86_400,
+            "old key ends at {old_end}"
+        );
         current = rotated.secret;
         current_id = successor.key_id;
     }
@@ -377,7 +380,10 @@ async fn issuers_may_set_a_new_expiry_within_the_limits(db: TestDb) {
     let issued = app.issue("acme", "renewed").await;
     let key_id = key_of(&issued).key_id.clone();
 
-    let status = app.rotate("acme", &key_id, seconds(3601)).await.unwrap_err();
+    let status = app
+        .rotate("acme", &key_id, seconds(3601))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(
         status.message().contains("grace_period") && status.message().contains("1h"),

@@ -196,7 +196,111 @@ async fn missing_ids_are_invalid(db: TestDb) {
     app.stop().await;
 }
 
+fn expiring(expiration: Expiration) -> pb::IssueKeyRequest {
+    pb::IssueKeyRequest {
+        expiration: Some(expiration),
+        ..valid()
+    }
+}
+
+fn years(years: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: years * 31_557_600,
+        nanos: 0,
+    }
+}
+
+/// The field a refusal names in its BadRequest detail.
+fn violated_field(status: &tonic::Status) -> String {
+    status
+        .get_details_bad_request()
+        .and_then(|bad| bad.field_violations.into_iter().next())
+        .map(|violation| violation.field)
+        .unwrap_or_default()
+}
+
+/// Expiries beyond --max-key-lifetime (10 years by default) are refused by the field's name;
+/// one inside it is stored as asked.
+async fn expiries_stay_within_the_maximum_lifetime(db: TestDb) {
+    let mut app = TestApp::spawn(&db).await;
+    let status = app
+        .keys
+        .issue_key(expiring(Expiration::Ttl(years(11))))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violated_field(&status), "ttl");
+    assert!(status.message().contains("10years"), "{status:?}");
+    let year_3000 = prost_types::Timestamp {
+        seconds: 32_503_680_000,
+        nanos: 0,
+    };
+    let status = app
+        .keys
+        .issue_key(expiring(Expiration::ExpireTime(year_3000)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violated_field(&status), "expire_time");
+
+    let issued = app.issue_with(expiring(Expiration::Ttl(years(9)))).await;
+    let key = issued.key.unwrap();
+    let lifetime = key.expire_time.unwrap().seconds - key.create_time.unwrap().seconds;
+    assert_eq!(lifetime, years(9).seconds);
+    app.stop().await;
+}
+
+/// With --max-key-lifetime 0, any expiry a protobuf Timestamp can carry is accepted, and
+/// nothing past the end of year 9999 (which JSON clients could not render) is stored.
+async fn expiries_stay_within_the_timestamp_range(db: TestDb) {
+    let mut config = crate::common::test_config(&db);
+    config.limits.max_key_lifetime = None;
+    let mut app = TestApp::spawn_with(config).await;
+    let last_second = 253_402_300_799;
+    let at_the_end = app
+        .issue_with(expiring(Expiration::ExpireTime(prost_types::Timestamp {
+            seconds: last_second,
+            nanos: 0,
+        })))
+        .await;
+    assert_eq!(
+        at_the_end.key.unwrap().expire_time.unwrap().seconds,
+        last_second
+    );
+    let status = app
+        .keys
+        .issue_key(expiring(Expiration::ExpireTime(prost_types::Timestamp {
+            seconds: last_second + 1,
+            nanos: 0,
+        })))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violated_field(&status), "expire_time");
+    let status = app
+        .keys
+        .issue_key(expiring(Expiration::Ttl(years(9000))))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violated_field(&status), "ttl");
+    // The workspace still lists: every stored expiry is a valid Timestamp.
+    let listed = app
+        .keys
+        .list_keys(pb::ListKeysRequest {
+            workspace_id: valid().workspace_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.total_size, 1);
+    app.stop().await;
+}
+
 on_both_databases!(
+    expiries_stay_within_the_maximum_lifetime,
+    expiries_stay_within_the_timestamp_range,
     issue_refuses_bad_fields_by_name,
     oversized_messages_are_refused,
     missing_ids_are_invalid,
