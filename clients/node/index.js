@@ -130,7 +130,20 @@ class KeyAuthority {
     return (await this.call(this.keys, 'RevokeKey', { workspace_id, key_id }, this.adminToken)).key;
   }
 
-  /** RotateKey: resolves to { key, secret, previous_key }. */
+  /**
+   * RevokeKey with revoke_successors: revokes a key and every successor its rotations produced,
+   * in one transaction (for a leaked key that whoever holds it may have rotated). Resolves to
+   * { key, successors }.
+   */
+  revokeKeyChain(workspace_id, key_id) {
+    const request = { workspace_id, key_id, revoke_successors: true };
+    return this.call(this.keys, 'RevokeKey', request, this.adminToken);
+  }
+
+  /**
+   * RotateKey: resolves to { key, secret, previous_key }. The successor keeps the old key's
+   * expiry unless the request sets `ttl` or `expire_time` (callers that may issue keys only).
+   */
   rotateKey(request) {
     return this.call(this.keys, 'RotateKey', request, this.adminToken);
   }
@@ -140,9 +153,13 @@ class KeyAuthority {
     return this.call(this.keys, 'IssueTrialKey', request, this.adminToken);
   }
 
-  /** RevokeTrialKey: resolves to the revoked trial Key. */
-  async revokeTrialKey(prefix) {
-    return (await this.call(this.keys, 'RevokeTrialKey', { prefix })).key;
+  /**
+   * RevokeTrialKey: resolves to the revoked trial Key. client_ip counts for the per-IP limit only
+   * from an admin-token holder (a trusted front end).
+   */
+  async revokeTrialKey(prefix, client_ip = '') {
+    const token = client_ip ? this.adminToken : undefined;
+    return (await this.call(this.keys, 'RevokeTrialKey', { prefix, client_ip }, token)).key;
   }
 
   /**

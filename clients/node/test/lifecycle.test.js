@@ -229,6 +229,8 @@ test('issue, verify, list, rotate, revoke', { timeout: 30_000 }, async () => {
     grace_period: { seconds: 0 },
   });
   assert.notEqual(rotated.key.key_id, issued.key.key_id);
+  // A rotation renews the secret, not the lifetime.
+  assert.deepEqual(rotated.key.expire_time, issued.key.expire_time);
   assert.equal(rotated.key.rotated_from_key_id, issued.key.key_id);
   assert.equal(rotated.previous_key.rotated_to_key_id, rotated.key.key_id);
   assert.deepEqual(rotated.key.scopes, ['payments:read', 'payments:write']);
@@ -255,6 +257,39 @@ test('issue, verify, list, rotate, revoke', { timeout: 30_000 }, async () => {
   );
   const everything = await client.listKeys({ workspace_id: workspace, include_inactive: true });
   assert.equal(everything.total_size, 3);
+});
+
+test('rotate with a new expiry, then revoke the whole chain', { timeout: 30_000 }, async () => {
+  const workspace = newWorkspace();
+  const issued = await client.issueKey({ workspace_id: workspace, name: 'chained' });
+  const renewed = await client.rotateKey({
+    workspace_id: workspace,
+    key_id: issued.key.key_id,
+    grace_period: { seconds: 0 },
+    ttl: { seconds: 7200 },
+  });
+  assert.equal(
+    Number(renewed.key.expire_time.seconds) - Number(renewed.key.create_time.seconds),
+    7200,
+  );
+  const again = await client.rotateKey({
+    workspace_id: workspace,
+    key_id: renewed.key.key_id,
+    grace_period: { seconds: 60 },
+  });
+  assert.deepEqual(again.key.expire_time, renewed.key.expire_time);
+
+  const chain = await client.revokeKeyChain(workspace, issued.key.key_id);
+  assert.equal(chain.key.key_id, issued.key.key_id);
+  assert.deepEqual(
+    chain.successors.map((key) => [key.key_id, key.state]),
+    [
+      [renewed.key.key_id, 'KEY_STATE_REVOKED'],
+      [again.key.key_id, 'KEY_STATE_REVOKED'],
+    ],
+  );
+  const answer = await client.verifyKey({ key: again.secret });
+  assert.equal(answer.code, 'VERIFY_CODE_REVOKED');
 });
 
 test('a refusal carries ErrorInfo in grpc-status-details-bin', { timeout: 30_000 }, async () => {

@@ -162,14 +162,37 @@ class KeyAuthority:
         request = key_service_pb2.RevokeKeyRequest(workspace_id=workspace_id, key_id=key_id)
         return self._keys.RevokeKey(request, metadata=self._key_auth, timeout=self.timeout).key
 
+    def revoke_key_chain(
+        self, workspace_id: str, key_id: str
+    ) -> key_service_pb2.RevokeKeyResponse:
+        """Revokes a key and every successor its rotations produced, in one transaction: for a
+        leaked key that whoever holds it may have rotated. The response lists the successors."""
+        request = key_service_pb2.RevokeKeyRequest(
+            workspace_id=workspace_id, key_id=key_id, revoke_successors=True
+        )
+        return self._keys.RevokeKey(request, metadata=self._key_auth, timeout=self.timeout)
+
     def rotate_key(
-        self, workspace_id: str, key_id: str, *, grace_period: Seconds | None = None
+        self,
+        workspace_id: str,
+        key_id: str,
+        *,
+        grace_period: Seconds | None = None,
+        ttl: Seconds | None = None,
+        expire_time: dt.datetime | None = None,
     ) -> key_service_pb2.RotateKeyResponse:
         """Replaces a key. ``grace_period`` None means the server's default (24 h); 0 ends the
-        old key now."""
+        old key now. The successor keeps the old key's expiry unless ``ttl`` or ``expire_time``
+        is given, which only a caller that may issue keys can do."""
+        if ttl is not None and expire_time is not None:
+            raise ValueError("give ttl or expire_time, not both")
         request = key_service_pb2.RotateKeyRequest(workspace_id=workspace_id, key_id=key_id)
         if grace_period is not None:
             request.grace_period.CopyFrom(_duration(grace_period))
+        if ttl is not None:
+            request.ttl.CopyFrom(_duration(ttl))
+        if expire_time is not None:
+            request.expire_time.CopyFrom(_timestamp(expire_time))
         return self._keys.RotateKey(request, metadata=self._key_auth, timeout=self.timeout)
 
     def issue_trial_key(
@@ -180,9 +203,12 @@ class KeyAuthority:
         request = key_service_pb2.IssueTrialKeyRequest(name=name, client_ip=client_ip)
         return self._keys.IssueTrialKey(request, metadata=self._key_auth, timeout=self.timeout)
 
-    def revoke_trial_key(self, prefix: str) -> key_pb2.Key:
-        request = key_service_pb2.RevokeTrialKeyRequest(prefix=prefix)
-        return self._keys.RevokeTrialKey(request, timeout=self.timeout).key
+    def revoke_trial_key(self, prefix: str, *, client_ip: str = "") -> key_pb2.Key:
+        """Revokes a trial key by its prefix. ``client_ip`` counts for the per-IP limit only when
+        this client holds an admin token (a trusted front end)."""
+        request = key_service_pb2.RevokeTrialKeyRequest(prefix=prefix, client_ip=client_ip)
+        metadata = self._key_auth if client_ip else ()
+        return self._keys.RevokeTrialKey(request, metadata=metadata, timeout=self.timeout).key
 
     # VerifyService ------------------------------------------------------------------------------
 

@@ -133,7 +133,8 @@ def test_rotate_keeps_the_old_key_for_the_grace_period(
     assert dict(new.metadata) == {"a": "b"}
     assert new.rotated_from_key_id == old.key.key_id
     assert new.state == KeyState.Value("KEY_STATE_ACTIVE")
-    assert abs(seconds_between(new.create_time, new.expire_time) - THIRTY_DAYS.total_seconds()) < 2
+    # A rotation renews the secret, not the lifetime: the successor ends when the old key would.
+    assert new.expire_time == old.key.expire_time
 
     previous = rotated.previous_key
     assert previous.key_id == old.key.key_id
@@ -186,3 +187,38 @@ def test_revoke(client: KeyAuthority, workspace: str) -> None:
     details = error_details(refused.value)
     assert details.code == grpc.StatusCode.FAILED_PRECONDITION
     assert details.reason == "KEY_REVOKED"
+
+
+def test_rotate_with_a_new_expiry_then_revoke_the_chain(
+    client: KeyAuthority, workspace: str
+) -> None:
+    old = client.issue_key(workspace, "chained", ttl=THIRTY_DAYS)
+    renewed = client.rotate_key(
+        workspace, old.key.key_id, grace_period=0, ttl=dt.timedelta(days=90)
+    )
+    lifetime = seconds_between(renewed.key.create_time, renewed.key.expire_time)
+    assert abs(lifetime - dt.timedelta(days=90).total_seconds()) < 2
+    again = client.rotate_key(workspace, renewed.key.key_id, grace_period=60)
+    assert again.key.expire_time == renewed.key.expire_time
+
+    chain = client.revoke_key_chain(workspace, old.key.key_id)
+    assert chain.key.key_id == old.key.key_id
+    assert [key.key_id for key in chain.successors] == [renewed.key.key_id, again.key.key_id]
+    assert {key.state for key in chain.successors} == {KeyState.Value("KEY_STATE_REVOKED")}
+    assert client.verify_key(again.secret).code == VerifyCode.Value("VERIFY_CODE_REVOKED")
+
+
+def test_expiries_stay_within_the_maximum_lifetime_and_render_as_json(
+    client: KeyAuthority, workspace: str
+) -> None:
+    from google.protobuf import json_format
+
+    with pytest.raises(grpc.RpcError) as refused:
+        client.issue_key(workspace, "forever", ttl=dt.timedelta(days=11 * 366))
+    details = error_details(refused.value)
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ttl" in details.message
+
+    client.issue_key(workspace, "long", ttl=dt.timedelta(days=9 * 365))
+    listed = json_format.MessageToDict(client.list_keys(workspace))
+    assert listed["keys"][0]["expireTime"].endswith("Z")

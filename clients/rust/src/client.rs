@@ -143,7 +143,9 @@ impl KeyAuthorityClient {
             .await
     }
 
-    /// Revokes a key; it stops verifying at once. Revoking a revoked key changes nothing.
+    /// Revokes a key; it stops verifying at once. Revoking a revoked key changes nothing. With
+    /// `revoke_successors`, every key its rotations produced is revoked too, in one transaction
+    /// (use it for a leaked key that whoever holds it may have rotated).
     pub async fn revoke_key(
         &self,
         request: pb::RevokeKeyRequest,
@@ -153,7 +155,9 @@ impl KeyAuthorityClient {
             .await
     }
 
-    /// Replaces a key by a new one; the old key keeps working for the grace period.
+    /// Replaces a key by a new one; the old key keeps working for the grace period. The
+    /// successor keeps the old key's expiry and usage budget unless the request sets a new
+    /// expiration (callers that may issue keys only).
     pub async fn rotate_key(
         &self,
         request: pb::RotateKeyRequest,

@@ -198,6 +198,58 @@ async fn typed_client_lifecycle() {
 }
 
 #[tokio::test]
+async fn rotate_with_a_new_expiry_then_revoke_the_chain() {
+    let authority = KeyAuthority::start().await;
+    let admin = authority.admin().await;
+    let (original_id, _) = issue(&admin, "acme", &[], 0).await;
+    let renewed = admin
+        .rotate_key(pb::RotateKeyRequest {
+            workspace_id: "acme".into(),
+            key_id: original_id.clone(),
+            grace_period: Some(prost_types::Duration::default()),
+            expiration: Some(pb::rotate_key_request::Expiration::Ttl(
+                prost_types::Duration {
+                    seconds: 7200,
+                    nanos: 0,
+                },
+            )),
+        })
+        .await
+        .unwrap();
+    let successor = renewed.key.unwrap();
+    let lifetime = successor.expire_time.unwrap().seconds - successor.create_time.unwrap().seconds;
+    assert_eq!(lifetime, 7200);
+
+    let chain = admin
+        .revoke_key(pb::RevokeKeyRequest {
+            workspace_id: "acme".into(),
+            key_id: original_id,
+            revoke_successors: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(chain.key.unwrap().state(), pb::KeyState::Revoked);
+    let successors: Vec<_> = chain
+        .successors
+        .iter()
+        .map(|key| (key.key_id.clone(), key.state()))
+        .collect();
+    assert_eq!(
+        successors,
+        vec![(successor.key_id.clone(), pb::KeyState::Revoked)]
+    );
+    let verdict = admin
+        .verify_key(pb::VerifyKeyRequest {
+            key: renewed.secret,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(verdict.code(), pb::VerifyCode::Revoked);
+    authority.stop().await;
+}
+
+#[tokio::test]
 async fn rate_limit_refusal_decodes_error_info_and_retry_info() {
     let authority = KeyAuthority::start().await;
     let anonymous = KeyAuthorityClient::connect(authority.url.clone())
