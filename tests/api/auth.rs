@@ -382,6 +382,68 @@ async fn public_key_jwts_verify(db: TestDb) {
     app.stop().await;
 }
 
+async fn configured_iss_and_aud_are_required(db: TestDb) {
+    let without_iss = hs256(&Claims {
+        iss: None,
+        ..claims("acme", "viewer")
+    });
+    let without_aud = hs256(&Claims {
+        aud: None,
+        ..claims("acme", "viewer")
+    });
+    // A claim of the wrong type is no claim at all.
+    let numeric_iss = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &serde_json::json!({
+            "sub": "user-1",
+            "workspace_id": "acme",
+            "role": "viewer",
+            "exp": now() + 600,
+            "iss": 42,
+            "aud": "key-authority",
+        }),
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+
+    // Issuer and audience configured: a token must carry both.
+    let app = spawn(&db, 0).await;
+    for (what, token, claim) in [
+        ("no iss", &without_iss, "iss"),
+        ("no aud", &without_aud, "aud"),
+        ("numeric iss", &numeric_iss, "iss"),
+    ] {
+        let status = keys_as(&app.channel, Some(token))
+            .list_keys(pb::ListKeysRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{what}");
+        assert_eq!(reason(&status), "INVALID_CREDENTIALS", "{what}");
+        assert_eq!(
+            status.message(),
+            format!("invalid credentials: the token has no valid {claim} claim"),
+            "{what}"
+        );
+    }
+    app.stop().await;
+
+    // Control: with neither configured, the same tokens are accepted.
+    let mut config = test_config(&db);
+    config.auth.jwt = Some(JwtConfig {
+        secret: Some(JWT_SECRET.to_owned()),
+        leeway: Duration::from_secs(5),
+        ..JwtConfig::default()
+    });
+    let app = TestApp::spawn_with(config).await;
+    for token in [&without_iss, &without_aud, &numeric_iss] {
+        keys_as(&app.channel, Some(token))
+            .list_keys(pb::ListKeysRequest::default())
+            .await
+            .unwrap();
+    }
+    app.stop().await;
+}
+
 async fn revoked_or_expired_api_keys_cannot_call(db: TestDb) {
     let mut app = spawn(&db, 0).await;
     let caller = issue_key_with_role(&mut app, "acme", pb::Role::Developer).await;
@@ -517,6 +579,7 @@ on_both_databases!(
     no_caller_reaches_another_workspace,
     bad_jwts_are_unauthenticated,
     public_key_jwts_verify,
+    configured_iss_and_aud_are_required,
     revoked_or_expired_api_keys_cannot_call,
     nobody_grants_a_role_above_their_own,
     actors_are_recorded,
