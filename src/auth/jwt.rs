@@ -70,14 +70,21 @@ impl JwtVerifier {
         validation.leeway = config.leeway.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken compares `iss` and `aud` only when a token has them: a configured one
+        // must also be required, or a token that simply lacks it passes.
+        let mut required = vec!["exp", "sub"];
         if let Some(issuer) = &config.issuer {
             validation.set_issuer(&[issuer]);
+            required.push("iss");
         }
         match &config.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         Ok(Self { key, validation })
     }
 
@@ -92,6 +99,7 @@ impl JwtVerifier {
                     ErrorKind::InvalidAudience => "the token is for another audience",
                     ErrorKind::InvalidIssuer => "the token is from another issuer",
                     ErrorKind::InvalidSignature => "the token's signature does not verify",
+                    ErrorKind::MissingRequiredClaim(claim) => missing_claim_message(claim),
                     _ => "the token is not a valid JWT",
                 })
             },
@@ -110,6 +118,18 @@ impl JwtVerifier {
             workspace_id,
             role,
         })
+    }
+}
+
+/// Why a token without a required claim is refused. jsonwebtoken counts a claim of the wrong
+/// type (a numeric `iss`, say) as missing, hence "valid".
+fn missing_claim_message(claim: &str) -> &'static str {
+    match claim {
+        "iss" => "the token has no valid iss claim",
+        "aud" => "the token has no valid aud claim",
+        "exp" => "the token has no valid exp claim",
+        "sub" => "the token has no valid sub claim",
+        _ => "the token lacks a required claim",
     }
 }
 

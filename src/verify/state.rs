@@ -2,13 +2,26 @@
 //!
 //! A change (revoke, rotate) invalidates the entry on the changing replica before the RPC returns
 //! and on the others through PostgreSQL LISTEN/NOTIFY; a TTL bounds the damage of a lost
-//! notification. A generation counter closes the race in which a database read that started
-//! before a change would otherwise cache the old state after the invalidation: every entry
-//! remembers the generation at which its read started, and an entry older than the latest change
-//! of its key is treated as missing.
+//! notification.
+//!
+//! Invalidating is not enough on its own: a database read that started before a change can land
+//! after the invalidation and cache the old state, however long it took. So every load is
+//! registered, before its read can start, under its key id with a "stale" flag, and deregistered
+//! only once the entry it produced is in the cache (or the load was dropped). The entry carries
+//! that flag. A change first sets the flag of every load of its key still registered, then drops
+//! the cached entry:
+//! - a load registered at the time of the change produces an entry already marked stale,
+//!   whenever it lands;
+//! - a load deregistered before the change has inserted its entry, which the invalidation drops;
+//! - a caller that joined an in-flight load gets the loader's entry, and with it the flag.
+//!
+//! An entry whose flag is set is treated as missing. Nothing here expires or is evicted, so the
+//! guarantee holds for a read of any duration and any cache capacity; the warm path pays one
+//! atomic load for it.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use moka::future::Cache;
 use tracing::Instrument as _;
@@ -18,11 +31,12 @@ use crate::error::Result;
 use crate::key::{Key, StoredKey};
 use crate::store::Store;
 
-/// What the database said about a key id, and when that read started.
+/// What the database said about a key id, and whether a change has made it stale since.
 #[derive(Debug)]
 pub struct StateEntry {
     stored: Option<StoredKey>,
-    generation: u64,
+    /// Set by a change to the key that landed while the read behind this entry was in flight.
+    stale: Arc<AtomicBool>,
 }
 
 impl StateEntry {
@@ -33,6 +47,10 @@ impl StateEntry {
     pub fn key(&self) -> Option<&Key> {
         self.stored.as_ref().map(|stored| &stored.key)
     }
+
+    fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
+    }
 }
 
 /// The state cache and the means to invalidate it. Cheap to clone; clones share the cache.
@@ -40,11 +58,7 @@ impl StateEntry {
 pub struct Invalidator {
     store: Arc<dyn Store>,
     states: Cache<String, Arc<StateEntry>>,
-    /// Latest change generation of recently changed keys; kept at least as long as a state entry.
-    changed_at: Cache<String, u64>,
-    generation: Arc<AtomicU64>,
-    /// Generation of the last "drop everything" (a broken notification stream).
-    all_changed_at: Arc<AtomicU64>,
+    in_flight: Arc<InFlightLoads>,
     /// Database reads of key state since start: single-flight tests and metrics read it.
     loads: Arc<AtomicU64>,
     hits: Arc<AtomicU64>,
@@ -58,12 +72,7 @@ impl Invalidator {
                 .max_capacity(config.state_cache_capacity)
                 .time_to_live(config.state_ttl)
                 .build(),
-            changed_at: Cache::builder()
-                .max_capacity(config.state_cache_capacity)
-                .time_to_live(config.state_ttl)
-                .build(),
-            generation: Arc::new(AtomicU64::new(1)),
-            all_changed_at: Arc::new(AtomicU64::new(0)),
+            in_flight: Arc::default(),
             loads: Arc::new(AtomicU64::new(0)),
             hits: Arc::new(AtomicU64::new(0)),
         }
@@ -80,13 +89,16 @@ impl Invalidator {
     async fn get_or_load(&self, key_id: &str) -> Result<Arc<StateEntry>> {
         loop {
             if let Some(entry) = self.states.get(key_id).await {
-                if self.is_fresh(key_id, &entry).await {
+                if !entry.is_stale() {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(entry);
                 }
                 self.states.invalidate(key_id).await;
             }
-            let started_at = self.generation.load(Ordering::Acquire);
+            // Registered before our read can start; deregistered when dropped, after
+            // `try_get_with` has inserted the entry (or on cancellation).
+            let registration = self.in_flight.register(key_id);
+            let stale = &registration.stale;
             let store = &self.store;
             let loads = &self.loads;
             let entry = self
@@ -96,15 +108,16 @@ impl Invalidator {
                     let stored = store.find_key_for_verify(key_id).await?;
                     Ok(Arc::new(StateEntry {
                         stored,
-                        generation: started_at,
+                        stale: stale.clone(),
                     }))
                 })
                 .await
                 .map_err(shared_error)?;
-            if self.is_fresh(key_id, &entry).await {
+            drop(registration);
+            if !entry.is_stale() {
                 return Ok(entry);
             }
-            // A change landed while this read was in flight: read again.
+            // A change landed while the read behind this entry was in flight: read again.
             self.states.invalidate(key_id).await;
         }
     }
@@ -123,31 +136,162 @@ impl Invalidator {
         self.loads.load(Ordering::Relaxed)
     }
 
-    /// Drops one key's state, here and now.
+    /// Drops one key's state, here and now, including any read of it still in flight.
     pub async fn key_changed(&self, key_id: &str) {
-        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        self.changed_at.insert(key_id.to_owned(), generation).await;
+        // Poison first: a load that deregisters after this has its entry in the cache already,
+        // and the invalidation below drops it.
+        self.in_flight.poison(key_id);
         self.states.invalidate(key_id).await;
     }
 
     /// Drops every key's state: used when change notifications may have been missed.
     pub fn everything_changed(&self) {
-        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        self.all_changed_at.store(generation, Ordering::Release);
+        self.in_flight.poison_all();
         self.states.invalidate_all();
     }
+}
 
-    async fn is_fresh(&self, key_id: &str, entry: &StateEntry) -> bool {
-        // Fast path: nothing changed anywhere since this entry's read started.
-        if entry.generation >= self.generation.load(Ordering::Acquire) {
-            return true;
+/// Loads of key state in flight, by key id: what a change must mark stale. Touched only on the
+/// cold path, and never locked across an await.
+#[derive(Default)]
+struct InFlightLoads {
+    slots: Mutex<HashMap<String, LoadSlot>>,
+}
+
+/// The flag shared by the loads of one key registered since its last change. Sharing one flag
+/// (rather than one per caller) keeps a cold flood of one key at O(1) work per caller; a change
+/// removes the slot, so loads registered after it start with a clean flag.
+struct LoadSlot {
+    stale: Arc<AtomicBool>,
+    registered: usize,
+}
+
+impl InFlightLoads {
+    fn register<'a>(&'a self, key_id: &'a str) -> LoadRegistration<'a> {
+        let mut slots = self.lock();
+        let slot = slots.entry(key_id.to_owned()).or_insert_with(|| LoadSlot {
+            stale: Arc::new(AtomicBool::new(false)),
+            registered: 0,
+        });
+        slot.registered += 1;
+        LoadRegistration {
+            loads: self,
+            key_id,
+            stale: slot.stale.clone(),
         }
-        if entry.generation < self.all_changed_at.load(Ordering::Acquire) {
-            return false;
+    }
+
+    fn deregister(&self, key_id: &str, stale: &Arc<AtomicBool>) {
+        let mut slots = self.lock();
+        // A change since our registration removed our slot (and set our flag): nothing to do.
+        let Some(slot) = slots.get_mut(key_id) else {
+            return;
+        };
+        if !Arc::ptr_eq(&slot.stale, stale) {
+            return;
         }
-        match self.changed_at.get(key_id).await {
-            Some(changed) => entry.generation >= changed,
-            None => true,
+        slot.registered -= 1;
+        if slot.registered == 0 {
+            slots.remove(key_id);
         }
+    }
+
+    /// Marks every registered load of `key_id` stale.
+    fn poison(&self, key_id: &str) {
+        if let Some(slot) = self.lock().remove(key_id) {
+            slot.stale.store(true, Ordering::Release);
+        }
+    }
+
+    /// Marks every registered load stale.
+    fn poison_all(&self) {
+        for (_, slot) in self.lock().drain() {
+            slot.stale.store(true, Ordering::Release);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, LoadSlot>> {
+        // Nothing panics while the lock is held, and the map is consistent between statements.
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    fn registered(&self, key_id: &str) -> usize {
+        self.lock().get(key_id).map_or(0, |slot| slot.registered)
+    }
+}
+
+/// One caller's registration of a load; deregisters on drop.
+struct LoadRegistration<'a> {
+    loads: &'a InFlightLoads,
+    key_id: &'a str,
+    stale: Arc<AtomicBool>,
+}
+
+impl Drop for LoadRegistration<'_> {
+    fn drop(&mut self) {
+        self.loads.deregister(self.key_id, &self.stale);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_set(flag: &AtomicBool) -> bool {
+        flag.load(Ordering::Acquire)
+    }
+
+    #[test]
+    fn a_change_marks_the_loads_registered_at_that_moment_only() {
+        let loads = InFlightLoads::default();
+        let before = loads.register("a");
+        let joiner = loads.register("a");
+        let other_key = loads.register("b");
+        assert!(
+            Arc::ptr_eq(&before.stale, &joiner.stale),
+            "one flag per key"
+        );
+        assert_eq!(loads.registered("a"), 2);
+
+        loads.poison("a");
+        assert!(is_set(&before.stale) && is_set(&joiner.stale));
+        assert!(!is_set(&other_key.stale), "another key's load is untouched");
+
+        let after = loads.register("a");
+        assert!(
+            !is_set(&after.stale),
+            "a load after the change starts clean"
+        );
+        assert_eq!(loads.registered("a"), 1);
+        // The old registrations leave the new slot alone when they end.
+        drop(before);
+        drop(joiner);
+        assert_eq!(loads.registered("a"), 1);
+        drop(after);
+        assert_eq!(loads.registered("a"), 0);
+        assert!(loads.lock().contains_key("b"));
+        drop(other_key);
+        assert!(loads.lock().is_empty(), "nothing is left behind");
+    }
+
+    #[test]
+    fn everything_changed_marks_every_registered_load() {
+        let loads = InFlightLoads::default();
+        let a = loads.register("a");
+        let b = loads.register("b");
+        loads.poison_all();
+        assert!(is_set(&a.stale) && is_set(&b.stale));
+        assert!(!is_set(&loads.register("a").stale));
+        drop((a, b));
+        assert!(loads.lock().is_empty());
+    }
+
+    #[test]
+    fn a_change_with_no_load_in_flight_registers_nothing() {
+        let loads = InFlightLoads::default();
+        loads.poison("a");
+        loads.poison_all();
+        assert!(loads.lock().is_empty());
     }
 }

@@ -1,5 +1,6 @@
 //! Who may call what: admin tokens, dashboard JWTs, API keys; roles, workspaces, rate limits.
 
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -385,6 +386,196 @@ async fn public_key_jwts_verify(db: TestDb) {
     app.stop().await;
 }
 
+async fn configured_iss_and_aud_are_required(db: TestDb) {
+    let without_iss = hs256(&Claims {
+        iss: None,
+        ..claims("acme", "viewer")
+    });
+    let without_aud = hs256(&Claims {
+        aud: None,
+        ..claims("acme", "viewer")
+    });
+    // A claim of the wrong type is no claim at all.
+    let numeric_iss = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &serde_json::json!({
+            "sub": "user-1",
+            "workspace_id": "acme",
+            "role": "viewer",
+            "exp": now() + 600,
+            "iss": 42,
+            "aud": "key-authority",
+        }),
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+
+    // Issuer and audience configured: a token must carry both.
+    let app = spawn(&db, 0).await;
+    for (what, token, claim) in [
+        ("no iss", &without_iss, "iss"),
+        ("no aud", &without_aud, "aud"),
+        ("numeric iss", &numeric_iss, "iss"),
+    ] {
+        let status = keys_as(&app.channel, Some(token))
+            .list_keys(pb::ListKeysRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{what}");
+        assert_eq!(reason(&status), "INVALID_CREDENTIALS", "{what}");
+        assert_eq!(
+            status.message(),
+            format!("invalid credentials: the token has no valid {claim} claim"),
+            "{what}"
+        );
+    }
+    app.stop().await;
+
+    // Control: with neither configured, the same tokens are accepted.
+    let mut config = test_config(&db);
+    config.auth.jwt = Some(JwtConfig {
+        secret: Some(JWT_SECRET.to_owned()),
+        leeway: Duration::from_secs(5),
+        ..JwtConfig::default()
+    });
+    let app = TestApp::spawn_with(config).await;
+    for token in [&without_iss, &without_aud, &numeric_iss] {
+        keys_as(&app.channel, Some(token))
+            .list_keys(pb::ListKeysRequest::default())
+            .await
+            .unwrap();
+    }
+    app.stop().await;
+}
+
+/// A server that trusts dashboard JWTs signed by the private half of `public_key_pem` (with the
+/// issuer and audience of `claims`), checked end to end: the role a token names is the role the
+/// caller gets; a token signed by another key of the same type, or without `aud`, is refused.
+async fn public_key_round_trip(
+    db: &TestDb,
+    algorithm: Algorithm,
+    public_key_pem: String,
+    signing: &EncodingKey,
+    impostor: &EncodingKey,
+) {
+    let mut config = test_config(db);
+    config.auth.jwt = Some(JwtConfig {
+        public_key_pem: Some(public_key_pem.into_bytes()),
+        issuer: Some("https://dashboard.example".to_owned()),
+        audience: Some("key-authority".to_owned()),
+        leeway: Duration::from_secs(5),
+        ..JwtConfig::default()
+    });
+    let app = TestApp::spawn_with(config).await;
+    let header = Header::new(algorithm);
+    let sign = |claims: &Claims<'_>, key: &EncodingKey| {
+        jsonwebtoken::encode(&header, claims, key).unwrap()
+    };
+
+    let developer = sign(&claims("acme", "developer"), signing);
+    let issued = keys_as(&app.channel, Some(&developer))
+        .issue_key(pb::IssueKeyRequest {
+            name: format!("from an {algorithm:?} user"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let key = issued.key.unwrap();
+    assert_eq!(key.workspace_id, "acme");
+    assert_eq!(key.created_by, "user:user-1");
+
+    let viewer = sign(&claims("acme", "viewer"), signing);
+    let status = keys_as(&app.channel, Some(&viewer))
+        .issue_key(pb::IssueKeyRequest {
+            name: "a viewer may not".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::PermissionDenied,
+        "{algorithm:?} viewer"
+    );
+    assert_eq!(reason(&status), "INSUFFICIENT_ROLE", "{algorithm:?} viewer");
+
+    let forged = sign(&claims("acme", "developer"), impostor);
+    let no_audience = sign(
+        &Claims {
+            aud: None,
+            ..claims("acme", "developer")
+        },
+        signing,
+    );
+    for (what, token) in [("another key", forged), ("no aud", no_audience)] {
+        let status = keys_as(&app.channel, Some(&token))
+            .list_keys(pb::ListKeysRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{algorithm:?} {what}");
+        assert_eq!(
+            reason(&status),
+            "INVALID_CREDENTIALS",
+            "{algorithm:?} {what}"
+        );
+    }
+    app.stop().await;
+}
+
+fn p256_key_pair() -> rcgen::KeyPair {
+    rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
+}
+
+async fn es256_public_key_jwts_verify(db: TestDb) {
+    let key_pair = p256_key_pair();
+    let signing = EncodingKey::from_ec_pem(key_pair.serialize_pem().as_bytes()).unwrap();
+    let impostor = EncodingKey::from_ec_pem(p256_key_pair().serialize_pem().as_bytes()).unwrap();
+    public_key_round_trip(
+        &db,
+        Algorithm::ES256,
+        key_pair.public_key_pem(),
+        &signing,
+        &impostor,
+    )
+    .await;
+}
+
+/// Two 2048-bit RSA keys (the server's and an impostor's) as PKCS#8 PEM, made once per test
+/// binary: RSA key generation is the slow part of these tests.
+fn rsa_private_keys() -> &'static [rsa::RsaPrivateKey; 2] {
+    static KEYS: OnceLock<[rsa::RsaPrivateKey; 2]> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let generate =
+            || rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("an RSA key");
+        [generate(), generate()]
+    })
+}
+
+fn rsa_signing_key(key: &rsa::RsaPrivateKey) -> EncodingKey {
+    use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+    let pem = key.to_pkcs8_pem(LineEnding::LF).unwrap();
+    EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap()
+}
+
+async fn rs256_public_key_jwts_verify(db: TestDb) {
+    use rsa::pkcs8::{EncodePublicKey, LineEnding};
+    // Off the async workers: the first caller generates the keys, the other waits for them.
+    let [server_key, impostor_key] = tokio::task::spawn_blocking(rsa_private_keys).await.unwrap();
+    let public_key_pem = server_key
+        .to_public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .unwrap();
+    public_key_round_trip(
+        &db,
+        Algorithm::RS256,
+        public_key_pem,
+        &rsa_signing_key(server_key),
+        &rsa_signing_key(impostor_key),
+    )
+    .await;
+}
+
 async fn revoked_or_expired_api_keys_cannot_call(db: TestDb) {
     let mut app = spawn(&db, 0).await;
     let caller = issue_key_with_role(&mut app, "acme", pb::Role::Developer).await;
@@ -520,6 +711,9 @@ on_both_databases!(
     no_caller_reaches_another_workspace,
     bad_jwts_are_unauthenticated,
     public_key_jwts_verify,
+    configured_iss_and_aud_are_required,
+    es256_public_key_jwts_verify,
+    rs256_public_key_jwts_verify,
     revoked_or_expired_api_keys_cannot_call,
     nobody_grants_a_role_above_their_own,
     actors_are_recorded,

@@ -15,6 +15,7 @@ mod persistence;
 mod replicas;
 mod rotation;
 mod server;
+mod slow_database;
 mod transport;
 mod trial;
 mod validation;
