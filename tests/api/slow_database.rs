@@ -13,7 +13,9 @@ use key_authority::key::{
 };
 use key_authority::keys::page_token::PageTokenCodec;
 use key_authority::keys::{Actor, Expiration, KeyManager, NewKey, TrialConfig};
-use key_authority::store::{self, AuditRecord, ListQuery, PoolStats, Rotation, Store, UsageDelta};
+use key_authority::store::{
+    self, AuditRecord, ListQuery, PoolStats, Revocation, Rotation, Store, UsageDelta,
+};
 use key_authority::timestamp::UnixMicros;
 use key_authority::verify::{UsageRecorder, Verdict, Verifier, VerifyConfig, VerifyRequest};
 use tokio::sync::oneshot;
@@ -74,9 +76,12 @@ impl Store for SlowReadStore {
         &self,
         workspace_id: &WorkspaceId,
         key_id: &str,
+        successors: bool,
         audit: &AuditRecord,
-    ) -> Result<Option<Key>> {
-        self.inner.revoke_key(workspace_id, key_id, audit).await
+    ) -> Result<Option<Revocation>> {
+        self.inner
+            .revoke_key(workspace_id, key_id, successors, audit)
+            .await
     }
 
     async fn rotate_key(
@@ -96,8 +101,12 @@ impl Store for SlowReadStore {
         self.inner.record_usage(deltas).await
     }
 
-    async fn consume_usage(&self, key_id: &str, cost: i64) -> Result<Option<i64>> {
-        self.inner.consume_usage(key_id, cost).await
+    async fn consume_usage(&self, budget_id: &str, cost: i64) -> Result<Option<i64>> {
+        self.inner.consume_usage(budget_id, cost).await
+    }
+
+    async fn delete_ended_trial_keys(&self, before: UnixMicros, limit: u32) -> Result<u64> {
+        self.inner.delete_ended_trial_keys(before, limit).await
     }
 
     async fn shared_secret(&self, name: &str) -> Result<Vec<u8>> {
@@ -199,7 +208,7 @@ async fn a_revoke_outlasts_a_read_slower_than_the_state_ttl(db: TestDb) {
 
     replica
         .keys
-        .revoke(&acme(), &key_id, &admin())
+        .revoke(&acme(), &key_id, false, &admin())
         .await
         .unwrap();
     // A verify that starts after the revoke returned joins the held read (single-flight) while
