@@ -43,7 +43,7 @@ pub enum Error {
     #[error("permission denied: {0}")]
     InsufficientRole(String),
     /// The caller named a workspace other than its own.
-    #[error("permission denied: the caller cannot act in workspace {0:?}")]
+    #[error("permission denied: the caller cannot act in workspace {}", excerpt(.0))]
     WorkspaceMismatch(String),
     /// Too many requests of this kind from this caller; retry after the delay.
     #[error("rate limited: retry in {} s", whole_seconds_up(.0))]
@@ -63,6 +63,19 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Caller-supplied text quoted in a message: escaped as a Rust string literal (control characters
+/// show as escapes) and cut to its first 32 characters, so that no request can make an answer's
+/// `grpc-message` large.
+pub fn excerpt(text: &str) -> String {
+    const MAX_CHARS: usize = 32;
+    let mut chars = text.chars();
+    let head: String = chars.by_ref().take(MAX_CHARS).collect();
+    match chars.next() {
+        None => format!("{head:?}"),
+        Some(_) => format!("{head:?}…"),
+    }
+}
 
 /// A delay in whole seconds, rounded up, so a client reading the message never retries early.
 fn whole_seconds_up(delay: &Duration) -> u64 {
@@ -198,6 +211,16 @@ mod tests {
         assert_eq!(info.reason, "INVALID_ARGUMENT");
         assert_eq!(info.domain, ERROR_DOMAIN);
         assert_eq!(info.metadata.get("field").map(String::as_str), Some("name"));
+    }
+
+    #[test]
+    fn excerpts_are_short_and_escaped() {
+        assert_eq!(excerpt("acme"), "\"acme\"");
+        assert_eq!(excerpt("a\0b\u{1b}"), "\"a\\0b\\u{1b}\"");
+        assert_eq!(excerpt(&"é".repeat(32)), format!("{:?}", "é".repeat(32)));
+        assert_eq!(excerpt(&"é".repeat(33)), format!("{:?}…", "é".repeat(32)));
+        let huge = Error::WorkspaceMismatch("w".repeat(60_000)).to_string();
+        assert!(huge.len() < 120, "{huge}");
     }
 
     #[test]
