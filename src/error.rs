@@ -15,6 +15,10 @@ pub const ERROR_DOMAIN: &str = "keyauthority.v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The request's bytes are not a message of its type (a string field that is not UTF-8, a
+    /// truncated or garbled encoding). Raised by the servers' codec before any handler runs.
+    #[error("malformed request: {0}")]
+    MalformedRequest(String),
     /// A request field broke a rule; the message names the field.
     #[error("invalid {field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
@@ -93,6 +97,7 @@ impl Error {
     /// The stable reason code sent in ErrorInfo.
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::MalformedRequest(_) => "MALFORMED_REQUEST",
             Self::InvalidArgument { .. } => "INVALID_ARGUMENT",
             Self::InvalidPageToken(_) => "INVALID_PAGE_TOKEN",
             Self::KeyNotFound => "KEY_NOT_FOUND",
@@ -113,7 +118,9 @@ impl Error {
 
     pub fn code(&self) -> Code {
         match self {
-            Self::InvalidArgument { .. } | Self::InvalidPageToken(_) => Code::InvalidArgument,
+            Self::MalformedRequest(_)
+            | Self::InvalidArgument { .. }
+            | Self::InvalidPageToken(_) => Code::InvalidArgument,
             Self::KeyNotFound => Code::NotFound,
             Self::KeyRevoked(_) | Self::KeyExpired(_) | Self::KeyAlreadyRotated { .. } => {
                 Code::FailedPrecondition
@@ -211,6 +218,16 @@ mod tests {
         assert_eq!(info.reason, "INVALID_ARGUMENT");
         assert_eq!(info.domain, ERROR_DOMAIN);
         assert_eq!(info.metadata.get("field").map(String::as_str), Some("name"));
+    }
+
+    #[test]
+    fn malformed_request_is_invalid_argument_with_its_own_reason() {
+        let status = Status::from(Error::MalformedRequest("bad UTF-8".to_owned()));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "malformed request: bad UTF-8");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "MALFORMED_REQUEST");
+        assert_eq!(info.domain, ERROR_DOMAIN);
     }
 
     #[test]
