@@ -426,3 +426,89 @@ mod tests {
         assert!(Metadata::parse(&many).is_err());
     }
 }
+
+/// Property tests: any text in, no panic, and whatever is accepted keeps the documented rule and
+/// comes back unchanged.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn has_control(text: &str) -> bool {
+        text.chars().any(char::is_control)
+    }
+
+    fn has_control_but_line_breaks(text: &str) -> bool {
+        text.chars()
+            .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    }
+
+    /// Any text, and text near the length limits in characters of every width.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-z]{0,3}[\\t\\n\\r\\x00\\x1b\\x7f\\u{85}\\u{200f}\\u{202e}]?[a-z]{0,3}",
+            "[aé€🔑]{60,70}|[aé€🔑]{120,135}|[aé€🔑]{500,520}|[aé€🔑]{1020,1030}",
+            "[a-zA-Z0-9._:/*-]{0,140}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn workspace_ids(text in text()) {
+            if let Ok(id) = WorkspaceId::parse(&text) {
+                prop_assert_eq!(id.as_str(), &text);
+                prop_assert!((1..=MAX_WORKSPACE_ID_LEN).contains(&text.chars().count()));
+                prop_assert!(text.is_ascii() && !has_control(&text));
+            }
+        }
+
+        #[test]
+        fn names(text in text()) {
+            if let Ok(name) = KeyName::parse(&text) {
+                prop_assert_eq!(name.as_str(), &text);
+                prop_assert!(text.chars().count() <= MAX_NAME_CHARS);
+                prop_assert!(!text.trim().is_empty() && !has_control(&text));
+            }
+        }
+
+        #[test]
+        fn descriptions(text in text()) {
+            if let Ok(description) = KeyDescription::parse(&text) {
+                prop_assert_eq!(description.as_str(), &text);
+                prop_assert!(text.chars().count() <= MAX_DESCRIPTION_CHARS);
+                prop_assert!(!has_control_but_line_breaks(&text));
+            }
+        }
+
+        #[test]
+        fn scopes(text in text()) {
+            let checked = Scope::check(&text);
+            let parsed = Scope::parse(&text);
+            prop_assert_eq!(checked.is_ok(), parsed.is_ok());
+            if let Ok(scope) = parsed {
+                prop_assert_eq!(scope.as_str(), &text);
+                prop_assert!((1..=MAX_SCOPE_LEN).contains(&text.chars().count()));
+                prop_assert!(text.is_ascii() && !has_control(&text));
+            }
+            // A refusal quotes at most a short excerpt of the scope.
+            if let Err(reason) = checked {
+                prop_assert!(reason.len() < 300, "{}", reason);
+            }
+        }
+
+        #[test]
+        fn metadata(key in text(), value in text()) {
+            let entries: BTreeMap<String, String> = [(key.clone(), value.clone())].into();
+            if let Ok(metadata) = Metadata::parse(&entries) {
+                prop_assert_eq!(metadata.as_map(), &entries);
+                prop_assert!((1..=MAX_METADATA_KEY_CHARS).contains(&key.chars().count()));
+                prop_assert!(value.chars().count() <= MAX_METADATA_VALUE_CHARS);
+                prop_assert!(!has_control(&key) && !has_control_but_line_breaks(&value));
+            }
+        }
+    }
+}
