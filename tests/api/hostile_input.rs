@@ -1111,7 +1111,34 @@ async fn hostile_credentials_get_a_deliberate_answer(db: TestDb) {
     app.stop().await;
 }
 
+/// The refusal of an undecodable request says which message and field failed, and nothing else.
+async fn malformed_requests_name_the_message_and_field(db: TestDb) {
+    let app = spawn(&db).await;
+    let body = Wire::Field(2).append(Call::IssueKey(issue_request()).encode(), b"\xff");
+    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary::<_, Bytes, _>(
+            tonic::Request::new(body),
+            http::uri::PathAndQuery::from_static("/keyauthority.v1.KeyService/IssueKey"),
+            RawCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status.message(),
+        "malformed request: failed to decode Protobuf message: IssueKeyRequest.name: \
+         invalid string value: data is not UTF-8 encoded"
+    );
+    let info = status.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "MALFORMED_REQUEST");
+    assert_eq!(info.domain, "keyauthority.v1");
+    app.stop().await;
+}
+
 on_both_databases!(
+    malformed_requests_name_the_message_and_field,
     every_string_field_gets_a_deliberate_answer,
     numbers_durations_and_timestamps_get_a_deliberate_answer,
     hostile_credentials_get_a_deliberate_answer,
