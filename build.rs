@@ -1,15 +1,46 @@
 //! Compiles the protos with protox (pure Rust, so building needs no system protoc) and writes the
 //! file descriptor set that server reflection serves.
+//!
+//! Each service's client is generated with tonic-prost's codec and its server with ours
+//! (`grpc::ServerCodec`), which answers an undecodable request as INVALID_ARGUMENT instead of
+//! INTERNAL. tonic-prost-build takes one codec for both sides, hence two generators in one.
 
 use std::{env, fs, path::PathBuf};
 
 use prost::Message as _;
+use prost_build::{Service, ServiceGenerator};
 
 const PROTOS: &[&str] = &[
     "proto/keyauthority/v1/key.proto",
     "proto/keyauthority/v1/key_service.proto",
     "proto/keyauthority/v1/verify_service.proto",
 ];
+
+/// The servers' codec, as the generated code names it (it is included in `crate::pb`).
+const SERVER_CODEC: &str = "crate::grpc::ServerCodec";
+
+/// Writes a service's client, then its server, each with its own generator.
+struct ClientAndServer {
+    client: Box<dyn ServiceGenerator>,
+    server: Box<dyn ServiceGenerator>,
+}
+
+impl ServiceGenerator for ClientAndServer {
+    fn generate(&mut self, service: Service, buf: &mut String) {
+        self.client.generate(service.clone(), buf);
+        self.server.generate(service, buf);
+    }
+
+    fn finalize(&mut self, buf: &mut String) {
+        self.client.finalize(buf);
+        self.server.finalize(buf);
+    }
+
+    fn finalize_package(&mut self, package: &str, buf: &mut String) {
+        self.client.finalize_package(package, buf);
+        self.server.finalize_package(package, buf);
+    }
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
@@ -20,9 +51,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("keyauthority_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
+    let services = ClientAndServer {
+        client: tonic_prost_build::configure()
+            .build_client(true)
+            .build_server(false)
+            .service_generator(),
+        server: tonic_prost_build::configure()
+            .build_client(false)
+            .build_server(true)
+            .codec_path(SERVER_CODEC)
+            .service_generator(),
+    };
+    let mut config = tonic_prost_build::Config::new();
+    config.service_generator(Box::new(services));
+    // Neither side here: the messages only, with `config`'s generator writing the services.
     tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(descriptors)?;
+        .build_client(false)
+        .build_server(false)
+        .compile_fds_with_config(descriptors, config)?;
     Ok(())
 }

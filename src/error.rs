@@ -15,6 +15,10 @@ pub const ERROR_DOMAIN: &str = "keyauthority.v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The request's bytes are not a message of its type (a string field that is not UTF-8, a
+    /// truncated or garbled encoding). Raised by the servers' codec before any handler runs.
+    #[error("malformed request: {0}")]
+    MalformedRequest(String),
     /// A request field broke a rule; the message names the field.
     #[error("invalid {field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
@@ -43,7 +47,7 @@ pub enum Error {
     #[error("permission denied: {0}")]
     InsufficientRole(String),
     /// The caller named a workspace other than its own.
-    #[error("permission denied: the caller cannot act in workspace {0:?}")]
+    #[error("permission denied: the caller cannot act in workspace {}", excerpt(.0))]
     WorkspaceMismatch(String),
     /// Too many requests of this kind from this caller; retry after the delay.
     #[error("rate limited: retry in {} s", whole_seconds_up(.0))]
@@ -70,6 +74,19 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Caller-supplied text quoted in a message: escaped as a Rust string literal (control characters
+/// show as escapes) and cut to its first 32 characters, so that no request can make an answer's
+/// `grpc-message` large.
+pub fn excerpt(text: &str) -> String {
+    const MAX_CHARS: usize = 32;
+    let mut chars = text.chars();
+    let head: String = chars.by_ref().take(MAX_CHARS).collect();
+    match chars.next() {
+        None => format!("{head:?}"),
+        Some(_) => format!("{head:?}…"),
+    }
+}
+
 /// A delay in whole seconds, rounded up, so a client reading the message never retries early.
 fn whole_seconds_up(delay: &Duration) -> u64 {
     delay.as_secs() + u64::from(delay.subsec_nanos() > 0)
@@ -86,6 +103,7 @@ impl Error {
     /// The stable reason code sent in ErrorInfo.
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::MalformedRequest(_) => "MALFORMED_REQUEST",
             Self::InvalidArgument { .. } => "INVALID_ARGUMENT",
             Self::InvalidPageToken(_) => "INVALID_PAGE_TOKEN",
             Self::KeyNotFound => "KEY_NOT_FOUND",
@@ -108,7 +126,9 @@ impl Error {
 
     pub fn code(&self) -> Code {
         match self {
-            Self::InvalidArgument { .. } | Self::InvalidPageToken(_) => Code::InvalidArgument,
+            Self::MalformedRequest(_)
+            | Self::InvalidArgument { .. }
+            | Self::InvalidPageToken(_) => Code::InvalidArgument,
             Self::KeyNotFound => Code::NotFound,
             Self::KeyRevoked(_) | Self::KeyExpired(_) | Self::KeyAlreadyRotated { .. } => {
                 Code::FailedPrecondition
@@ -209,6 +229,26 @@ mod tests {
         assert_eq!(info.reason, "INVALID_ARGUMENT");
         assert_eq!(info.domain, ERROR_DOMAIN);
         assert_eq!(info.metadata.get("field").map(String::as_str), Some("name"));
+    }
+
+    #[test]
+    fn malformed_request_is_invalid_argument_with_its_own_reason() {
+        let status = Status::from(Error::MalformedRequest("bad UTF-8".to_owned()));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "malformed request: bad UTF-8");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "MALFORMED_REQUEST");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+    }
+
+    #[test]
+    fn excerpts_are_short_and_escaped() {
+        assert_eq!(excerpt("acme"), "\"acme\"");
+        assert_eq!(excerpt("a\0b\u{1b}"), "\"a\\0b\\u{1b}\"");
+        assert_eq!(excerpt(&"é".repeat(32)), format!("{:?}", "é".repeat(32)));
+        assert_eq!(excerpt(&"é".repeat(33)), format!("{:?}…", "é".repeat(32)));
+        let huge = Error::WorkspaceMismatch("w".repeat(60_000)).to_string();
+        assert!(huge.len() < 120, "{huge}");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The gRPC layer: translates protobuf to domain types and back, and owns nothing else.
 
+mod codec;
 mod convert;
 mod keys;
 mod verify;
 
+pub use codec::ServerCodec;
 pub use keys::KeyServiceImpl;
 pub use verify::VerifyServiceImpl;

@@ -444,7 +444,10 @@ impl KeyManager {
             ..previous.clone()
         };
         let (successor, plaintext) = self.mint(&template).await?;
-        let previous_expire_time = now.saturating_add(duration_micros(grace_period));
+        // Within the Timestamp range, however long an operator lets grace periods be.
+        let previous_expire_time = now
+            .saturating_add(duration_micros(grace_period))
+            .min(timestamp::MAX_PROTO_MICROS);
         let audit = self.audit("rotate", actor, now);
         let rotation = self
             .store

@@ -5,10 +5,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub type UnixMicros = i64;
 
-/// The last microsecond a protobuf Timestamp can carry: 9999-12-31T23:59:59.999999Z. JSON
-/// renderings of a later time (RFC 3339) fail in every protobuf runtime.
-pub const MAX_PROTO_MICROS: UnixMicros = 253_402_300_799 * 1_000_000 + 999_999;
-
 pub fn now_micros() -> UnixMicros {
     let since_epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -28,9 +24,20 @@ pub fn to_proto(micros: UnixMicros) -> prost_types::Timestamp {
     }
 }
 
-/// `None` when the timestamp is out of the range the service can represent.
+/// The earliest `google.protobuf.Timestamp` there is: 0001-01-01T00:00:00Z, in seconds.
+const MIN_PROTO_SECONDS: i64 = -62_135_596_800;
+/// The latest `google.protobuf.Timestamp` there is: 9999-12-31T23:59:59Z, in seconds.
+const MAX_PROTO_SECONDS: i64 = 253_402_300_799;
+/// The latest time a Timestamp can carry, in microseconds: 9999-12-31T23:59:59.999999Z. A time
+/// after it cannot be answered in a Timestamp that other languages' libraries accept.
+pub const MAX_PROTO_MICROS: UnixMicros = MAX_PROTO_SECONDS * 1_000_000 + 999_999;
+
+/// `None` when the timestamp is outside the range protobuf defines (years 1 to 9999) or its
+/// nanos are not 0 to 999,999,999.
 pub fn from_proto(timestamp: &prost_types::Timestamp) -> Option<UnixMicros> {
-    if !(0..1_000_000_000).contains(&timestamp.nanos) {
+    if !(0..1_000_000_000).contains(&timestamp.nanos)
+        || !(MIN_PROTO_SECONDS..=MAX_PROTO_SECONDS).contains(&timestamp.seconds)
+    {
         return None;
     }
     timestamp
@@ -62,5 +69,29 @@ mod tests {
             nanos: -1,
         };
         assert_eq!(from_proto(&bad_nanos), None);
+        for (seconds, nanos) in [
+            (i64::MIN, 0),
+            (MIN_PROTO_SECONDS - 1, 999_999_999),
+            (MAX_PROTO_SECONDS + 1, 0),
+            (0, 1_000_000_000),
+            (0, i32::MIN),
+        ] {
+            assert_eq!(from_proto(&prost_types::Timestamp { seconds, nanos }), None);
+        }
+    }
+
+    #[test]
+    fn protobuf_range_ends_are_accepted() {
+        let last = prost_types::Timestamp {
+            seconds: MAX_PROTO_SECONDS,
+            nanos: 999_999_999,
+        };
+        assert_eq!(from_proto(&last), Some(MAX_PROTO_MICROS));
+        assert_eq!(to_proto(MAX_PROTO_MICROS).seconds, MAX_PROTO_SECONDS);
+        let first = prost_types::Timestamp {
+            seconds: MIN_PROTO_SECONDS,
+            nanos: 0,
+        };
+        assert_eq!(from_proto(&first), Some(MIN_PROTO_SECONDS * 1_000_000));
     }
 }

@@ -113,6 +113,13 @@ impl JwtVerifier {
         if claims.sub.is_empty() {
             return Err(Error::InvalidCredentials("the token has no subject"));
         }
+        // The subject is written to the audit trail (`user:<sub>`): no control characters, NUL
+        // above all, which PostgreSQL cannot store.
+        if claims.sub.chars().any(char::is_control) {
+            return Err(Error::InvalidCredentials(
+                "the token's subject contains control characters",
+            ));
+        }
         Ok(Caller::User {
             subject: claims.sub,
             workspace_id,

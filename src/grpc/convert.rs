@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::key::{Environment, Key, KeyState, Role};
+use crate::key::{Environment, Key, KeyId, KeyState, Role};
 use crate::pb;
 use crate::timestamp::{self, now_micros};
 
@@ -95,15 +95,116 @@ pub fn environment_from_proto(value: i32) -> Result<Environment> {
     }
 }
 
-/// A key id field: anything that is not an id this service could have issued is simply not found.
+/// A key id field. Empty is a bad request; anything else that is not an id this service could
+/// have issued (12 base62 characters) is simply not found. Decided here, before any database:
+/// PostgreSQL cannot even bind text holding NUL (an INTERNAL error there, NOT_FOUND on SQLite).
 pub fn require_key_id(value: &str) -> Result<&str> {
     if value.is_empty() {
         return Err(Error::invalid("key_id", "is required"));
     }
+    if KeyId::parse(value).is_none() {
+        return Err(Error::KeyNotFound);
+    }
     Ok(value)
 }
 
-/// A non-negative protobuf Duration.
+/// The longest `google.protobuf.Duration` there is: 10,000 years.
+const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+
+/// A non-negative protobuf Duration within the range protobuf defines.
+///
+/// Checked by hand rather than with `Duration::try_from`: prost-types reports a negative duration
+/// by negating its seconds, which overflows for `i64::MIN` (a panic wherever overflow checks are
+/// on, as in every debug build).
 pub fn duration_from_proto(field: &'static str, value: &prost_types::Duration) -> Result<Duration> {
-    Duration::try_from(*value).map_err(|_| Error::invalid(field, "must not be negative"))
+    let prost_types::Duration { seconds, nanos } = *value;
+    if seconds < 0 || nanos < 0 {
+        return Err(Error::invalid(
+            field,
+            "must not be negative (seconds and nanos both)",
+        ));
+    }
+    if nanos > 999_999_999 {
+        return Err(Error::invalid(field, "nanos must be at most 999,999,999"));
+    }
+    if seconds > MAX_DURATION_SECONDS {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {MAX_DURATION_SECONDS} seconds (10,000 years)"),
+        ));
+    }
+    Ok(Duration::new(seconds.unsigned_abs(), nanos.unsigned_abs()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn duration(seconds: i64, nanos: i32) -> prost_types::Duration {
+        prost_types::Duration { seconds, nanos }
+    }
+
+    #[test]
+    fn durations_in_range_convert() {
+        assert_eq!(
+            duration_from_proto("ttl", &duration(90, 500)).unwrap(),
+            Duration::new(90, 500)
+        );
+        assert_eq!(
+            duration_from_proto("ttl", &duration(MAX_DURATION_SECONDS, 999_999_999)).unwrap(),
+            Duration::new(315_576_000_000, 999_999_999)
+        );
+        assert_eq!(
+            duration_from_proto("ttl", &duration(0, 0)).unwrap(),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn hostile_durations_are_refused_without_a_panic() {
+        for (seconds, nanos) in [
+            // `Duration::try_from` negates i64::MIN seconds: a panic in debug builds.
+            (i64::MIN, 0),
+            (i64::MIN, i32::MIN),
+            (i64::MAX, i32::MAX),
+            (i64::MAX, 999_999_999),
+            (MAX_DURATION_SECONDS + 1, 0),
+            (-1, 0),
+            (0, -1),
+            (5, -1),
+            (-5, 1),
+            (0, 1_000_000_000),
+            (0, i32::MAX),
+        ] {
+            let error = duration_from_proto("ttl", &duration(seconds, nanos)).unwrap_err();
+            assert!(
+                matches!(error, Error::InvalidArgument { field: "ttl", .. }),
+                "{seconds} s {nanos} ns: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn key_ids_empty_is_invalid_and_any_other_non_id_is_not_found() {
+        assert!(matches!(
+            require_key_id(""),
+            Err(Error::InvalidArgument {
+                field: "key_id",
+                ..
+            })
+        ));
+        for not_an_id in [
+            "a\0",
+            "AAAAAAAAAAA\0",
+            "AAAAAAAAAAAé",
+            "AAAAAAAAAAAAA",
+            "🔑",
+        ] {
+            assert!(
+                matches!(require_key_id(not_an_id), Err(Error::KeyNotFound)),
+                "{not_an_id:?}"
+            );
+        }
+        assert_eq!(require_key_id("iZ19fRp6bgz1").unwrap(), "iZ19fRp6bgz1");
+    }
 }

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use super::convert::key_to_proto;
 use crate::auth::Authenticator;
 use crate::error::Error;
+use crate::key::Scope;
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::verify::{ClientIp, Verdict, Verifier, VerifyRequest};
@@ -67,6 +68,11 @@ impl pb::verify_service_server::VerifyService for VerifyServiceImpl {
                 format!("at most {MAX_REQUIRED_SCOPES} scopes are allowed"),
             )
             .into());
+        }
+        // A required scope no key can hold is a caller's bug: say so, rather than answer
+        // INSUFFICIENT_SCOPE (or VALID, for a full-access key).
+        for scope in &request.required_scopes {
+            Scope::check(scope).map_err(|reason| Error::invalid("required_scopes", reason))?;
         }
         let cost = request.cost.unwrap_or(1);
         if cost < 0 {

@@ -140,6 +140,8 @@ impl<'a> PresentedKey<'a> {
         if body.len() != BODY_LEN || !body.bytes().all(is_base62) {
             return None;
         }
+        // The two slices below are safe because of the check above, and only because of it: the
+        // text ends with a body of exactly 50 ASCII bytes. (The property tests fail without it.)
         let (checked, check) = text.split_at(text.len() - CHECK_LEN);
         if !checksum_matches(checked.as_bytes(), check.as_bytes()) {
             return None;
@@ -303,5 +305,160 @@ mod tests {
         let body = key.plaintext.strip_prefix("ka_dev_").unwrap();
         assert_eq!(body.len(), 50);
         assert!(body.bytes().all(|b| b.is_ascii_alphanumeric()));
+    }
+}
+
+/// Property tests of the key parser: any text in, no panic, and either refused or parsed into a
+/// key that is exactly its parts put back together.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Modest: two cores are shared by every test of the workspace.
+    const CASES: u32 = 512;
+
+    const ENVIRONMENTS: [Environment; 4] = [
+        Environment::Live,
+        Environment::Test,
+        Environment::Dev,
+        Environment::Trial,
+    ];
+
+    /// A well-formed key from the strategy's parts. (GeneratedKey draws its parts from the OS,
+    /// which proptest could neither shrink nor replay.)
+    fn key_text(brand: &str, environment: Environment, id_and_secret: &str) -> String {
+        let mut text = format!("{brand}_{}_{id_and_secret}", environment.as_str());
+        let check = checksum(text.as_bytes());
+        text.push_str(&check);
+        text
+    }
+
+    /// If `text` parses, it is its parts put back together: the brand, the environment, the key
+    /// id (a valid `KeyId`), the secret and a checksum that matches.
+    fn assert_refused_or_round_trips(text: &str) {
+        let Some(parsed) = PresentedKey::parse(text) else {
+            return;
+        };
+        assert_eq!(parsed.expose_secret(), text);
+        let (brand, _) = text.split_once('_').expect("a parsed key has a brand");
+        assert!(Brand::parse(brand).is_ok(), "brand {brand:?}");
+        let key_id = KeyId::parse(parsed.key_id()).expect("the key id is a KeyId");
+        let prefix = public_prefix(brand, parsed.environment(), &key_id);
+        let rest = text
+            .strip_prefix(&prefix)
+            .expect("the key starts with its public prefix");
+        assert_eq!(rest.len(), SECRET_LEN + CHECK_LEN);
+        let secret = rest.get(..SECRET_LEN).expect("the secret is ASCII");
+        assert!(secret.bytes().all(is_base62));
+        let rebuilt = format!("{prefix}{secret}");
+        assert_eq!(key_text_from(&rebuilt), text);
+    }
+
+    fn key_text_from(checked: &str) -> String {
+        format!("{checked}{}", checksum(checked.as_bytes()))
+    }
+
+    fn environment() -> impl Strategy<Value = Environment> {
+        prop::sample::select(ENVIRONMENTS.to_vec())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn any_text_is_refused_or_round_trips(text in any::<String>()) {
+            assert_refused_or_round_trips(&text);
+        }
+
+        /// Text shaped almost like a key (a plausible brand and environment, a body of about
+        /// the right length with a few stray characters), where a parser's slicing would break.
+        #[test]
+        fn key_like_text_is_refused_or_round_trips(
+            text in "[a-z0-9_]{0,18}_(live|test|dev|trial|prod|)_[0-9A-Za-z_é🔑\u{0}\u{200f}]{0,56}",
+        ) {
+            assert_refused_or_round_trips(&text);
+        }
+
+        /// Any text with its valid checksum appended: only the shape rules stand between it
+        /// and a parse, so a missing check (or a slice that trusts one) shows up here. Random
+        /// text alone almost never carries a matching CRC.
+        #[test]
+        fn checksummed_text_is_refused_or_round_trips(
+            checked in "[a-z0-9_]{0,18}_(live|test|dev|trial|prod|)_[0-9A-Za-z_é🔑\u{0}]{0,56}",
+        ) {
+            assert_refused_or_round_trips(&key_text_from(&checked));
+        }
+
+        /// The same with every part near its rule: brands of 0 to 20 characters, environments
+        /// real and not, bodies of 38 to 50 base62 characters (44 before the checksum is right),
+        /// and the answer predicted from the documented shape.
+        #[test]
+        fn checksummed_near_keys_are_refused_or_round_trip(
+            // Mostly lowercase, so that over-long brands of a valid alphabet come up often.
+            brand in "[a-z0-9]{0,20}|[a-zA-Z0-9]{1,4}",
+            environment in "live|test|dev|trial|prod|Live|",
+            // Half of them exactly the right length.
+            id_and_secret in "[0-9A-Za-z]{44}|[0-9A-Za-z]{38,50}",
+        ) {
+            let text = key_text_from(&format!("{brand}_{environment}_{id_and_secret}"));
+            let shaped = (1..=MAX_BRAND_LEN).contains(&brand.len())
+                && brand.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                && Environment::from_key_text(&environment).is_some()
+                && id_and_secret.len() == KEY_ID_LEN + SECRET_LEN;
+            prop_assert_eq!(PresentedKey::parse(&text).is_some(), shaped, "{:?}", text);
+            assert_refused_or_round_trips(&text);
+        }
+
+        #[test]
+        fn any_checksummed_text_is_refused_or_round_trips(checked in any::<String>()) {
+            assert_refused_or_round_trips(&key_text_from(&checked));
+        }
+
+        #[test]
+        fn well_formed_keys_parse_into_their_parts(
+            brand in "[a-z0-9]{1,16}",
+            environment in environment(),
+            id_and_secret in "[0-9A-Za-z]{44}",
+        ) {
+            let text = key_text(&brand, environment, &id_and_secret);
+            let parsed = PresentedKey::parse(&text).expect("a well-formed key parses");
+            prop_assert_eq!(parsed.environment(), environment);
+            prop_assert_eq!(parsed.key_id(), &id_and_secret[..KEY_ID_LEN]);
+            assert_refused_or_round_trips(&text);
+        }
+
+        /// Any one character replaced by any other (of any width, control characters included)
+        /// is refused: the alphabet, the shape or the CRC32 catches it.
+        #[test]
+        fn any_one_substitution_is_refused(
+            brand in "[a-z0-9]{1,16}",
+            environment in environment(),
+            id_and_secret in "[0-9A-Za-z]{44}",
+            position in any::<prop::sample::Index>(),
+            replacement in any::<char>(),
+        ) {
+            let text = key_text(&brand, environment, &id_and_secret);
+            let mut chars: Vec<char> = text.chars().collect();
+            let index = position.index(chars.len());
+            prop_assume!(chars[index] != replacement);
+            chars[index] = replacement;
+            let changed: String = chars.into_iter().collect();
+            prop_assert!(PresentedKey::parse(&changed).is_none(), "{:?} parsed", changed);
+        }
+
+        /// A well-formed key with anything before or after it is refused, never cut to fit.
+        #[test]
+        fn anything_around_a_key_is_refused(
+            brand in "[a-z0-9]{1,16}",
+            environment in environment(),
+            id_and_secret in "[0-9A-Za-z]{44}",
+            before in ".{0,3}",
+            after in ".{1,3}",
+        ) {
+            let text = format!("{before}{}{after}", key_text(&brand, environment, &id_and_secret));
+            prop_assert!(PresentedKey::parse(&text).is_none(), "{:?} parsed", text);
+        }
     }
 }

@@ -324,6 +324,14 @@ async fn bad_jwts_are_unauthenticated(db: TestDb) {
             }),
         ),
         ("unknown role", hs256(&claims("acme", "superuser"))),
+        (
+            // It would be written to the audit trail, and PostgreSQL cannot store NUL.
+            "NUL in the subject",
+            hs256(&Claims {
+                sub: "user\u{0}1",
+                ..claims("acme", "developer")
+            }),
+        ),
     ];
     for (what, token) in cases {
         let status = keys_as(&app.channel, Some(&token))

@@ -7,6 +7,7 @@ mod postgres_cluster;
 mod abuse;
 mod auth;
 mod binary;
+mod hostile_input;
 mod hot_path;
 mod lifecycle;
 mod listing;
