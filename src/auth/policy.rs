@@ -5,6 +5,7 @@
 //! | IssueKey | yes | no | yes | yes | never |
 //! | GetKey, ListKeys | yes | yes | yes | yes | viewer and up |
 //! | RevokeKey, RotateKey | yes | no | yes | yes | developer and up, or itself |
+//! | RevokeKey with revoke_successors | yes | no | yes | yes | developer and up |
 //! | RotateKey: set the successor's expiry | yes | no | yes | yes | never |
 //! | RotateKey: longest grace period | server cap | - | server cap | server cap | 24 h |
 //!
@@ -47,6 +48,10 @@ pub enum Action<'a> {
     Revoke {
         key_id: &'a str,
     },
+    /// RevokeKey with `revoke_successors`: revoking keys other than the one named, so the
+    /// exemption that lets an API key revoke itself does not stretch to it. Otherwise a leaked
+    /// key still in its grace period could revoke the successor its owner now uses.
+    RevokeWithSuccessors,
     Rotate {
         key_id: &'a str,
     },
@@ -126,7 +131,7 @@ impl Caller {
             ) if own == key_id => Ok(()),
             (
                 Self::User { role, .. } | Self::ApiKey { role, .. },
-                Action::Revoke { .. } | Action::Rotate { .. },
+                Action::Revoke { .. } | Action::Rotate { .. } | Action::RevokeWithSuccessors,
             ) => require(*role, Role::Developer, "revoke or rotate keys"),
         }
     }
@@ -233,6 +238,24 @@ mod tests {
             });
             let expected_self = revoke_self || matches!(caller, Caller::ApiKey { .. });
             assert_eq!(self_allowed, expected_self, "{caller:?} self");
+        }
+    }
+
+    #[test]
+    fn revoking_successors_needs_the_right_to_revoke_other_keys() {
+        use Role::*;
+        for (caller, allowed) in [
+            (Caller::Admin, true),
+            (user(Viewer), false),
+            (user(Developer), true),
+            (api_key(Viewer), false),
+            (api_key(Developer), true),
+        ] {
+            assert_eq!(
+                caller.authorize(Action::RevokeWithSuccessors).is_ok(),
+                allowed,
+                "{caller:?}"
+            );
         }
     }
 

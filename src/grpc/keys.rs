@@ -210,6 +210,9 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         let request = request.get_ref();
         let key_id = require_key_id(&request.key_id)?;
         caller.authorize(Action::Revoke { key_id })?;
+        if request.revoke_successors {
+            caller.authorize(Action::RevokeWithSuccessors)?;
+        }
         let revoked = self
             .keys
             .revoke(

@@ -520,6 +520,48 @@ async fn revoke_successors_reaches_what_a_thief_rotated(db: TestDb) {
     assert_eq!(revokes, vec![leaked_id, first_id, second_id]);
 }
 
+/// The holder of an old key in its grace period may revoke that key, never the successor its
+/// owner now uses: revoke_successors needs the right to revoke other keys.
+async fn an_old_key_cannot_revoke_its_successor(db: TestDb) {
+    let mut app = TestApp::spawn(&db).await;
+    let old = app
+        .issue_with(pb::IssueKeyRequest {
+            workspace_id: "acme".into(),
+            name: "viewer".into(),
+            role: pb::Role::Viewer as i32,
+            ..Default::default()
+        })
+        .await;
+    let old_id = key_of(&old).key_id.clone();
+    let rotated = app.rotate("acme", &old_id, seconds(3600)).await.unwrap();
+    let mut holder = keys_as(&app.channel, Some(&old.secret));
+    let status = holder
+        .revoke_key(pb::RevokeKeyRequest {
+            workspace_id: String::new(),
+            key_id: old_id.clone(),
+            revoke_successors: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "INSUFFICIENT_ROLE");
+    assert!(app.verify_key(&rotated.secret, &[]).await.valid);
+    assert!(app.verify_key(&old.secret, &[]).await.valid, "nothing changed");
+    // Revoking itself alone stays allowed.
+    let revoked = holder
+        .revoke_key(pb::RevokeKeyRequest {
+            workspace_id: String::new(),
+            key_id: old_id,
+            revoke_successors: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.key.unwrap().state, pb::KeyState::Revoked as i32);
+    assert!(app.verify_key(&rotated.secret, &[]).await.valid);
+    app.stop().await;
+}
+
 /// A usage-limited key and its successors share one budget: rotating cannot mint uses, even
 /// while the old key keeps working through its grace period.
 async fn a_rotation_chain_shares_one_usage_budget(db: TestDb) {
@@ -558,6 +600,7 @@ on_both_databases!(
     self_rotations_expire_with_the_original,
     issuers_may_set_a_new_expiry_within_the_limits,
     revoke_successors_reaches_what_a_thief_rotated,
+    an_old_key_cannot_revoke_its_successor,
     a_rotation_chain_shares_one_usage_budget,
     rotation_copies_the_key_and_keeps_the_old_one_for_the_grace_period,
     default_grace_is_a_day,
