@@ -546,7 +546,10 @@ async fn an_old_key_cannot_revoke_its_successor(db: TestDb) {
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(reason(&status), "INSUFFICIENT_ROLE");
     assert!(app.verify_key(&rotated.secret, &[]).await.valid);
-    assert!(app.verify_key(&old.secret, &[]).await.valid, "nothing changed");
+    assert!(
+        app.verify_key(&old.secret, &[]).await.valid,
+        "nothing changed"
+    );
     // Revoking itself alone stays allowed.
     let revoked = holder
         .revoke_key(pb::RevokeKeyRequest {
