@@ -1,11 +1,23 @@
 //! Hashing keys at rest with argon2id. The PHC string carries its parameters, so they can be
 //! raised later without breaking existing keys.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use argon2::{Algorithm, Argon2, Params, PasswordHasher, PasswordVerifier, Version};
+use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, PasswordHasher, Version};
+use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
+
+/// The longest argon2 output a stored hash may have (PHC strings allow up to 64 bytes).
+const MAX_OUTPUT_LEN: usize = 64;
+
+thread_local! {
+    /// argon2's working memory, kept by each thread that verifies and reused by its next
+    /// verification: allocating megabytes per hash costs time and, across many threads,
+    /// fragments the allocator's arenas so a flood leaves the process hundreds of MiB larger.
+    static ARGON2_BLOCKS: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+}
 
 use crate::error::Error;
 
@@ -68,12 +80,52 @@ impl SecretHasher {
             .to_string()
     }
 
-    /// True when `plaintext` matches `phc`. A malformed PHC string never matches. CPU-heavy.
+    /// True when `plaintext` matches `phc`, with the parameters the PHC string carries. A
+    /// malformed PHC string never matches. CPU-heavy; reuses this thread's working memory.
     pub fn verify(&self, plaintext: &str, phc: &str) -> bool {
-        self.argon2
-            .verify_password(plaintext.as_bytes(), phc)
-            .is_ok()
+        ARGON2_BLOCKS.with_borrow_mut(|blocks| verify_with_memory(plaintext, phc, blocks))
     }
+}
+
+/// Recomputes the hash of `plaintext` with `phc`'s algorithm, version, parameters and salt into
+/// `blocks` (grown as needed, never shrunk), and compares it with `phc`'s in constant time.
+fn verify_with_memory(plaintext: &str, phc: &str, blocks: &mut Vec<Block>) -> bool {
+    let Ok(hash) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (&hash.salt, &hash.hash) else {
+        return false;
+    };
+    let Ok(algorithm) = Algorithm::try_from(hash.algorithm.as_str()) else {
+        return false;
+    };
+    let version = match hash.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(version)) => version,
+        Some(Err(_)) => return false,
+    };
+    let Ok(params) = Params::try_from(&hash) else {
+        return false;
+    };
+    let expected = expected.as_bytes();
+    let mut computed = [0u8; MAX_OUTPUT_LEN];
+    let Some(computed) = computed.get_mut(..expected.len()) else {
+        return false;
+    };
+    let block_count = params.block_count();
+    if blocks.len() < block_count {
+        blocks.resize(block_count, Block::default());
+    }
+    let argon2 = Argon2::new(algorithm, version, params);
+    argon2
+        .hash_password_into_with_memory(
+            plaintext.as_bytes(),
+            salt,
+            computed,
+            &mut blocks[..block_count],
+        )
+        .is_ok()
+        && bool::from(computed.ct_eq(expected))
 }
 
 /// Runs argon2 on the blocking thread pool behind a semaphore, so at most `size` hashes run at
@@ -95,6 +147,18 @@ struct PoolCounters {
     runs: AtomicU64,
     /// Time spent computing, in nanoseconds, over all runs.
     run_nanos: AtomicU64,
+    /// Computations running on a thread right now, and the most there ever were at once.
+    running: AtomicU64,
+    most_running: AtomicU64,
+}
+
+/// One caller waiting for or running a computation, for the `in_flight` gauge.
+struct InFlight(Arc<PoolCounters>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What the argon2 pool has done, for metrics.
@@ -104,6 +168,8 @@ pub struct HashPoolStats {
     pub in_flight: u64,
     pub runs: u64,
     pub run_nanos: u64,
+    /// The most computations that ever ran at once: never above the pool's size.
+    pub most_running: u64,
 }
 
 impl HashPool {
@@ -140,6 +206,7 @@ impl HashPool {
             in_flight: self.stats.in_flight.load(Ordering::Relaxed),
             runs: self.stats.runs.load(Ordering::Relaxed),
             run_nanos: self.stats.run_nanos.load(Ordering::Relaxed),
+            most_running: self.stats.most_running.load(Ordering::Relaxed),
         }
     }
 
@@ -150,27 +217,36 @@ impl HashPool {
     ) -> Result<T, Error> {
         let counters = self.stats.clone();
         counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        let outcome = async {
-            let _permit = self
+        // Counted down however this ends, a caller that stops waiting included.
+        let _in_flight = InFlight(counters.clone());
+        async {
+            let permit = self
                 .permits
-                .acquire()
+                .clone()
+                .acquire_owned()
                 .await
                 .map_err(|_| Error::Internal("argon2 pool closed".to_owned()))?;
             let counters = counters.clone();
+            // The permit moves into the blocking task and is released when the computation
+            // ends, not when the caller stops waiting: a cancelled request (a client deadline, a
+            // dropped connection) must not free a permit while its argon2 still runs, or a flood
+            // of impatient callers occupies more threads and cores than the pool allows.
             tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let running = counters.running.fetch_add(1, Ordering::Relaxed) + 1;
+                counters.most_running.fetch_max(running, Ordering::Relaxed);
                 let started = std::time::Instant::now();
                 let output = work();
                 let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 counters.run_nanos.fetch_add(nanos, Ordering::Relaxed);
                 counters.runs.fetch_add(1, Ordering::Relaxed);
+                counters.running.fetch_sub(1, Ordering::Relaxed);
                 output
             })
             .await
             .map_err(|error| Error::Internal(format!("argon2 task failed: {error}")))
         }
-        .await;
-        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-        outcome
+        .await
     }
 }
 
@@ -214,6 +290,79 @@ mod tests {
         })
         .unwrap();
         assert!(stronger.verify("text", &old));
+    }
+
+    #[test]
+    fn reused_memory_verifies_like_a_fresh_allocation() {
+        use argon2::PasswordVerifier;
+
+        let small = hasher().hash("small key");
+        let large = SecretHasher::new(HashParams {
+            memory_kib: 2048,
+            iterations: 2,
+            parallelism: 2,
+        })
+        .unwrap()
+        .hash("large key");
+        // One buffer for every case, grown by the large hash, then reused by the small one.
+        let mut blocks = Vec::new();
+        for (plaintext, phc, matches) in [
+            ("large key", large.as_str(), true),
+            ("small key", small.as_str(), true),
+            ("small kez", small.as_str(), false),
+            ("large key", small.as_str(), false),
+            ("small key", "$argon2id$v=19$m=256,t=1,p=1$bm9zYWx0", false),
+            ("small key", "not a phc string", false),
+            ("small key", "", false),
+        ] {
+            assert_eq!(
+                verify_with_memory(plaintext, phc, &mut blocks),
+                matches,
+                "{plaintext} against {phc}"
+            );
+            let reference = PasswordHash::new(phc).is_ok_and(|hash| {
+                Argon2::default()
+                    .verify_password(plaintext.as_bytes(), &hash)
+                    .is_ok()
+            });
+            assert_eq!(reference, matches, "argon2's own verification agrees");
+        }
+        assert_eq!(blocks.len(), 2048, "grown to the largest, never shrunk");
+    }
+
+    /// Callers that stop waiting (a deadline, a dropped connection) do not free a permit while
+    /// their argon2 still runs: the pool never runs more computations at once than its size.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_callers_keep_their_permit_until_argon2_ends() {
+        let hasher = SecretHasher::new(HashParams {
+            memory_kib: 2048,
+            iterations: 2,
+            parallelism: 1,
+        })
+        .unwrap();
+        let phc = hasher.hash("key");
+        let pool = HashPool::new(hasher, 2);
+        let impatient: Vec<_> = (0..24)
+            .map(|n| {
+                let pool = pool.clone();
+                let phc = phc.clone();
+                tokio::spawn(async move {
+                    let verify = pool.verify(format!("wrong {n}"), phc);
+                    let _ = tokio::time::timeout(std::time::Duration::from_millis(1), verify).await;
+                })
+            })
+            .collect();
+        for caller in impatient {
+            caller.await.unwrap();
+        }
+        // Await the computations that outlived their callers.
+        while pool.stats.running.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let stats = pool.stats();
+        assert!(stats.runs >= 2, "some computations ran: {stats:?}");
+        assert!(stats.most_running <= 2, "{stats:?}");
+        assert_eq!(stats.in_flight, 0, "no caller is waiting any more");
     }
 
     #[test]
