@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::auth::{AuthConfig, JwtConfig};
 use crate::key::format::random_base62;
-use crate::key::{Brand, HashParams, WorkspaceId};
+use crate::key::{Brand, HashParams, UnprovenBudget, WorkspaceId};
 use crate::keys::{KeyLimits, TrialConfig};
 use crate::server::{Config, TlsConfig};
 use crate::telemetry::LogFormat;
@@ -87,6 +87,15 @@ pub struct ServeArgs {
     /// How many argon2 computations may run at once (0 = the number of CPU cores).
     #[arg(long, env = "KEY_AUTHORITY_ARGON2_THREADS", default_value_t = 0)]
     pub argon2_threads: usize,
+
+    /// argon2 verifications per second of secrets nobody has proven yet (first sight of a key,
+    /// wrong secrets); beyond it they are refused with RESOURCE_EXHAUSTED. 0 = no rate limit.
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_UNPROVEN_PER_SECOND", default_value_t = UnprovenBudget::default().per_second)]
+    pub argon2_unproven_per_second: u32,
+
+    /// Unproven verifications that may wait or run at once; more are refused at once.
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_UNPROVEN_QUEUE", default_value_t = UnprovenBudget::default().queue_depth)]
+    pub argon2_unproven_queue: usize,
 
     /// Largest number of verdicts (digest of a presented key → match or not) kept in memory.
     #[arg(long, env = "KEY_AUTHORITY_VERDICT_CACHE_CAPACITY", default_value_t = VerifyConfig::default().verdict_cache_capacity)]
@@ -342,6 +351,10 @@ impl ServeArgs {
                 parallelism: self.argon2_parallelism,
             },
             argon2_threads,
+            argon2_unproven: UnprovenBudget {
+                per_second: self.argon2_unproven_per_second,
+                queue_depth: self.argon2_unproven_queue.max(1),
+            },
             verify: VerifyConfig {
                 verdict_cache_capacity: self.verdict_cache_capacity,
                 negative_verdict_ttl: self.negative_verdict_ttl,
@@ -378,6 +391,7 @@ mod tests {
         assert_eq!(config.verify.state_ttl, Duration::from_secs(5));
         // The flags' defaults are the library's defaults.
         assert_eq!(config.limits, KeyLimits::default());
+        assert_eq!(config.argon2_unproven, UnprovenBudget::default());
         assert!(config.trial.enabled);
         assert_eq!(config.trial.retention, TrialConfig::default().retention);
         assert_eq!(

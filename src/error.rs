@@ -55,6 +55,10 @@ pub enum Error {
     /// Too many requests from this client IP; retry after the delay.
     #[error("rate limited for this client IP: retry in {} s", whole_seconds_up(.0))]
     IpRateLimited(Duration),
+    /// Too many secrets nobody has proven yet are being checked on this replica: the argon2
+    /// budget for them is spent. The service did not decide; retry after the delay.
+    #[error("too many unrecognised keys are being checked right now: retry in {} ms", .0.as_millis().max(1))]
+    VerifyBusy(Duration),
     /// The operator switched trial keys off (`--trial-keys false`).
     #[error("trial keys are switched off on this server")]
     TrialKeysDisabled,
@@ -117,6 +121,7 @@ impl Error {
             Self::RateLimited(_) => "RATE_LIMITED",
             Self::IpRateLimited(_) => "IP_RATE_LIMITED",
             Self::TrialKeysDisabled => "TRIAL_KEYS_DISABLED",
+            Self::VerifyBusy(_) => "VERIFY_BUSY",
             Self::TrialKeysPaused => "TRIAL_KEYS_PAUSED",
             Self::Conflict => "CONCURRENT_MODIFICATION",
             Self::Unavailable(_) => "DATABASE_UNAVAILABLE",
@@ -135,9 +140,10 @@ impl Error {
             }
             Self::MissingCredentials | Self::InvalidCredentials(_) => Code::Unauthenticated,
             Self::InsufficientRole(_) | Self::WorkspaceMismatch(_) => Code::PermissionDenied,
-            Self::RateLimited(_) | Self::IpRateLimited(_) | Self::TrialKeysPaused => {
-                Code::ResourceExhausted
-            }
+            Self::RateLimited(_)
+            | Self::IpRateLimited(_)
+            | Self::TrialKeysPaused
+            | Self::VerifyBusy(_) => Code::ResourceExhausted,
             Self::TrialKeysDisabled => Code::Unimplemented,
             Self::Conflict => Code::Aborted,
             Self::Unavailable(_) => Code::Unavailable,
@@ -149,7 +155,9 @@ impl Error {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Conflict => Some(Duration::from_millis(50)),
-            Self::RateLimited(delay) | Self::IpRateLimited(delay) => Some(*delay),
+            Self::RateLimited(delay) | Self::IpRateLimited(delay) | Self::VerifyBusy(delay) => {
+                Some(*delay)
+            }
             Self::Unavailable(_) => Some(Duration::from_secs(1)),
             _ => None,
         }

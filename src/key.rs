@@ -7,6 +7,6 @@ pub mod model;
 pub mod names;
 
 pub use format::{Brand, GeneratedKey, KeyId, PresentedKey};
-pub use hash::{HashParams, HashPool, HashPoolStats, SecretHasher};
+pub use hash::{HashParams, HashPool, HashPoolStats, SecretHasher, UnprovenBudget};
 pub use model::{Environment, Key, KeyState, Role, StoredKey};
 pub use names::{KeyDescription, KeyName, Metadata, Scope, Scopes, WorkspaceId};

@@ -199,6 +199,12 @@ impl prometheus_client::collector::Collector for Sources {
         )?;
         counter(
             e,
+            "argon2_unproven_refused",
+            "Verifications of unproven secrets refused because their argon2 budget was spent",
+            argon2.unproven_refused as f64,
+        )?;
+        counter(
+            e,
             "argon2_run_seconds",
             "Time spent computing argon2",
             argon2.run_nanos as f64 / 1e9,

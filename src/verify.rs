@@ -287,7 +287,9 @@ impl Verifier {
         let hashes = &self.hashes;
         self.verdicts
             .try_get_with(digest, async move {
-                match hashes.verify(plaintext, phc).await? {
+                // Not in the verdict cache: nobody has proven this secret, so it runs within the
+                // replica's argon2 budget for unproven secrets.
+                match hashes.verify_unproven(plaintext, phc).await? {
                     true => Ok(SecretVerdict::Matches),
                     false => Ok(SecretVerdict::DoesNotMatch),
                 }
@@ -301,6 +303,7 @@ impl Verifier {
 pub(crate) fn shared_error(error: Arc<Error>) -> Error {
     match error.as_ref() {
         Error::Unavailable(detail) => Error::Unavailable(detail.clone()),
+        Error::VerifyBusy(retry) => Error::VerifyBusy(*retry),
         Error::Conflict => Error::Conflict,
         other => Error::Internal(other.to_string()),
     }

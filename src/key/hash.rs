@@ -128,6 +128,33 @@ fn verify_with_memory(plaintext: &str, phc: &str, blocks: &mut Vec<Block>) -> bo
         && bool::from(computed.ct_eq(expected))
 }
 
+/// The share of argon2 that secrets nobody has proven yet may take on one replica. A right
+/// secret seen for the first time is unproven too: a legitimate cold key competes inside this
+/// budget with a flood of wrong ones (README.md, "Abuse controls").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnprovenBudget {
+    /// Verifications started per second; 0 means no rate limit.
+    pub per_second: u32,
+    /// Verifications that may be waiting for a thread or running at once; more are refused at
+    /// once.
+    pub queue_depth: usize,
+}
+
+impl Default for UnprovenBudget {
+    /// About half of what two cores verify per second at the default argon2 cost (~1.3 ms
+    /// each), so unproven secrets can never take more than about one core, and a queue that
+    /// drains in a few milliseconds. Not yet tuned by the benchmark's flood phase.
+    fn default() -> Self {
+        Self {
+            per_second: 500,
+            queue_depth: 16,
+        }
+    }
+}
+
+/// How long a caller refused for a full queue should wait before trying again.
+const QUEUE_FULL_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Runs argon2 on the blocking thread pool behind a semaphore, so at most `size` hashes run at
 /// once and the async workers never do argon2 work: a flood of cold or wrong keys queues here
 /// instead of stalling warm verifies.
@@ -135,6 +162,8 @@ fn verify_with_memory(plaintext: &str, phc: &str, blocks: &mut Vec<Block>) -> bo
 pub struct HashPool {
     hasher: SecretHasher,
     permits: Arc<Semaphore>,
+    budget: UnprovenBudget,
+    unproven_rate: Option<Arc<governor::DefaultDirectRateLimiter>>,
     verifications: Arc<AtomicU64>,
     stats: Arc<PoolCounters>,
 }
@@ -150,6 +179,19 @@ struct PoolCounters {
     /// Computations running on a thread right now, and the most there ever were at once.
     running: AtomicU64,
     most_running: AtomicU64,
+    /// Unproven verifications waiting for a permit.
+    unproven_waiting: AtomicU64,
+    /// Unproven verifications refused because the budget was spent.
+    unproven_refused: AtomicU64,
+}
+
+/// One unproven verification counted against the queue depth until it ends.
+struct Waiting(Arc<PoolCounters>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.unproven_waiting.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// One caller waiting for or running a computation, for the `in_flight` gauge.
@@ -170,6 +212,8 @@ pub struct HashPoolStats {
     pub run_nanos: u64,
     /// The most computations that ever ran at once: never above the pool's size.
     pub most_running: u64,
+    /// Unproven verifications refused because the budget was spent.
+    pub unproven_refused: u64,
 }
 
 impl HashPool {
@@ -177,6 +221,11 @@ impl HashPool {
         Self {
             hasher,
             permits: Arc::new(Semaphore::new(size.max(1))),
+            budget: UnprovenBudget {
+                per_second: 0,
+                queue_depth: usize::MAX,
+            },
+            unproven_rate: None,
             verifications: Arc::new(AtomicU64::new(0)),
             stats: Arc::default(),
         }
@@ -195,6 +244,42 @@ impl HashPool {
         self.run(move || hasher.verify(&plaintext, &phc)).await
     }
 
+    /// The same pool with a budget for [`verify_unproven`](Self::verify_unproven).
+    pub fn with_unproven_budget(mut self, budget: UnprovenBudget) -> Self {
+        self.unproven_rate = std::num::NonZeroU32::new(budget.per_second).map(|rate| {
+            Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+                rate,
+            )))
+        });
+        self.budget = budget;
+        self
+    }
+
+    /// Like [`verify`](Self::verify), for a secret nobody has proven yet, within the budget: when
+    /// the rate is spent or the queue is full, refused at once with `Error::VerifyBusy` (the
+    /// service did not decide, so never "invalid").
+    pub async fn verify_unproven(&self, plaintext: String, phc: String) -> Result<bool, Error> {
+        let counters = &self.stats;
+        let waiting = counters.unproven_waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(counters.clone());
+        if waiting >= self.budget.queue_depth as u64 {
+            counters.unproven_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::VerifyBusy(QUEUE_FULL_RETRY));
+        }
+        if let Some(rate) = &self.unproven_rate
+            && let Err(not_until) = rate.check()
+        {
+            counters.unproven_refused.fetch_add(1, Ordering::Relaxed);
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            return Err(Error::VerifyBusy(
+                wait.max(std::time::Duration::from_millis(1)),
+            ));
+        }
+        self.verify(plaintext, phc).await
+    }
+
     /// How many argon2 verifications ran since start: single-flight tests and metrics read it.
     pub fn verifications(&self) -> u64 {
         self.verifications.load(Ordering::Relaxed)
@@ -207,6 +292,7 @@ impl HashPool {
             runs: self.stats.runs.load(Ordering::Relaxed),
             run_nanos: self.stats.run_nanos.load(Ordering::Relaxed),
             most_running: self.stats.most_running.load(Ordering::Relaxed),
+            unproven_refused: self.stats.unproven_refused.load(Ordering::Relaxed),
         }
     }
 
@@ -363,6 +449,65 @@ mod tests {
         assert!(stats.runs >= 2, "some computations ran: {stats:?}");
         assert!(stats.most_running <= 2, "{stats:?}");
         assert_eq!(stats.in_flight, 0, "no caller is waiting any more");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unproven_secrets_beyond_the_queue_are_refused_at_once() {
+        let hasher = hasher();
+        let phc = hasher.hash("key");
+        let pool = HashPool::new(hasher, 1).with_unproven_budget(UnprovenBudget {
+            per_second: 0,
+            queue_depth: 2,
+        });
+        // Hold the only thread, so verifications queue.
+        let permit = pool.permits.clone().acquire_owned().await.unwrap();
+        let queued: Vec<_> = (0..2)
+            .map(|_| {
+                let pool = pool.clone();
+                let phc = phc.clone();
+                tokio::spawn(async move { pool.verify_unproven("key".into(), phc).await })
+            })
+            .collect();
+        while pool.stats.unproven_waiting.load(Ordering::Acquire) < 2 {
+            tokio::task::yield_now().await;
+        }
+        let refused = pool.verify_unproven("key".into(), phc.clone()).await;
+        assert!(matches!(refused, Err(Error::VerifyBusy(delay)) if delay == QUEUE_FULL_RETRY));
+        drop(permit);
+        for verification in queued {
+            assert!(verification.await.unwrap().unwrap(), "the queued ones ran");
+        }
+        assert_eq!(pool.stats().unproven_refused, 1);
+        // Proven paths (hashing, plain verify) are not budgeted.
+        assert!(pool.verify("key".into(), phc).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn unproven_secrets_beyond_the_rate_are_refused_with_the_wait() {
+        let hasher = hasher();
+        let phc = hasher.hash("key");
+        let pool = HashPool::new(hasher, 2).with_unproven_budget(UnprovenBudget {
+            per_second: 2,
+            queue_depth: 100,
+        });
+        // governor's quota allows a burst of the per-second rate.
+        assert!(
+            pool.verify_unproven("key".into(), phc.clone())
+                .await
+                .unwrap()
+        );
+        assert!(
+            !pool
+                .verify_unproven("kez".into(), phc.clone())
+                .await
+                .unwrap()
+        );
+        let refused = pool.verify_unproven("key".into(), phc).await;
+        let Err(Error::VerifyBusy(wait)) = refused else {
+            panic!("expected VerifyBusy, got {refused:?}");
+        };
+        assert!(wait > std::time::Duration::ZERO && wait <= std::time::Duration::from_millis(500));
+        assert_eq!(pool.stats().unproven_refused, 1);
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod common;
 mod postgres_cluster;
 
 mod abuse;
+mod argon2_budget;
 mod auth;
 mod binary;
 mod hostile_input;
