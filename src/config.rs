@@ -11,7 +11,7 @@ use crate::auth::{AuthConfig, JwtConfig};
 use crate::key::format::random_base62;
 use crate::key::{Brand, HashParams, UnprovenBudget, WorkspaceId};
 use crate::keys::{KeyLimits, TrialConfig};
-use crate::server::{Config, TlsConfig};
+use crate::server::{Config, OverloadConfig, TlsConfig};
 use crate::telemetry::LogFormat;
 use crate::verify::{LockoutConfig, UsageConfig, VerifyConfig};
 
@@ -251,6 +251,16 @@ pub struct ServeArgs {
     #[arg(long, env = "KEY_AUTHORITY_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// gRPC calls in progress at once, across all connections; the next one is refused at once
+    /// with UNAVAILABLE (reason OVERLOADED). grpc.health is exempt. 0 sets no limit.
+    #[arg(long, env = "KEY_AUTHORITY_MAX_CONCURRENT_REQUESTS", default_value_t = OverloadConfig::default().max_concurrent_requests)]
+    pub max_concurrent_requests: usize,
+
+    /// HTTP/2 streams a client may open at once on one connection (more wait on the client).
+    /// 0 sets no limit.
+    #[arg(long, env = "KEY_AUTHORITY_MAX_CONCURRENT_STREAMS", default_value_t = OverloadConfig::default().max_concurrent_streams)]
+    pub max_concurrent_streams: u32,
+
     /// PEM certificate chain: serve TLS.
     #[arg(long, env = "KEY_AUTHORITY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -340,6 +350,10 @@ impl ServeArgs {
             tls,
             metrics_listen: self.metrics_listen,
             shutdown_grace: self.shutdown_grace,
+            overload: OverloadConfig {
+                max_concurrent_requests: self.max_concurrent_requests,
+                max_concurrent_streams: self.max_concurrent_streams,
+            },
             health_check_interval: self.health_check_interval.max(Duration::from_millis(10)),
             listen: self.listen,
             database_url: self.database.database_url,
@@ -392,6 +406,7 @@ mod tests {
         // The flags' defaults are the library's defaults.
         assert_eq!(config.limits, KeyLimits::default());
         assert_eq!(config.argon2_unproven, UnprovenBudget::default());
+        assert_eq!(config.overload, OverloadConfig::default());
         assert!(config.trial.enabled);
         assert_eq!(config.trial.retention, TrialConfig::default().retention);
         assert_eq!(

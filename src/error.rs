@@ -13,6 +13,10 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// The `domain` of every ErrorInfo this service sends.
 pub const ERROR_DOMAIN: &str = "keyauthority.v1";
 
+/// The RetryInfo delay of an OVERLOADED refusal: a few slow (argon2) calls' worth, long enough
+/// for slots to free up, short enough that a retrying client loses little.
+const OVERLOADED_RETRY_DELAY: Duration = Duration::from_millis(100);
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The request's bytes are not a message of its type (a string field that is not UTF-8, a
@@ -68,6 +72,13 @@ pub enum Error {
     /// A concurrent change won; the caller may retry.
     #[error("a concurrent change to the same key won, retry")]
     Conflict,
+    /// The server is already working on as many requests as it allows; nothing was done, so any
+    /// call (IssueKey included) may be retried, here or on another replica.
+    #[error("the server is overloaded, retry shortly")]
+    Overloaded,
+    /// The caller's deadline (`grpc-timeout`) passed before the answer was ready.
+    #[error("the deadline passed before the request was answered")]
+    DeadlineExceeded,
     /// The database cannot be reached or is overloaded; the caller may retry.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
@@ -124,6 +135,8 @@ impl Error {
             Self::VerifyBusy(_) => "VERIFY_BUSY",
             Self::TrialKeysPaused => "TRIAL_KEYS_PAUSED",
             Self::Conflict => "CONCURRENT_MODIFICATION",
+            Self::Overloaded => "OVERLOADED",
+            Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Self::Unavailable(_) => "DATABASE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
         }
@@ -146,6 +159,11 @@ impl Error {
             | Self::VerifyBusy(_) => Code::ResourceExhausted,
             Self::TrialKeysDisabled => Code::Unimplemented,
             Self::Conflict => Code::Aborted,
+            // UNAVAILABLE, not RESOURCE_EXHAUSTED: the caller exceeded no quota of its own
+            // (RATE_LIMITED says that), the server is momentarily full. UNAVAILABLE is the code
+            // gRPC retry policies and proxies retry, on another replica if there is one.
+            Self::Overloaded => Code::Unavailable,
+            Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         }
@@ -159,6 +177,7 @@ impl Error {
                 Some(*delay)
             }
             Self::Unavailable(_) => Some(Duration::from_secs(1)),
+            Self::Overloaded => Some(OVERLOADED_RETRY_DELAY),
             _ => None,
         }
     }
@@ -178,6 +197,7 @@ impl From<Error> for Status {
         match &error {
             Error::Internal(detail) => tracing::error!(error = %detail, "internal error"),
             Error::Unavailable(detail) => tracing::warn!(error = %detail, "database unavailable"),
+            // Under overload this runs per refused call: no louder than debug.
             _ => tracing::debug!(reason = error.reason(), "request refused"),
         }
         let mut metadata = HashMap::new();
@@ -267,6 +287,20 @@ mod tests {
         assert_eq!(
             status.get_details_retry_info().unwrap().retry_delay,
             Some(Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn overloaded_is_unavailable_with_a_short_retry() {
+        let status = Status::from(Error::Overloaded);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            "OVERLOADED"
+        );
+        assert_eq!(
+            status.get_details_retry_info().unwrap().retry_delay,
+            Some(OVERLOADED_RETRY_DELAY)
         );
     }
 }

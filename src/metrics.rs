@@ -28,6 +28,11 @@ struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
     code: &'static str,
 }
@@ -37,6 +42,7 @@ pub struct Metrics {
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_seconds: Family<RpcLabels, Histogram>,
     verdicts: Family<VerdictLabels, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -85,12 +91,20 @@ impl Metrics {
             "VerifyKey answers, by verdict code",
             verdicts.clone(),
         );
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "grpc_server_refusals",
+            "gRPC requests refused or abandoned by overload protection, by reason: OVERLOADED (over \
+             the concurrency limit) or DEADLINE_EXCEEDED (the caller's deadline passed)",
+            refusals.clone(),
+        );
         registry.register_collector(Box::new(sources));
         Arc::new(Self {
             registry,
             rpc_requests,
             rpc_seconds,
             verdicts,
+            refusals,
         })
     }
 
@@ -104,6 +118,11 @@ impl Metrics {
 
     pub fn record_verdict(&self, code: &'static str) {
         self.verdicts.get_or_create(&VerdictLabels { code }).inc();
+    }
+
+    /// A request refused or abandoned by overload protection; `reason` is its ErrorInfo reason.
+    pub fn record_refusal(&self, reason: &'static str) {
+        self.refusals.get_or_create(&RefusalLabels { reason }).inc();
     }
 
     /// The OpenMetrics text of every metric.

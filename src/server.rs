@@ -29,10 +29,17 @@ use crate::store::{self, Store};
 use crate::telemetry::RpcLayer;
 use crate::verify::{UsageConfig, UsageRecorder, Verifier, VerifyConfig};
 
+mod overload;
+
+pub use overload::OverloadConfig;
+use overload::OverloadLayer;
+
 /// Management requests carry at most a few KiB of metadata and scopes.
 const MAX_KEY_SERVICE_MESSAGE: usize = 64 * 1024;
 /// VerifyKey requests are a key, a few scopes and an IP: tiny.
 const MAX_VERIFY_MESSAGE: usize = 16 * 1024;
+/// The deadline of a call whose client sets none (and the longest one a client may set).
+const MAX_REQUEST_TIME: Duration = Duration::from_secs(30);
 
 /// Everything the server needs, already validated.
 #[derive(Debug, Clone)]
@@ -60,6 +67,8 @@ pub struct Config {
     pub health_check_interval: Duration,
     /// How long a graceful shutdown waits for open calls before closing them.
     pub shutdown_grace: Duration,
+    /// Calls in progress at once, and HTTP/2 streams per connection.
+    pub overload: OverloadConfig,
 }
 
 /// PEM material for TLS, already read from disk.
@@ -104,6 +113,7 @@ impl Config {
             metrics_listen: None,
             health_check_interval: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
+            overload: OverloadConfig::default(),
         }
     }
 }
@@ -266,7 +276,14 @@ async fn run(
     )));
     background.push(tokio::spawn(sweep_trial_keys(app.keys.clone())));
 
-    let mut builder = tonic::transport::Server::builder().timeout(Duration::from_secs(30));
+    // The overload layer answers a passed deadline with DEADLINE_EXCEEDED; tonic's own timeout
+    // (CANCELLED) stays as a backstop and never fires first.
+    let mut builder = tonic::transport::Server::builder()
+        .timeout(MAX_REQUEST_TIME)
+        .max_concurrent_streams(
+            (config.overload.max_concurrent_streams > 0)
+                .then_some(config.overload.max_concurrent_streams),
+        );
     if let Some(tls) = &config.tls {
         builder = builder
             .tls_config(server_tls(tls))
@@ -275,7 +292,13 @@ async fn run(
 
     tracing::info!(%local_addr, database = database_kind(&config.database_url), "key-authority serving");
     let served = builder
+        // Outermost first: refusals are counted and traced like every other answer.
         .layer(RpcLayer::new(app.metrics.clone()))
+        .layer(OverloadLayer::new(
+            config.overload,
+            MAX_REQUEST_TIME,
+            app.metrics.clone(),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1()?)
         .add_service(reflection_v1alpha()?)

@@ -13,6 +13,7 @@ mod hot_path;
 mod lifecycle;
 mod listing;
 mod observability;
+mod overload;
 mod persistence;
 mod replicas;
 mod rotation;

@@ -166,7 +166,7 @@ async fn verify_key_spans_join_the_callers_trace() {
 }
 
 /// GET /metrics over plain HTTP/1.1.
-async fn scrape(address: std::net::SocketAddr) -> String {
+pub(crate) async fn scrape(address: std::net::SocketAddr) -> String {
     tokio::task::spawn_blocking(move || {
         let mut stream = std::net::TcpStream::connect(address).unwrap();
         stream
@@ -185,7 +185,7 @@ async fn scrape(address: std::net::SocketAddr) -> String {
 }
 
 /// Every sample line of an exposition, by name and labels; panics on a line that does not parse.
-fn samples(text: &str) -> HashMap<String, f64> {
+pub(crate) fn samples(text: &str) -> HashMap<String, f64> {
     assert!(
         text.trim_end().ends_with("# EOF"),
         "OpenMetrics text ends with # EOF"
