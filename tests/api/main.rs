@@ -11,6 +11,7 @@ mod hostile_input;
 mod hot_path;
 mod lifecycle;
 mod listing;
+mod lockout_race;
 mod observability;
 mod persistence;
 mod replicas;
