@@ -158,7 +158,7 @@ impl Authenticator {
             Verdict::Revoked(_) => Err(Error::InvalidCredentials("the API key is revoked")),
             Verdict::Expired(_) => Err(Error::InvalidCredentials("the API key is expired")),
             Verdict::Locked(_) => Err(Error::InvalidCredentials(
-                "the API key is locked after too many failed verifications",
+                "the API key or the caller's address is locked after too many failed verifications",
             )),
             _ => Err(Error::InvalidCredentials("unknown API key")),
         }

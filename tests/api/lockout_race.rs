@@ -12,6 +12,8 @@ use crate::verify::forge_numbered;
 
 /// `--lockout-key-failures` by default.
 const KEY_FAILURES: u64 = 10;
+/// `--lockout-ip-failures` by default.
+const IP_FAILURES: u64 = 20;
 
 /// VerifyKey for every key at once; the verdict codes in the same order.
 async fn verify_all(app: &TestApp, keys: Vec<String>) -> Vec<pb::VerifyCode> {
@@ -90,6 +92,53 @@ async fn a_burst_of_wrong_secrets_reaches_argon2_at_most_the_threshold(db: TestD
         "a proven secret passes the lockout"
     );
     assert_eq!(verifier.hash_pool().verifications() - before, argon2);
+    app.stop().await;
+}
+
+async fn a_burst_spread_over_many_keys_reaches_argon2_at_most_the_ip_threshold(db: TestDb) {
+    let mut app = TestApp::spawn(&db).await;
+    let mut prefixes = Vec::new();
+    for n in 0..30 {
+        let issued = app.issue("acme", &format!("k{n}")).await;
+        prefixes.push(key_of(&issued).prefix.clone());
+    }
+    let verifier = app.server.verifier.clone();
+    let before = verifier.hash_pool().verifications();
+
+    // Nine guesses per key stay under every key's threshold: only the IP's 20 can stop them.
+    let calls: Vec<_> = (1..=9)
+        .flat_map(|n| prefixes.iter().map(move |prefix| forge_numbered(prefix, n)))
+        .map(|key| {
+            let mut client = app.verify.clone();
+            tokio::spawn(async move {
+                let verdict = client
+                    .verify_key(pb::VerifyKeyRequest {
+                        key,
+                        client_ip: "198.51.100.9".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("VerifyKey answers");
+                code(verdict.get_ref())
+            })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for call in calls {
+        codes.push(call.await.unwrap());
+    }
+    let argon2 = verifier.hash_pool().verifications() - before;
+    let not_found = count(&codes, pb::VerifyCode::NotFound);
+    assert_eq!(
+        not_found + count(&codes, pb::VerifyCode::Locked),
+        270,
+        "{codes:?}"
+    );
+    assert!(
+        argon2 <= IP_FAILURES,
+        "{argon2} argon2 runs for 270 guesses"
+    );
+    assert_eq!(not_found, argon2);
     app.stop().await;
 }
 
@@ -257,6 +306,7 @@ async fn key_service_refuses_api_keys_when_verify_tokens_are_required(db: TestDb
 
 on_both_databases!(
     a_burst_of_wrong_secrets_reaches_argon2_at_most_the_threshold,
+    a_burst_spread_over_many_keys_reaches_argon2_at_most_the_ip_threshold,
     a_right_secret_among_concurrent_guesses_is_not_a_failure,
     a_burst_of_wrong_api_keys_on_key_service_reaches_argon2_at_most_the_threshold,
     key_service_api_key_failures_count_under_the_peer_address,
