@@ -24,9 +24,11 @@ use moka::sync::Cache;
 
 #[derive(Debug, Clone)]
 pub struct LockoutConfig {
-    /// Failed verifications of one key within `window` that lock it.
+    /// Unproven secrets of one key checked within `window` (failed, or still in flight) that
+    /// lock it; 0 switches key lockouts off.
     pub key_failures: u32,
-    /// Failed verifications from one client IP within `window` that lock it.
+    /// Failures from one client IP within `window` (checks still in flight included) that lock
+    /// it; 0 switches IP lockouts off.
     pub ip_failures: u32,
     pub window: Duration,
     /// How long a lockout lasts.
