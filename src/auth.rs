@@ -2,8 +2,11 @@
 //!
 //! KeyService callers authenticate with `authorization: Bearer <token>`, where the token is one
 //! of: a platform admin token, a JWT from the dashboard's identity provider, or an API key issued
-//! by this service (checked through the same cached path as VerifyKey). VerifyService is open by
-//! default; operators can require a service token or a client certificate.
+//! by this service (checked through the same cached path and the same lockouts as VerifyKey,
+//! counted under the connection's peer address). VerifyService is open by default; operators can
+//! require a service token or a client certificate. Once they do, KeyService refuses API keys
+//! outright: answering for an API key is answering "is this key valid?", the very question the
+//! verify tokens reserve for trusted front ends.
 
 pub mod jwt;
 pub mod policy;
@@ -21,7 +24,7 @@ pub use token_set::TokenSet;
 
 use crate::error::{Error, Result};
 use crate::key::{PresentedKey, WorkspaceId};
-use crate::verify::{Verdict, Verifier, VerifyRequest};
+use crate::verify::{ClientIp, Verdict, Verifier, VerifyRequest};
 
 /// How KeyService callers are recognised.
 #[derive(Clone, Default)]
@@ -85,11 +88,17 @@ impl Authenticator {
         })
     }
 
-    /// Identifies the caller of a KeyService request.
-    pub async fn caller(&self, metadata: &MetadataMap) -> Result<Caller> {
+    /// Identifies the caller of a KeyService request that came from `peer`.
+    pub async fn caller(&self, metadata: &MetadataMap, peer: Option<ClientIp>) -> Result<Caller> {
         let token = bearer_token(metadata).ok_or(Error::MissingCredentials)?;
         if PresentedKey::parse(token).is_some() {
-            return self.api_key_caller(token).await;
+            // Refused before any lookup: no answer here may tell a right key from a wrong one.
+            if !self.verify_tokens.is_empty() {
+                return Err(Error::InvalidCredentials(
+                    "API keys cannot call KeyService on a server that requires verify tokens",
+                ));
+            }
+            return self.api_key_caller(token, peer).await;
         }
         if self.admin_tokens.contains(token) {
             return Ok(Caller::Admin);
@@ -123,10 +132,12 @@ impl Authenticator {
         })
     }
 
-    async fn api_key_caller(&self, token: &str) -> Result<Caller> {
-        // A management call checks the key without consuming any of a usage limit.
+    async fn api_key_caller(&self, token: &str, peer: Option<ClientIp>) -> Result<Caller> {
+        // A management call checks the key without consuming any of a usage limit. Its wrong
+        // guesses count against the key and the caller's address like VerifyKey's.
         let check = VerifyRequest {
             cost: 0,
+            client_ip: peer,
             ..VerifyRequest::key(token)
         };
         match self.verifier.verify(check).await? {
@@ -147,7 +158,7 @@ impl Authenticator {
             Verdict::Revoked(_) => Err(Error::InvalidCredentials("the API key is revoked")),
             Verdict::Expired(_) => Err(Error::InvalidCredentials("the API key is expired")),
             Verdict::Locked(_) => Err(Error::InvalidCredentials(
-                "the API key is locked after too many failed verifications",
+                "the API key or the caller's address is locked after too many failed verifications",
             )),
             _ => Err(Error::InvalidCredentials("unknown API key")),
         }

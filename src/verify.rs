@@ -1,7 +1,8 @@
 //! VerifyKey, the hot path. A warm verify is: shape and checksum, a BLAKE3 digest, two in-memory
 //! lookups, a scope check and a counter bump. No database, no argon2, no lock held across an
 //! await. A cold verify reads the key once and runs argon2 once on the bounded pool, however many
-//! requests for the same key arrive at the same time (single-flight).
+//! requests for the same key arrive at the same time (single-flight), and only with one of the
+//! key's lockout attempts in hand (`lockout`), so concurrent guesses cannot outrun the lockout.
 
 mod lockout;
 mod state;
@@ -228,7 +229,9 @@ impl Verifier {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         // A secret already proven correct passes any lockout: an attacker who knows a public
-        // prefix cannot lock its owner out. Anything else is refused while locked, unhashed.
+        // prefix cannot lock its owner out. Anything else is refused while locked, unhashed and
+        // unread. (The attempt taken before argon2, in `check_secret`, is what holds under
+        // concurrency; this look only spares a locked request the database read.)
         if known != Some(SecretVerdict::Matches)
             && let Some(remaining) = self.lockouts.locked(Some(presented.key_id()), ip)
         {
@@ -239,15 +242,21 @@ impl Verifier {
             self.lockouts.failed(None, ip);
             return Ok(Verdict::NotFound);
         };
-        let verdict = match known {
-            Some(verdict) => verdict,
-            None => {
-                self.check_secret(presented, digest, &stored.secret_hash)
-                    .await?
-            }
+        let (verdict, counted) = match known {
+            Some(verdict) => (verdict, false),
+            None => match self
+                .check_secret(presented, digest, &stored.secret_hash, ip)
+                .await?
+            {
+                SecretCheck::Ran(verdict) => (verdict, true),
+                SecretCheck::Joined(verdict) => (verdict, false),
+                SecretCheck::Refused(remaining) => return Ok(Verdict::Locked(remaining)),
+            },
         };
         if verdict == SecretVerdict::DoesNotMatch {
-            self.lockouts.failed(Some(presented.key_id()), ip);
+            if !counted {
+                self.lockouts.failed(Some(presented.key_id()), ip);
+            }
             return Ok(Verdict::NotFound);
         }
         let now = now_micros();
@@ -275,33 +284,82 @@ impl Verifier {
         Ok(Verdict::Valid(entry, remaining))
     }
 
-    /// Runs argon2 once for a presented key, however many requests ask at the same time.
+    /// Runs argon2 once for a presented key, however many requests ask at the same time, and
+    /// only with an attempt of the key's (and the client IP's) lockout window in hand: the
+    /// attempt is taken before argon2 starts, so concurrent guesses cannot outrun the lockout.
     async fn check_secret(
         &self,
         presented: PresentedKey<'_>,
         digest: [u8; 32],
         secret_hash: &str,
-    ) -> Result<SecretVerdict> {
+        ip: Option<ClientIp>,
+    ) -> Result<SecretCheck> {
+        let key_id = presented.key_id();
         let plaintext = presented.expose_secret().to_owned();
         let phc = secret_hash.to_owned();
         let hashes = &self.hashes;
-        self.verdicts
-            .try_get_with(digest, async move {
+        let lockouts = &self.lockouts;
+        let checked = self
+            .verdicts
+            .entry(digest)
+            .or_try_insert_with(async move {
+                let attempt = lockouts
+                    .begin_check(key_id, ip)
+                    .map_err(CheckError::Refused)?;
                 // Not in the verdict cache: nobody has proven this secret, so it runs within the
                 // replica's argon2 budget for unproven secrets.
-                match hashes.verify_unproven(plaintext, phc).await? {
-                    true => Ok(SecretVerdict::Matches),
-                    false => Ok(SecretVerdict::DoesNotMatch),
+                let matches = match hashes.verify_unproven(plaintext, phc).await {
+                    Ok(matches) => matches,
+                    Err(Error::VerifyBusy(retry)) => {
+                        // argon2 never ran: nothing was tried, so nothing counts.
+                        attempt.not_tried();
+                        return Err(CheckError::Failed(Error::VerifyBusy(retry)));
+                    }
+                    Err(error) => return Err(CheckError::Failed(error)),
+                };
+                if !matches {
+                    // Dropping the attempt counts the failure.
+                    return Ok(SecretVerdict::DoesNotMatch);
                 }
+                attempt.matched();
+                Ok::<_, CheckError>(SecretVerdict::Matches)
             })
-            .await
-            .map_err(shared_error)
+            .await;
+        match checked {
+            Ok(entry) if entry.is_fresh() => Ok(SecretCheck::Ran(entry.into_value())),
+            Ok(entry) => Ok(SecretCheck::Joined(entry.into_value())),
+            Err(error) => match error.as_ref() {
+                CheckError::Refused(remaining) => Ok(SecretCheck::Refused(*remaining)),
+                CheckError::Failed(error) => Err(clone_shared(error)),
+            },
+        }
     }
+}
+
+/// What checking an unrecognised secret came to.
+enum SecretCheck {
+    /// This request ran argon2; a wrong secret is already counted as a failure.
+    Ran(SecretVerdict),
+    /// Another request's argon2 answered (or had just answered); nothing counted for this one.
+    Joined(SecretVerdict),
+    /// The key or the client IP has no attempt left in this window: argon2 did not run.
+    Refused(Duration),
+}
+
+/// Why a single-flight check gave no verdict, shared by all its waiters.
+#[derive(Debug)]
+enum CheckError {
+    Refused(Duration),
+    Failed(Error),
 }
 
 /// moka hands every waiter of a failed single-flight load the same `Arc<Error>`.
 pub(crate) fn shared_error(error: Arc<Error>) -> Error {
-    match error.as_ref() {
+    clone_shared(&error)
+}
+
+fn clone_shared(error: &Error) -> Error {
+    match error {
         Error::Unavailable(detail) => Error::Unavailable(detail.clone()),
         Error::VerifyBusy(retry) => Error::VerifyBusy(*retry),
         Error::Conflict => Error::Conflict,

@@ -64,7 +64,10 @@ impl KeyServiceImpl {
         request: &Request<T>,
         workspace_id: &str,
     ) -> Result<(Caller, WorkspaceId), Error> {
-        let caller = self.auth.caller(request.metadata()).await?;
+        // An API key's failures count under the connection's address: a KeyService caller is
+        // not a trusted front end that could speak for someone else's.
+        let peer = request.remote_addr().map(|peer| ClientIp::from(peer.ip()));
+        let caller = self.auth.caller(request.metadata(), peer).await?;
         let workspace_id = caller.workspace_for(workspace_id)?;
         Ok((caller, workspace_id))
     }

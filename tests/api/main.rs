@@ -12,6 +12,7 @@ mod hostile_input;
 mod hot_path;
 mod lifecycle;
 mod listing;
+mod lockout_race;
 mod observability;
 mod overload;
 mod persistence;
