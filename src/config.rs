@@ -156,6 +156,7 @@ pub struct ServeArgs {
     pub issue_limit_per_hour: u32,
 
     /// Service tokens VerifyKey callers must present, comma-separated; unset leaves VerifyKey open.
+    /// When set, KeyService refuses API keys as credentials (they would be an unguarded oracle).
     #[arg(
         long,
         env = "KEY_AUTHORITY_VERIFY_TOKENS",
@@ -164,12 +165,13 @@ pub struct ServeArgs {
     )]
     pub verify_tokens: Vec<String>,
 
-    /// Failed verifications of one key within the lockout window that lock its unrecognised
-    /// secrets.
+    /// Unproven secrets of one key checked within the lockout window (failed or still in flight)
+    /// that lock its unrecognised secrets; 0 = off.
     #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_KEY_FAILURES", default_value_t = 10)]
     pub lockout_key_failures: u32,
 
-    /// Failed verifications from one client IP within the lockout window that lock the IP.
+    /// Failures and unproven checks in flight from one client IP within the lockout window that
+    /// lock the IP; 0 = off.
     #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_IP_FAILURES", default_value_t = 20)]
     pub lockout_ip_failures: u32,
 
