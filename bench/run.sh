@@ -4,8 +4,8 @@
 #   bench/run.sh                     # everything: about 2 minutes after the release build on a
 #                                    # quiet machine (phases wait for and retry around others)
 #   BENCH_DURATION=2s bench/run.sh   # shorter load phases, for a quick look
-#   BENCH_PHASES="warm flood" bench/run.sh   # only some of: warm cold flood throughput
-#                                            # propagation scale
+#   BENCH_PHASES="warm flood" bench/run.sh   # only some of: warm cold flood memory
+#                                            # throughput propagation scale
 #
 # What it does:
 #   1. cargo build --release (key-authority and loadgen), and runs copies of the binaries;
@@ -16,6 +16,8 @@
 #   5. throughput: a fresh server T, unpinned with default workers, loaded by an unpinned
 #      loadgen with 2 workers (warm only);
 #   6. propagation: RevokeKey on A, VerifyKey on B until REVOKED (loadgen pinned to core 1);
+#   6b. memory: server M (unpinned) flooded for a minute; resident memory and threads before,
+#      right after, and after the negative-cache TTL;
 #   7. scale: server S (pinned like A) on a fresh database; 1k then 1M rows in api_key, cold
 #      VerifyKey at each (loadgen pinned to core 1).
 # Each phase waits until no other process uses the CPU, and is run again (BENCH_ATTEMPTS,
@@ -33,7 +35,9 @@ WARMUP=${BENCH_WARMUP:-1s}
 ROUNDS=${BENCH_ROUNDS:-200}
 PROPAGATION_BUDGET=${BENCH_PROPAGATION_BUDGET:-90s}
 SIZES=${BENCH_SIZES:-1000,1000000}
-PHASES=${BENCH_PHASES:-warm cold flood throughput propagation scale}
+MEMORY_FLOOD=${BENCH_MEMORY_FLOOD:-60s}
+MEMORY_SETTLE=${BENCH_MEMORY_SETTLE:-70s}
+PHASES=${BENCH_PHASES:-warm cold flood memory throughput propagation scale}
 OUT=${BENCH_OUT:-$ROOT/target/bench}
 SERVER_CORE=0
 LOADGEN_CORE=1
@@ -330,6 +334,22 @@ flood() {
         --flood-keys 1000,8 "${LOOPS[@]}" || return 1
 }
 phase flood "Wrong-secret flood (server A on core $SERVER_CORE, loadgen on core $LOADGEN_CORE)" flood
+
+# 3b. Memory: a fresh server M (unpinned, default workers, as deployed), flooded for a minute with
+#     wrong secrets and unknown key ids; its resident memory and threads idle, right after, and
+#     once the negative entries have expired.
+M_PORT=$(free_port)
+M=127.0.0.1:$M_PORT
+memory() {
+    start_server M "$M_PORT" "" "" "$DB_URL"
+    local status=0
+    loadgen "$LOADGEN_CORE" 1 memory --target "$M" --server-pid "${PIDS[M]}" \
+        --flood-concurrency 32 --victims 1000 --flood-for "$MEMORY_FLOOD" \
+        --settle "$MEMORY_SETTLE" || status=$?
+    stop_server M
+    return "$status"
+}
+phase memory "Memory and threads under a one-minute flood of wrong secrets and unknown key ids (server M unpinned)" memory
 
 # 4. Throughput: a fresh server T and loadgen, both unpinned.
 throughput() {

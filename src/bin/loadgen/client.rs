@@ -286,12 +286,64 @@ impl Probe for WrongSecretProbe {
         let victim = &self.keys[turn % self.keys.len()];
         let wrong = wrong_secret_key(&victim.secret, self.sequence, &mut self.rng)
             .map_err(|error| Failure::new("bad victim key", error.to_string()))?;
-        let code = verify_code(&mut self.client, &wrong, self.auth.as_ref()).await?;
+        let code = match verify_code(&mut self.client, &wrong, self.auth.as_ref()).await {
+            Ok(code) => code,
+            // The server's argon2 budget for unproven secrets is spent: refused at once, which
+            // is the intended answer to a flood (RESOURCE_EXHAUSTED, VERIFY_BUSY).
+            Err(failure) if failure.is_verify_busy() => return Ok("BUSY"),
+            Err(failure) => return Err(failure),
+        };
         match code {
             pb::VerifyCode::NotFound | pb::VerifyCode::Locked => Ok(code_name(code)),
             other => Err(Failure::new(
                 format!("code {other:?}"),
                 "expected NotFound or Locked for a wrong secret",
+            )),
+        }
+    }
+}
+
+/// VerifyKey of a well-formed key whose key id exists nowhere (a fresh random id every
+/// request, a valid checksum): the server reads the database and answers NOT_FOUND, caching the
+/// absence. Must answer NOT_FOUND or LOCKED.
+pub struct UnknownIdProbe {
+    client: VerifyServiceClient<Channel>,
+    /// `<brand>_<env>_` of a real key.
+    head: String,
+    rng: SplitMix64,
+    auth: Option<MetadataValue<Ascii>>,
+}
+
+impl UnknownIdProbe {
+    pub fn new(net: &Net, channel: Channel, any_key: &str) -> Result<Self> {
+        let second_underscore = any_key
+            .match_indices('_')
+            .nth(1)
+            .map(|(index, _)| index)
+            .ok_or("a key has the shape <brand>_<env>_<body>")?;
+        Ok(Self {
+            client: VerifyServiceClient::new(channel),
+            head: any_key[..=second_underscore].to_owned(),
+            rng: SplitMix64::seeded(),
+            auth: net.verify_auth.clone(),
+        })
+    }
+}
+
+impl Probe for UnknownIdProbe {
+    async fn call(&mut self) -> std::result::Result<&'static str, Failure> {
+        let mut text = self.head.clone();
+        for _ in 0..KEY_ID_LEN + SECRET_LEN {
+            text.push(BASE62[(self.rng.next() % 62) as usize] as char);
+        }
+        let check = checksum(text.as_bytes());
+        text.push_str(&check);
+        let code = verify_code(&mut self.client, &text, self.auth.as_ref()).await?;
+        match code {
+            pb::VerifyCode::NotFound | pb::VerifyCode::Locked => Ok(code_name(code)),
+            other => Err(Failure::new(
+                format!("code {other:?}"),
+                "expected NotFound or Locked for an unknown key id",
             )),
         }
     }

@@ -173,15 +173,20 @@ impl FloodReport {
         }
         println!();
         for phase in &self.phases {
-            let locked = phase.flood_answers.get("LOCKED").copied().unwrap_or(0);
+            let share = |answer: &str| {
+                let count = phase.flood_answers.get(answer).copied().unwrap_or(0);
+                100.0 * count as f64 / phase.flood.count.max(1) as f64
+            };
             println!(
                 "- {} victim keys: warm p99 under flood / alone = {:.2}, p50 ratio {:.2}; flood \
-                 {:.0} wrong secrets/s, {:.1} % of them LOCKED (refused without argon2)",
+                 {:.0} wrong secrets/s, {:.1} % of them LOCKED and {:.1} % BUSY (both refused \
+                 without argon2)",
                 phase.victims,
                 ratio(phase.under_flood.p99_us, self.alone.p99_us),
                 ratio(phase.under_flood.p50_us, self.alone.p50_us),
                 phase.flood.rps,
-                100.0 * locked as f64 / phase.flood.count.max(1) as f64,
+                share("LOCKED"),
+                share("BUSY"),
             );
         }
     }

@@ -11,6 +11,7 @@ mod cold;
 mod cpu;
 mod driver;
 mod flood;
+mod memory;
 mod propagation;
 mod report;
 mod scale;
@@ -106,6 +107,27 @@ enum Command {
         flood: FloodArgs,
         #[command(flatten)]
         loops: LoopArgs,
+    },
+    /// The server's resident memory and threads before, right after and a while after a long
+    /// flood of wrong secrets and unknown key ids.
+    Memory {
+        #[arg(long)]
+        target: String,
+        /// The target's pid (same machine), whose /proc status is read.
+        #[arg(long)]
+        server_pid: u32,
+        /// Flooding request loops (half wrong secrets, half unknown key ids).
+        #[arg(long, default_value_t = 32)]
+        flood_concurrency: usize,
+        /// Known keys whose secrets the flood gets wrong.
+        #[arg(long, default_value_t = 1000)]
+        victims: usize,
+        /// How long the flood lasts.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        flood_for: Duration,
+        /// How long to wait after it before the last reading (past the negative-verdict TTL).
+        #[arg(long, default_value = "70s", value_parser = humantime::parse_duration)]
+        settle: Duration,
     },
     /// Time from RevokeKey's return on the target until the replica answers REVOKED.
     Propagation {
@@ -328,6 +350,27 @@ async fn run(cli: Cli) -> Result<Vec<TargetLine>> {
                 flood.flood_concurrency,
                 &flood.flood_keys,
                 &loops.settings(),
+            )
+            .await?;
+            Ok(report.targets())
+        }
+        Command::Memory {
+            target,
+            server_pid,
+            flood_concurrency,
+            victims,
+            flood_for,
+            settle,
+        } => {
+            client::wait_serving(&net, &target, cli.wait).await?;
+            let report = memory::run(
+                &net,
+                &target,
+                server_pid,
+                flood_concurrency,
+                victims,
+                flood_for,
+                settle,
             )
             .await?;
             Ok(report.targets())

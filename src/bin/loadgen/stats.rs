@@ -33,8 +33,19 @@ impl Failure {
         }
     }
 
+    /// A failed RPC, by its code and, when it sent one, its ErrorInfo reason.
     pub fn rpc(status: &tonic::Status) -> Self {
-        Self::new(format!("rpc {:?}", status.code()), status.message())
+        use tonic_types::StatusExt;
+        let kind = match status.get_details_error_info() {
+            Some(info) => format!("rpc {:?} {}", status.code(), info.reason),
+            None => format!("rpc {:?}", status.code()),
+        };
+        Self::new(kind, status.message())
+    }
+
+    /// The server refused an unproven secret because its argon2 budget was spent.
+    pub fn is_verify_busy(&self) -> bool {
+        self.kind == "rpc ResourceExhausted VERIFY_BUSY"
     }
 }
 
