@@ -168,6 +168,24 @@ pub async fn verify_code(
     Ok(code)
 }
 
+/// [`verify_code`], retried while the server answers VERIFY_BUSY (its argon2 budget for unproven
+/// secrets is spent), as a client honouring the RetryInfo would: for warm-ups, which must prove
+/// every key once however tight the budget.
+pub async fn verify_code_patiently(
+    client: &mut VerifyServiceClient<Channel>,
+    key: &str,
+    auth: Option<&MetadataValue<Ascii>>,
+) -> std::result::Result<pb::VerifyCode, Failure> {
+    loop {
+        match verify_code(client, key, auth).await {
+            Err(failure) if failure.is_verify_busy() => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// `VALID`, `NOT_FOUND`, ...: the code's proto name without its enum prefix.
 pub fn code_name(code: pb::VerifyCode) -> &'static str {
     code.as_str_name().trim_start_matches("VERIFY_CODE_")

@@ -59,9 +59,10 @@ pub async fn run(
     // Verify every key once: the warm key is then fully cached and the victims' states are
     // cached, so a flood request costs what a wrong secret for a known, cached key costs.
     for key in std::iter::once(&warm_key).chain(victim_sets.iter().flatten()) {
-        let code = client::verify_code(&mut verifier, &key.secret, net.verify_auth.as_ref())
-            .await
-            .map_err(|failure| format!("warm-up VerifyKey failed: {failure:?}"))?;
+        let code =
+            client::verify_code_patiently(&mut verifier, &key.secret, net.verify_auth.as_ref())
+                .await
+                .map_err(|failure| format!("warm-up VerifyKey failed: {failure:?}"))?;
         client::expect_code(code, pb::VerifyCode::Valid)
             .map_err(|failure| format!("warm-up VerifyKey: {failure:?}"))?;
     }
