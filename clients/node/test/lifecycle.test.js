@@ -322,8 +322,10 @@ test('a refusal carries ErrorInfo in grpc-status-details-bin', { timeout: 30_000
 test('IssueTrialKey over the per-IP limit carries RetryInfo', { timeout: 30_000 }, async () => {
   // The admin token makes this client a trusted front end, so client_ip is honoured.
   const client_ip = '203.0.113.9';
+  const trials = [];
   for (let n = 0; n < 5; n += 1) {
     const trial = await client.issueTrialKey({ client_ip });
+    trials.push(trial);
     assert.equal(trial.key.role, 'ROLE_TRIAL');
     assert.equal(trial.key.environment, 'ENVIRONMENT_TRIAL');
     assert.equal(trial.key.usage_limit, 10);
@@ -334,6 +336,9 @@ test('IssueTrialKey over the per-IP limit carries RetryInfo', { timeout: 30_000 
   assert.equal(details.domain, 'keyauthority.v1');
   assert.ok(details.retryDelayMs > 0, `retry delay ${details.retryDelayMs}`);
   assert.ok(details.retryDelayMs <= 60_000, `retry delay ${details.retryDelayMs}`);
+  // RevokeTrialKey on behalf of the same end user: a limit of its own, still open.
+  const revoked = await client.revokeTrialKey(trials[0].key.prefix, client_ip);
+  assert.equal(revoked.state, 'KEY_STATE_REVOKED');
 });
 
 test('example.js runs the lifecycle', { timeout: 30_000 }, async () => {

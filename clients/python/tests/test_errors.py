@@ -86,6 +86,9 @@ def test_ip_rate_limited_trial_keys_carry_retry_info(
     revoked = anonymous.revoke_trial_key(trial.key.prefix)
     assert revoked.state == KeyState.Value("KEY_STATE_REVOKED")
     assert client.verify_key(trial.secret).code == VerifyCode.Value("VERIFY_CODE_REVOKED")
+    # A trusted front end revokes on behalf of an end user's address (its own per-IP limit).
+    on_behalf = client.revoke_trial_key(issued[1].key.prefix, client_ip=ip)
+    assert on_behalf.state == KeyState.Value("KEY_STATE_REVOKED")
 
 
 def test_credentials_are_required(anonymous: KeyAuthority, server, workspace: str) -> None:
