@@ -276,14 +276,13 @@ async fn run(
     )));
     background.push(tokio::spawn(sweep_trial_keys(app.keys.clone())));
 
-    // The overload layer answers a passed deadline with DEADLINE_EXCEEDED; tonic's own timeout
-    // (CANCELLED) stays as a backstop and never fires first.
-    let mut builder = tonic::transport::Server::builder()
-        .timeout(MAX_REQUEST_TIME)
-        .max_concurrent_streams(
-            (config.overload.max_concurrent_streams > 0)
-                .then_some(config.overload.max_concurrent_streams),
-        );
+    // The overload layer enforces every deadline (the caller's, or MAX_REQUEST_TIME) and answers
+    // DEADLINE_EXCEEDED, so tonic's own default timeout is not set: it would only add a second
+    // timer to every call that sends no grpc-timeout.
+    let mut builder = tonic::transport::Server::builder().max_concurrent_streams(
+        (config.overload.max_concurrent_streams > 0)
+            .then_some(config.overload.max_concurrent_streams),
+    );
     if let Some(tls) = &config.tls {
         builder = builder
             .tls_config(server_tls(tls))
