@@ -19,6 +19,11 @@ const PROTOS: &[&str] = &[
 /// The servers' codec, as the generated code names it (it is included in `crate::pb`).
 const SERVER_CODEC: &str = "crate::grpc::ServerCodec";
 
+/// Responses whose server side is written with another Rust type of the same wire format:
+/// VerifyKey answers with the key's view already encoded, once per cached key instead of once
+/// per answer (`grpc::VerifyKeyReply`). Clients keep the generated message.
+const SERVER_RESPONSE_TYPES: &[(&str, &str)] = &[("VerifyKey", "crate::grpc::VerifyKeyReply")];
+
 /// Writes a service's client, then its server, each with its own generator.
 struct ClientAndServer {
     client: Box<dyn ServiceGenerator>,
@@ -28,6 +33,15 @@ struct ClientAndServer {
 impl ServiceGenerator for ClientAndServer {
     fn generate(&mut self, service: Service, buf: &mut String) {
         self.client.generate(service.clone(), buf);
+        let mut service = service;
+        for method in &mut service.methods {
+            if let Some((_, rust_type)) = SERVER_RESPONSE_TYPES
+                .iter()
+                .find(|(name, _)| *name == method.proto_name)
+            {
+                method.output_type = (*rust_type).to_owned();
+            }
+        }
         self.server.generate(service, buf);
     }
 

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::auth::{AuthConfig, JwtConfig};
 use crate::key::format::random_base62;
-use crate::key::{Brand, HashParams, UnprovenBudget, WorkspaceId};
+use crate::key::{Brand, HashParams, HashPriority, UnprovenBudget, WorkspaceId};
 use crate::keys::{KeyLimits, TrialConfig};
 use crate::server::{Config, OverloadConfig, TlsConfig};
 use crate::telemetry::LogFormat;
@@ -87,6 +87,11 @@ pub struct ServeArgs {
     /// How many argon2 computations may run at once (0 = the number of CPU cores).
     #[arg(long, env = "KEY_AUTHORITY_ARGON2_THREADS", default_value_t = 0)]
     pub argon2_threads: usize,
+
+    /// Scheduling priority of the argon2 threads against the request workers: `idle` (Linux
+    /// SCHED_IDLE: hashing only uses CPU that requests leave free), `low` (nice 19) or `normal`.
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_PRIORITY", value_enum, default_value_t = HashPriority::default())]
+    pub argon2_priority: HashPriority,
 
     /// argon2 verifications per second of secrets nobody has proven yet (first sight of a key,
     /// wrong secrets); beyond it they are refused with RESOURCE_EXHAUSTED. 0 = no rate limit.
@@ -367,6 +372,7 @@ impl ServeArgs {
                 parallelism: self.argon2_parallelism,
             },
             argon2_threads,
+            argon2_priority: self.argon2_priority,
             argon2_unproven: UnprovenBudget {
                 per_second: self.argon2_unproven_per_second,
                 queue_depth: self.argon2_unproven_queue.max(1),

@@ -4,7 +4,9 @@ mod codec;
 mod convert;
 mod keys;
 mod verify;
+mod verify_reply;
 
 pub use codec::ServerCodec;
 pub use keys::KeyServiceImpl;
 pub use verify::VerifyServiceImpl;
+pub use verify_reply::VerifyKeyReply;

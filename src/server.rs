@@ -18,7 +18,9 @@ use crate::auth::{AuthConfig, Authenticator, IssueRateLimiter, TrialRateLimiter}
 use crate::change_feed::{self, ChangeFeedStatus};
 use crate::error::{Error, Result};
 use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
-use crate::key::{Brand, HashParams, HashPool, SecretHasher, UnprovenBudget};
+use crate::key::{
+    Brand, HashParams, HashPool, HashPriority, HashThreads, SecretHasher, UnprovenBudget,
+};
 use crate::keys::page_token::PageTokenCodec;
 use crate::keys::{KeyLimits, KeyManager, TrialConfig};
 use crate::metrics::{self, Metrics, Sources};
@@ -51,6 +53,8 @@ pub struct Config {
     pub hash_params: HashParams,
     /// How many argon2 computations may run at once.
     pub argon2_threads: usize,
+    /// How the argon2 threads compete for CPU with the request workers.
+    pub argon2_priority: HashPriority,
     /// The argon2 share of secrets nobody has proven yet.
     pub argon2_unproven: UnprovenBudget,
     pub verify: VerifyConfig,
@@ -98,6 +102,7 @@ impl Config {
             brand: Brand::default(),
             hash_params: HashParams::default(),
             argon2_threads: std::thread::available_parallelism().map_or(2, usize::from),
+            argon2_priority: HashPriority::default(),
             argon2_unproven: UnprovenBudget::default(),
             verify: VerifyConfig::default(),
             usage: UsageConfig::default(),
@@ -138,8 +143,8 @@ impl App {
         let store = store::open(&config.database_url, config.db_max_connections).await?;
         let hasher = SecretHasher::new(config.hash_params)
             .map_err(|reason| Error::invalid("argon2", reason))?;
-        let hashes = HashPool::new(hasher, config.argon2_threads)
-            .with_unproven_budget(config.argon2_unproven);
+        let threads = HashThreads::new(config.argon2_threads, config.argon2_priority)?;
+        let hashes = HashPool::new(hasher, threads).with_unproven_budget(config.argon2_unproven);
         let page_tokens = PageTokenCodec::new(store.shared_secret("page_token_mac").await?);
         let usage = UsageRecorder::new(store.clone());
         let verifier = Arc::new(Verifier::new(

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::key_to_proto;
+use super::verify_reply::{VerifyKeyReply, fresh_view, valid_view};
 use crate::auth::Authenticator;
 use crate::error::Error;
 use crate::key::Scope;
@@ -59,7 +59,7 @@ impl pb::verify_service_server::VerifyService for VerifyServiceImpl {
     async fn verify_key(
         &self,
         request: Request<pb::VerifyKeyRequest>,
-    ) -> Result<Response<pb::VerifyKeyResponse>, Status> {
+    ) -> Result<Response<VerifyKeyReply>, Status> {
         self.auth.check_verify_caller(request.metadata())?;
         let request = request.into_inner();
         if request.required_scopes.len() > MAX_REQUIRED_SCOPES {
@@ -94,18 +94,21 @@ impl pb::verify_service_server::VerifyService for VerifyServiceImpl {
             key_prefix = verdict.key().map(|key| key.prefix.as_str()),
             "verdict"
         );
-        let mut key = verdict.key().map(key_to_proto);
-        match (&verdict, key.as_mut()) {
+        let key = match &verdict {
+            // The warm path: the same view for every answer from this cached state.
+            Verdict::Valid(entry, None) => valid_view(entry),
             // The decrement's own answer is exact; the cached state's count is not.
-            (Verdict::Valid(_, Some(remaining)), Some(key)) => key.usage_remaining = *remaining,
-            (Verdict::UsageExhausted(_), Some(key)) => key.usage_remaining = 0,
-            _ => {}
-        }
+            Verdict::Valid(entry, Some(remaining)) => {
+                entry.key().map(|key| fresh_view(key, Some(*remaining)))
+            }
+            Verdict::UsageExhausted(entry) => entry.key().map(|key| fresh_view(key, Some(0))),
+            other => other.key().map(|key| fresh_view(key, None)),
+        };
         let retry_after = match verdict {
             Verdict::Locked(remaining) => prost_types::Duration::try_from(remaining).ok(),
             _ => None,
         };
-        Ok(Response::new(pb::VerifyKeyResponse {
+        Ok(Response::new(VerifyKeyReply {
             valid: code == pb::VerifyCode::Valid,
             code: code as i32,
             key,

@@ -19,6 +19,7 @@ thread_local! {
     static ARGON2_BLOCKS: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
 }
 
+use super::hash_threads::HashThreads;
 use crate::error::Error;
 
 /// argon2id cost parameters.
@@ -155,12 +156,13 @@ impl Default for UnprovenBudget {
 /// How long a caller refused for a full queue should wait before trying again.
 const QUEUE_FULL_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Runs argon2 on the blocking thread pool behind a semaphore, so at most `size` hashes run at
-/// once and the async workers never do argon2 work: a flood of cold or wrong keys queues here
-/// instead of stalling warm verifies.
+/// Runs argon2 on its own fixed set of threads behind a semaphore, so at most one hash per
+/// thread runs at once and the async workers never do argon2 work: a flood of cold or wrong keys
+/// queues here instead of stalling warm verifies.
 #[derive(Clone, Debug)]
 pub struct HashPool {
     hasher: SecretHasher,
+    threads: HashThreads,
     permits: Arc<Semaphore>,
     budget: UnprovenBudget,
     unproven_rate: Option<Arc<governor::DefaultDirectRateLimiter>>,
@@ -217,10 +219,11 @@ pub struct HashPoolStats {
 }
 
 impl HashPool {
-    pub fn new(hasher: SecretHasher, size: usize) -> Self {
+    pub fn new(hasher: SecretHasher, threads: HashThreads) -> Self {
         Self {
             hasher,
-            permits: Arc::new(Semaphore::new(size.max(1))),
+            permits: Arc::new(Semaphore::new(threads.threads())),
+            threads,
             budget: UnprovenBudget {
                 per_second: 0,
                 queue_depth: usize::MAX,
@@ -313,24 +316,24 @@ impl HashPool {
                 .await
                 .map_err(|_| Error::Internal("argon2 pool closed".to_owned()))?;
             let counters = counters.clone();
-            // The permit moves into the blocking task and is released when the computation
-            // ends, not when the caller stops waiting: a cancelled request (a client deadline, a
-            // dropped connection) must not free a permit while its argon2 still runs, or a flood
-            // of impatient callers occupies more threads and cores than the pool allows.
-            tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                let running = counters.running.fetch_add(1, Ordering::Relaxed) + 1;
-                counters.most_running.fetch_max(running, Ordering::Relaxed);
-                let started = std::time::Instant::now();
-                let output = work();
-                let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                counters.run_nanos.fetch_add(nanos, Ordering::Relaxed);
-                counters.runs.fetch_add(1, Ordering::Relaxed);
-                counters.running.fetch_sub(1, Ordering::Relaxed);
-                output
-            })
-            .await
-            .map_err(|error| Error::Internal(format!("argon2 task failed: {error}")))
+            // The permit moves into the computation and is released when it ends, not when the
+            // caller stops waiting: a cancelled request (a client deadline, a dropped
+            // connection) must not free a permit while its argon2 still runs, or a flood of
+            // impatient callers queues more work than there are threads.
+            self.threads
+                .run(move || {
+                    let _permit = permit;
+                    let running = counters.running.fetch_add(1, Ordering::Relaxed) + 1;
+                    counters.most_running.fetch_max(running, Ordering::Relaxed);
+                    let started = std::time::Instant::now();
+                    let output = work();
+                    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    counters.run_nanos.fetch_add(nanos, Ordering::Relaxed);
+                    counters.runs.fetch_add(1, Ordering::Relaxed);
+                    counters.running.fetch_sub(1, Ordering::Relaxed);
+                    output
+                })
+                .await
         }
         .await
     }
@@ -339,6 +342,10 @@ impl HashPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn threads(count: usize) -> HashThreads {
+        HashThreads::new(count, super::super::HashPriority::Normal).unwrap()
+    }
 
     fn hasher() -> SecretHasher {
         SecretHasher::new(HashParams {
@@ -427,7 +434,7 @@ mod tests {
         })
         .unwrap();
         let phc = hasher.hash("key");
-        let pool = HashPool::new(hasher, 2);
+        let pool = HashPool::new(hasher, threads(2));
         let impatient: Vec<_> = (0..24)
             .map(|n| {
                 let pool = pool.clone();
@@ -455,7 +462,7 @@ mod tests {
     async fn unproven_secrets_beyond_the_queue_are_refused_at_once() {
         let hasher = hasher();
         let phc = hasher.hash("key");
-        let pool = HashPool::new(hasher, 1).with_unproven_budget(UnprovenBudget {
+        let pool = HashPool::new(hasher, threads(1)).with_unproven_budget(UnprovenBudget {
             per_second: 0,
             queue_depth: 2,
         });
@@ -486,7 +493,7 @@ mod tests {
     async fn unproven_secrets_beyond_the_rate_are_refused_with_the_wait() {
         let hasher = hasher();
         let phc = hasher.hash("key");
-        let pool = HashPool::new(hasher, 2).with_unproven_budget(UnprovenBudget {
+        let pool = HashPool::new(hasher, threads(2)).with_unproven_budget(UnprovenBudget {
             per_second: 2,
             queue_depth: 100,
         });

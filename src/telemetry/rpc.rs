@@ -65,12 +65,15 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let method = known_method(request.uri().path());
-        let span = rpc_span(method, request.headers());
+        let parent = caller_context(request.headers());
+        let exported = super::sampling::decide(&parent, method, log_only_trace_id());
+        let span = super::sampling::sync_scope(exported, || rpc_span(method, parent));
         let started = Instant::now();
         let future = {
             let _entered = span.enter();
             self.inner.call(request)
         };
+        let future = super::sampling::scope(exported, future);
         let metrics = self.metrics.clone();
         let outcome = Outcome {
             metrics,
@@ -173,9 +176,18 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// The caller's trace context, from the W3C `traceparent` / `tracestate` metadata.
+fn caller_context(headers: &http::HeaderMap) -> opentelemetry::Context {
+    if headers.contains_key("traceparent") {
+        TraceContextPropagator::new().extract(&HeaderExtractor(headers))
+    } else {
+        opentelemetry::Context::new()
+    }
+}
+
 /// The RPC span, following OpenTelemetry's RPC semantic conventions, with the caller's span as
 /// its parent and the trace id as a field, so every log line inside the call carries it.
-fn rpc_span(method: &'static str, headers: &http::HeaderMap) -> tracing::Span {
+fn rpc_span(method: &'static str, parent: opentelemetry::Context) -> tracing::Span {
     let (service, rpc) = method
         .trim_start_matches('/')
         .split_once('/')
@@ -193,11 +205,6 @@ fn rpc_span(method: &'static str, headers: &http::HeaderMap) -> tracing::Span {
     if span.is_disabled() {
         return span;
     }
-    let parent = if headers.contains_key("traceparent") {
-        TraceContextPropagator::new().extract(&HeaderExtractor(headers))
-    } else {
-        opentelemetry::Context::new()
-    };
     let parent_trace = parent.span().span_context().trace_id();
     let _ = span.set_parent(parent);
     let exported_trace = span.context().span().span_context().trace_id();

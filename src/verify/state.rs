@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use moka::future::Cache;
 use tracing::Instrument as _;
@@ -37,6 +37,10 @@ pub struct StateEntry {
     stored: Option<StoredKey>,
     /// Set by a change to the key that landed while the read behind this entry was in flight.
     stale: Arc<AtomicBool>,
+    /// The key's view in VALID answers, encoded by the transport on first use and reused by
+    /// every later answer from this entry (opaque here). A change to the key replaces the
+    /// entry, so the view can never outlive the state it shows.
+    valid_view: OnceLock<bytes::Bytes>,
 }
 
 impl StateEntry {
@@ -46,6 +50,12 @@ impl StateEntry {
 
     pub fn key(&self) -> Option<&Key> {
         self.stored.as_ref().map(|stored| &stored.key)
+    }
+
+    /// The encoded view of the key for VALID answers: `encode`d once, then shared.
+    pub fn valid_view(&self, encode: impl FnOnce(&Key) -> bytes::Bytes) -> Option<bytes::Bytes> {
+        let key = self.key()?;
+        Some(self.valid_view.get_or_init(|| encode(key)).clone())
     }
 
     fn is_stale(&self) -> bool {
@@ -109,6 +119,7 @@ impl Invalidator {
                     Ok(Arc::new(StateEntry {
                         stored,
                         stale: stale.clone(),
+                        valid_view: OnceLock::new(),
                     }))
                 })
                 .await

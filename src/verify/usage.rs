@@ -32,10 +32,16 @@ struct Pending {
     last_used_time: UnixMicros,
 }
 
+/// Counts are split over this many maps, each behind its own lock, by key id, so that request
+/// workers counting different keys rarely wait for one another.
+const SHARDS: usize = 16;
+
+type Shard = Mutex<HashMap<String, Pending>>;
+
 /// Counts usage in memory. Cheap to clone; clones share the counts.
 #[derive(Clone)]
 pub struct UsageRecorder {
-    pending: Arc<Mutex<HashMap<String, Pending>>>,
+    pending: Arc<[Shard; SHARDS]>,
     store: Arc<dyn Store>,
     /// Serialises flushes, so the periodic flush and the shutdown flush never interleave.
     flushing: Arc<tokio::sync::Mutex<()>>,
@@ -46,7 +52,7 @@ pub struct UsageRecorder {
 impl UsageRecorder {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
-            pending: Arc::default(),
+            pending: Arc::new(std::array::from_fn(|_| Mutex::default())),
             store,
             flushing: Arc::default(),
             last_written: Arc::new(Mutex::new(std::time::Instant::now())),
@@ -55,10 +61,7 @@ impl UsageRecorder {
 
     /// Counts one successful verification. Never blocks on I/O; the lock is held for a map update.
     pub fn record(&self, key_id: &str, now: UnixMicros) {
-        let mut pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
+        let mut pending = lock(self.shard(key_id));
         if let Some(counts) = pending.get_mut(key_id) {
             counts.requests += 1;
             counts.last_used_time = counts.last_used_time.max(now);
@@ -73,16 +76,22 @@ impl UsageRecorder {
         );
     }
 
+    /// Key ids are random text, so a few of their bytes spread keys evenly over the shards.
+    fn shard(&self, key_id: &str) -> &Shard {
+        let spread = key_id.bytes().take(4).fold(0usize, |sum, byte| {
+            sum.wrapping_mul(31).wrapping_add(usize::from(byte))
+        });
+        &self.pending[spread % SHARDS]
+    }
+
     /// Writes every pending count in one transaction. On failure the counts go back, to be
     /// written by the next flush.
     pub async fn flush(&self) -> crate::error::Result<()> {
         let _one_at_a_time = self.flushing.lock().await;
-        let taken = std::mem::take(
-            &mut *self
-                .pending
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner()),
-        );
+        let mut taken = HashMap::new();
+        for shard in self.pending.iter() {
+            taken.extend(std::mem::take(&mut *lock(shard)));
+        }
         if taken.is_empty() {
             self.mark_written();
             return Ok(());
@@ -118,20 +127,13 @@ impl UsageRecorder {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
             .elapsed();
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .len();
+        let pending = self.pending.iter().map(|shard| lock(shard).len()).sum();
         (since, pending)
     }
 
     fn put_back(&self, taken: HashMap<String, Pending>) {
-        let mut pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
         for (key_id, counts) in taken {
+            let mut pending = lock(self.shard(&key_id));
             let entry = pending.entry(key_id).or_insert(Pending {
                 requests: 0,
                 last_used_time: counts.last_used_time,
@@ -159,4 +161,9 @@ impl UsageRecorder {
             tracing::error!(%error, "final usage flush failed: usage since the last flush is lost");
         }
     }
+}
+
+/// A poisoned lock only means another thread panicked mid-update of plain counters: keep going.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }

@@ -88,6 +88,24 @@ async fn verify_key_spans_join_the_callers_trace() {
         .unwrap()
         .into_inner();
 
+    // First a call whose caller did not sample its trace: under a parent-based sampler none of
+    // its spans may be exported (they are checked for below, once the sampled call's arrive).
+    let unsampled_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = tonic::Request::new(pb::VerifyKeyRequest {
+        key: issued.secret.clone(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{unsampled_trace}-b7ad6b7169203331-00")
+            .parse()
+            .unwrap(),
+    );
+    pb::verify_service_client::VerifyServiceClient::new(channel.clone())
+        .verify_key(request)
+        .await
+        .unwrap();
+
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
     let mut request = tonic::Request::new(pb::VerifyKeyRequest {
@@ -112,6 +130,12 @@ async fn verify_key_spans_join_the_callers_trace() {
             .await
             .expect("spans are exported")
             .expect("the receiver is open");
+        assert_ne!(
+            hex(&span.trace_id),
+            unsampled_trace,
+            "a span of an unsampled call was exported: {}",
+            span.name
+        );
         if hex(&span.trace_id) != trace_id {
             continue;
         }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use key_authority::error::Result;
 use key_authority::key::{
-    Environment, HashPool, Key, KeyDescription, KeyName, Metadata, Role, Scopes, SecretHasher,
-    StoredKey, WorkspaceId,
+    Environment, HashPool, HashPriority, HashThreads, Key, KeyDescription, KeyName, Metadata, Role,
+    Scopes, SecretHasher, StoredKey, WorkspaceId,
 };
 use key_authority::keys::page_token::PageTokenCodec;
 use key_authority::keys::{Actor, Expiration, KeyManager, NewKey, TrialConfig};
@@ -141,7 +141,10 @@ impl Replica {
             next_read: Mutex::new(None),
         });
         let shared: Arc<dyn Store> = store.clone();
-        let hashes = HashPool::new(SecretHasher::new(config.hash_params).unwrap(), 1);
+        let hashes = HashPool::new(
+            SecretHasher::new(config.hash_params).unwrap(),
+            HashThreads::new(1, HashPriority::Normal).unwrap(),
+        );
         let verifier = Arc::new(Verifier::new(
             shared.clone(),
             hashes.clone(),

@@ -190,6 +190,9 @@ struct LoopArgs {
     /// Most requests one loop sends in one phase.
     #[arg(long, default_value_t = 10_000_000)]
     max_requests_per_loop: u64,
+    /// warm: alternating Check/VerifyKey pairs per concurrency level (ratios are their median).
+    #[arg(long, default_value_t = 5)]
+    pairs: u32,
 }
 
 impl LoopArgs {
@@ -198,6 +201,7 @@ impl LoopArgs {
             warmup: self.warmup,
             duration: self.duration,
             max_requests_per_loop: self.max_requests_per_loop,
+            pairs: self.pairs,
         }
     }
 }

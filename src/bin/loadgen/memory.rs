@@ -73,6 +73,7 @@ pub async fn run(
         warmup: Duration::ZERO,
         duration: flood_for,
         max_requests_per_loop: u64::MAX,
+        pairs: 1,
     };
     let wrong_loops = flood_concurrency.div_ceil(2);
     let unknown_loops = flood_concurrency - wrong_loops;
