@@ -4,8 +4,8 @@
 #   bench/run.sh                     # everything: about 2 minutes after the release build on a
 #                                    # quiet machine (phases wait for and retry around others)
 #   BENCH_DURATION=2s bench/run.sh   # shorter load phases, for a quick look
-#   BENCH_PHASES="warm flood" bench/run.sh   # only some of: warm cold flood memory
-#                                            # throughput propagation scale
+#   BENCH_PHASES="warm flood" bench/run.sh   # only some of: warm h2load tracing cold flood
+#                                            # memory throughput propagation scale
 #
 # What it does:
 #   1. cargo build --release (key-authority and loadgen), and runs copies of the binaries;
@@ -13,6 +13,9 @@
 #   3. starts replica A pinned to core 0 (one tokio worker) and replica B (unpinned) on it;
 #   4. latency: loadgen pinned to core 1 (one worker) runs warm, cold and flood against A
 #      (`loadgen all` runs the same three in one go; separate runs retry separately);
+#   4b. h2load (C, pinned to core 1) against A: alternating Check / VerifyKey pairs;
+#   4c. tracing: servers P (no tracing) and Q (OTLP export at a 1 % sampler, to a port where no
+#      collector listens), both pinned to core 0, loaded alternately by loadgen on core 1;
 #   5. throughput: a fresh server T, unpinned with default workers, loaded by an unpinned
 #      loadgen with 2 workers (warm only);
 #   6. propagation: RevokeKey on A, VerifyKey on B until REVOKED (loadgen pinned to core 1);
@@ -37,7 +40,8 @@ PROPAGATION_BUDGET=${BENCH_PROPAGATION_BUDGET:-90s}
 SIZES=${BENCH_SIZES:-1000,1000000}
 MEMORY_FLOOD=${BENCH_MEMORY_FLOOD:-60s}
 MEMORY_SETTLE=${BENCH_MEMORY_SETTLE:-70s}
-PHASES=${BENCH_PHASES:-warm cold flood memory throughput propagation scale}
+PAIRS=${BENCH_PAIRS:-5}
+PHASES=${BENCH_PHASES:-warm h2load tracing cold flood memory throughput propagation scale}
 OUT=${BENCH_OUT:-$ROOT/target/bench}
 SERVER_CORE=0
 LOADGEN_CORE=1
@@ -221,13 +225,14 @@ DB_URL="postgres://postgres@127.0.0.1:$PG_PORT/keyauthority"
 ADMIN_TOKEN=bench-admin-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 export LOADGEN_ADMIN_TOKEN=$ADMIN_TOKEN
 
-# start_server NAME PORT CORE WORKERS DATABASE_URL: CORE and WORKERS may be empty (unpinned,
-# tokio's default worker count).
+# start_server NAME PORT CORE WORKERS DATABASE_URL [VAR=VALUE...]: CORE and WORKERS may be empty
+# (unpinned, tokio's default worker count); the rest is extra environment for the server.
 start_server() {
     local name=$1 port=$2 core=$3 workers=$4 url=$5
+    shift 5
     local command=("$SERVER" serve --listen "127.0.0.1:$port" --database-url "$url")
     [ -n "$core" ] && command=(taskset -c "$core" "${command[@]}")
-    local environment=(KEY_AUTHORITY_ADMIN_TOKEN="$ADMIN_TOKEN")
+    local environment=(KEY_AUTHORITY_ADMIN_TOKEN="$ADMIN_TOKEN" "$@")
     [ -n "$workers" ] && environment+=(TOKIO_WORKER_THREADS="$workers")
     env "${environment[@]}" "${command[@]}" >>"$OUT/server-$name.log" 2>&1 &
     PIDS[$name]=$!
@@ -320,9 +325,72 @@ LOOPS=(--duration "$DURATION" --warmup "$WARMUP")
 #      costs only that one a re-run).
 warm_pinned() {
     loadgen "$LOADGEN_CORE" 1 warm --target "$A" --server-pid "${PIDS[A]}" \
-        --concurrency 1,16,64 "${LOOPS[@]}" || return 1
+        --concurrency 1,16,64 --pairs "$PAIRS" "${LOOPS[@]}" || return 1
 }
 phase warm "Warm latency (server A on core $SERVER_CORE, loadgen on core $LOADGEN_CORE)" warm_pinned
+
+# 1b. The same comparison by h2load (C; it reads no response, so the client's cost is the same
+#     for both RPCs): 4 connections x 16 streams = c=64, PAIRS alternating pairs, median ratio.
+h2load_rps() {
+    # h2load BODY PATH: prints the measured requests per second ("finished in ..., N req/s").
+    local output
+    output=$(taskset -c "$LOADGEN_CORE" h2load -t 1 -c 4 -m 16 -D "${DURATION%s}" \
+        --warm-up-time="${WARMUP%s}" -d "$1" -H 'content-type: application/grpc' \
+        -H 'te: trailers' "http://$A$2") || return 1
+    echo "$output" | grep -q ' 0 failed, 0 errored' || { echo "$output" >&2; return 1; }
+    echo "$output" | sed -n 's/^finished in .*, \([0-9.]*\) req\/s.*/\1/p'
+}
+h2load_pairs() {
+    command -v h2load >/dev/null || { echo "h2load not installed (Debian package nghttp2-client)"; return 1; }
+    loadgen "$LOADGEN_CORE" 1 frames --target "$A" --out "$WORK/frames" >/dev/null || return 1
+    echo "taskset -c $LOADGEN_CORE h2load -t 1 -c 4 -m 16 -D ${DURATION%s} --warm-up-time=${WARMUP%s} -d check.bin|verify.bin -H 'content-type: application/grpc' -H 'te: trailers' http://A/grpc.health.v1.Health/Check|/keyauthority.v1.VerifyService/VerifyKey" >>"$WORK/commands"
+    echo
+    echo "| pair | Check RPS | VerifyKey RPS | VerifyKey / Check |"
+    echo "|---|---|---|---|"
+    local ratios=() check verify pair
+    for pair in $(seq 1 "$PAIRS"); do
+        check=$(h2load_rps "$WORK/frames/check.bin" /grpc.health.v1.Health/Check) || return 1
+        verify=$(h2load_rps "$WORK/frames/verify.bin" /keyauthority.v1.VerifyService/VerifyKey) || return 1
+        ratios+=("$(awk -v v="$verify" -v c="$check" 'BEGIN { printf "%.3f", v / c }')")
+        echo "| $pair | $check | $verify | ${ratios[-1]} |"
+    done
+    echo
+    echo "Median VerifyKey / Check RPS over $PAIRS pairs: $(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }') (target: >= 0.95)."
+    echo "(h2load counts HTTP answers; every answer was HTTP 200, and the warm key was VALID before the run.)"
+}
+phase h2load "h2load: warm VerifyKey vs Check (server A on core $SERVER_CORE, h2load on core $LOADGEN_CORE)" h2load_pairs
+
+# 1c. Tracing: the same warm VerifyKey against P (no tracing) and Q (OTLP export, 1 % sampler;
+#     nothing listens on the OTLP port, so exports fail in the background), alternately.
+P_PORT=$(free_port)
+Q_PORT=$(free_port)
+tracing_pairs() {
+    local otlp_port
+    otlp_port=$(free_port)
+    start_server P "$P_PORT" "$SERVER_CORE" 1 "$DB_URL"
+    start_server Q "$Q_PORT" "$SERVER_CORE" 1 "$DB_URL" \
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$otlp_port" \
+        OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01
+    local status=0 pair plain traced ratios=()
+    echo
+    echo "| pair | VerifyKey RPS, no tracing (P) | VerifyKey RPS, tracing at 1 % (Q) | Q / P |"
+    echo "|---|---|---|---|"
+    for pair in $(seq 1 "$PAIRS"); do
+        plain=$(loadgen "$LOADGEN_CORE" 1 warm --target "127.0.0.1:$P_PORT" --concurrency 64 \
+            --pairs 1 "${LOOPS[@]}" | awk -F'|' '$5 ~ /VerifyKey/ { gsub(/ /, "", $6); print $6; exit }') || status=1
+        traced=$(loadgen "$LOADGEN_CORE" 1 warm --target "127.0.0.1:$Q_PORT" --concurrency 64 \
+            --pairs 1 "${LOOPS[@]}" | awk -F'|' '$5 ~ /VerifyKey/ { gsub(/ /, "", $6); print $6; exit }') || status=1
+        [ -n "$plain" ] && [ -n "$traced" ] || { status=1; break; }
+        ratios+=("$(awk -v t="$traced" -v p="$plain" 'BEGIN { printf "%.3f", t / p }')")
+        echo "| $pair | $plain | $traced | ${ratios[-1]} |"
+    done
+    stop_server P
+    stop_server Q
+    [ "$status" = 0 ] || return 1
+    echo
+    echo "Median traced / untraced warm VerifyKey RPS over $PAIRS pairs (c=64): $(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }') (target: >= 0.95)."
+}
+phase tracing "Tracing at a 1 % sampler vs none (servers P and Q on core $SERVER_CORE, loadgen on core $LOADGEN_CORE)" tracing_pairs
 
 cold() {
     loadgen "$LOADGEN_CORE" 1 cold --target "$A" --keys 200 || return 1
@@ -356,7 +424,7 @@ throughput() {
     start_server T "$T_PORT" "" "" "$DB_URL"
     local status=0
     loadgen "" 2 warm --target "$T" --server-pid "${PIDS[T]}" --concurrency 1,16,64 \
-        "${LOOPS[@]}" || status=$?
+        --pairs "$PAIRS" "${LOOPS[@]}" || status=$?
     stop_server T
     return "$status"
 }

@@ -11,6 +11,7 @@ mod cold;
 mod cpu;
 mod driver;
 mod flood;
+mod frames;
 mod memory;
 mod propagation;
 mod report;
@@ -128,6 +129,13 @@ enum Command {
         /// How long to wait after it before the last reading (past the negative-verdict TTL).
         #[arg(long, default_value = "70s", value_parser = humantime::parse_duration)]
         settle: Duration,
+    },
+    /// Writes h2load request bodies (check.bin, verify.bin for a fresh warm key) into --out.
+    Frames {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
     /// Time from RevokeKey's return on the target until the replica answers REVOKED.
     Propagation {
@@ -378,6 +386,11 @@ async fn run(cli: Cli) -> Result<Vec<TargetLine>> {
             )
             .await?;
             Ok(report.targets())
+        }
+        Command::Frames { target, out } => {
+            client::wait_serving(&net, &target, cli.wait).await?;
+            frames::write(&net, &target, &out).await?;
+            Ok(Vec::new())
         }
         Command::Propagation {
             target,
