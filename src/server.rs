@@ -43,6 +43,9 @@ const MAX_VERIFY_MESSAGE: usize = 16 * 1024;
 /// The deadline of a call whose client sets none (and the longest one a client may set).
 const MAX_REQUEST_TIME: Duration = Duration::from_secs(30);
 
+/// How often expired cache entries and lockouts are dropped when no traffic does it.
+const CACHE_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Everything the server needs, already validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -280,6 +283,11 @@ async fn run(
         [app.trial_limiter.clone(), app.trial_revoke_limiter.clone()],
     )));
     background.push(tokio::spawn(sweep_trial_keys(app.keys.clone())));
+    background.push(tokio::spawn(
+        app.verifier
+            .clone()
+            .keep_caches_tidy(CACHE_HOUSEKEEPING_INTERVAL),
+    ));
 
     // The overload layer enforces every deadline (the caller's, or MAX_REQUEST_TIME) and answers
     // DEADLINE_EXCEEDED, so tonic's own default timeout is not set: it would only add a second

@@ -193,6 +193,25 @@ impl Verifier {
         &self.usage
     }
 
+    /// Drops every expired entry of the caches and lockouts now. moka removes expired entries
+    /// only while a cache is used, so after a flood of wrong secrets and unknown key ids an idle
+    /// replica would hold them, and the memory behind them, until its next burst of traffic.
+    pub async fn run_pending_tasks(&self) {
+        self.verdicts.run_pending_tasks().await;
+        self.states.run_pending_tasks().await;
+        self.lockouts.run_pending_tasks();
+    }
+
+    /// Runs `run_pending_tasks` every `interval`, forever.
+    pub async fn keep_caches_tidy(self: Arc<Self>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            self.run_pending_tasks().await;
+        }
+    }
+
     pub fn cache_stats(&self) -> CacheStats {
         let (state_hits, state_misses, state_entries) = self.states.stats();
         CacheStats {

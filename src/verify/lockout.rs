@@ -148,6 +148,12 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Tracker<K> {
         }
     }
 
+    /// Drops expired counters and lockouts now (see `Lockouts::run_pending_tasks`).
+    fn run_pending_tasks(&self) {
+        self.windows.run_pending_tasks();
+        self.locked_until.run_pending_tasks();
+    }
+
     /// How long the subject stays locked, if it is.
     fn locked<Q>(&self, subject: &Q) -> Option<Duration>
     where
@@ -240,6 +246,13 @@ impl Lockouts {
             keys: Tracker::new(config.key_failures, config),
             ips: Tracker::new(config.ip_failures, config),
         }
+    }
+
+    /// Drops expired counters and lockouts now. moka removes expired entries only while its
+    /// caches are used, so after a flood an idle replica would keep them all.
+    pub fn run_pending_tasks(&self) {
+        self.keys.run_pending_tasks();
+        self.ips.run_pending_tasks();
     }
 
     /// How long until this request may be tried again, if its key or IP is locked. Reads only:

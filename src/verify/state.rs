@@ -88,6 +88,11 @@ impl Invalidator {
         }
     }
 
+    /// Drops expired entries now (moka does it only while the cache is used).
+    pub async fn run_pending_tasks(&self) {
+        self.states.run_pending_tasks().await;
+    }
+
     /// The key's current state: from memory when fresh, otherwise one database read shared by
     /// every concurrent caller.
     pub async fn get(&self, key_id: &str) -> Result<Arc<StateEntry>> {

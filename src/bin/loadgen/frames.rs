@@ -37,7 +37,11 @@ pub async fn write(net: &Net, target: &str, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("check.bin"), grpc_frame(&[]))?;
     std::fs::write(out.join("verify.bin"), grpc_frame(&verify.encode_to_vec()))?;
-    println!("wrote {}/check.bin and {}/verify.bin", out.display(), out.display());
+    println!(
+        "wrote {}/check.bin and {}/verify.bin",
+        out.display(),
+        out.display()
+    );
     Ok(())
 }
 
