@@ -18,13 +18,13 @@ use std::sync::Arc;
 use tonic::metadata::MetadataMap;
 
 pub use jwt::{JwtConfig, JwtVerifier};
-pub use policy::{Action, Caller};
-pub use rate_limit::{IssueRateLimiter, KeyedLimit, TrialRateLimiter};
+pub use policy::{Action, Caller, Origin};
+pub use rate_limit::{IssueRateLimiter, KeyedLimit, RateLimits, TrialRateLimiter};
 pub use token_set::TokenSet;
 
 use crate::error::{Error, Result};
-use crate::key::{PresentedKey, WorkspaceId};
-use crate::verify::{ClientIp, Verdict, Verifier, VerifyRequest};
+use crate::key::PresentedKey;
+use crate::verify::{ClientIp, Verifier, VerifyRequest};
 
 /// How KeyService callers are recognised.
 #[derive(Clone, Default)]
@@ -140,28 +140,7 @@ impl Authenticator {
             client_ip: peer,
             ..VerifyRequest::key(token)
         };
-        match self.verifier.verify(check).await? {
-            Verdict::Valid(entry, _) | Verdict::UsageExhausted(entry) => {
-                let key = entry
-                    .key()
-                    .ok_or(Error::Internal("a valid verdict without a key".to_owned()))?;
-                let workspace_id = WorkspaceId::parse(&key.workspace_id)
-                    .map_err(|reason| Error::Internal(format!("stored workspace: {reason}")))?;
-                Ok(Caller::ApiKey {
-                    key_id: key.key_id.as_str().to_owned(),
-                    prefix: key.prefix.clone(),
-                    name: key.name.clone(),
-                    workspace_id,
-                    role: key.role,
-                })
-            }
-            Verdict::Revoked(_) => Err(Error::InvalidCredentials("the API key is revoked")),
-            Verdict::Expired(_) => Err(Error::InvalidCredentials("the API key is expired")),
-            Verdict::Locked(_) => Err(Error::InvalidCredentials(
-                "the API key or the caller's address is locked after too many failed verifications",
-            )),
-            _ => Err(Error::InvalidCredentials("unknown API key")),
-        }
+        policy::api_key_caller(&self.verifier.verify(check).await?)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The gRPC layer: translates protobuf to domain types and back, and owns nothing else.
 
 mod codec;
+mod commands;
 mod convert;
 mod keys;
 mod verify;

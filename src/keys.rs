@@ -1,11 +1,20 @@
-//! Key management: the operations behind KeyService, in domain types. Every mutation is one
+//! Key management: the operations behind KeyService, in domain types. Each takes the caller and
+//! its command, asks `auth::policy` whether the caller may, and does it. Every mutation is one
 //! database transaction with its audit record; every read and write is scoped to a workspace.
 
+pub mod commands;
 pub mod page_token;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::auth::policy::{API_KEY_MAX_ROTATION_GRACE, Actor, RotationRights};
+pub use commands::{
+    Expiration, GetKey, IssueKey, IssueTrialKey, ListKeys, RevokeKey, RevokeTrialKey, RotateKey,
+};
+
+use crate::auth::RateLimits;
+use crate::auth::policy::{self, Action, Caller, Origin};
 use crate::error::{Error, Result};
 use crate::key::format::KEY_ID_LEN;
 use crate::key::{
@@ -20,23 +29,11 @@ use page_token::PageTokenCodec;
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(24 * 60 * 60);
-/// The longest an API key may keep the key it rotates working: whoever holds a key can renew
-/// its secret, never stretch how long the old one lives.
-pub const API_KEY_MAX_ROTATION_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
-
 /// How often a freshly generated key id may collide before issuing gives up (71 random bits:
 /// even one collision is practically impossible).
 const KEY_ID_ATTEMPTS: usize = 3;
 
-/// When a new key stops working.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expiration {
-    Never,
-    At(UnixMicros),
-    After(Duration),
-}
-
-/// A validated IssueKey request.
+/// A key to create, decided on: its workspace settled, its caller allowed.
 #[derive(Debug, Clone)]
 pub struct NewKey {
     pub workspace_id: WorkspaceId,
@@ -103,28 +100,6 @@ impl Default for KeyLimits {
     }
 }
 
-/// What the caller of a rotation may ask for beyond a new secret (decided by the caller's kind
-/// and role, in `auth::policy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RotationRights {
-    /// May give the successor a new expiry: only callers that may issue keys.
-    pub may_set_expiry: bool,
-    /// A grace cap of the caller's own, below the server's; `None` for the server's alone.
-    pub grace_cap: Option<Duration>,
-    /// The highest role the caller may hold through a rotation; `None` is no limit.
-    pub role_ceiling: Option<Role>,
-}
-
-/// A validated RotateKey request.
-#[derive(Debug, Clone, Copy)]
-pub struct RotateRequest {
-    /// How long the old key keeps working; `None` for the default (24 hours, or less if capped).
-    pub grace_period: Option<Duration>,
-    /// A new expiry for the successor; `None` keeps the old key's.
-    pub expiration: Option<Expiration>,
-    pub rights: RotationRights,
-}
-
 /// What RevokeKey did: the key and, when asked for, its successors in rotation order.
 #[derive(Debug)]
 pub struct Revoked {
@@ -146,29 +121,6 @@ pub struct KeyPage {
     pub total_size: i64,
 }
 
-/// A validated ListKeys request.
-#[derive(Debug, Clone)]
-pub struct ListRequest {
-    pub workspace_id: WorkspaceId,
-    pub page_size: u32,
-    pub page_token: String,
-    pub include_inactive: bool,
-}
-
-/// Who asked for a change, as recorded in the audit trail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Actor(String);
-
-impl Actor {
-    pub fn new(description: String) -> Self {
-        Self(description)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
 pub struct KeyManager {
     store: Arc<dyn Store>,
     hashes: HashPool,
@@ -177,6 +129,7 @@ pub struct KeyManager {
     invalidator: Invalidator,
     trial: TrialConfig,
     limits: KeyLimits,
+    rate_limits: RateLimits,
 }
 
 impl KeyManager {
@@ -196,7 +149,15 @@ impl KeyManager {
             invalidator,
             trial,
             limits: KeyLimits::default(),
+            // No IssueKey limit and no trial keys, until the server passes the operator's.
+            rate_limits: RateLimits::new(0, 0, 0),
         }
+    }
+
+    /// The same manager with these rate limits.
+    pub fn with_rate_limits(mut self, rate_limits: RateLimits) -> Self {
+        self.rate_limits = rate_limits;
+        self
     }
 
     /// The same manager with other lifetime bounds.
@@ -227,9 +188,17 @@ impl KeyManager {
         }
     }
 
-    /// A trial key: environment and role TRIAL, a short TTL and a usage limit.
-    pub async fn issue_trial(&self, name: KeyName, actor: &Actor) -> Result<IssuedKey> {
+    /// IssueTrialKey: a key with environment and role TRIAL, a short TTL and a usage limit,
+    /// for an anonymous caller, within the per-address rate limit.
+    pub async fn issue_trial(&self, origin: &Origin, command: IssueTrialKey) -> Result<IssuedKey> {
         self.ensure_trial_enabled()?;
+        let client_ip = origin.end_user_ip(&command.client_ip)?;
+        let name = match command.name.as_str() {
+            "" => "trial",
+            name => name,
+        };
+        let name = KeyName::parse(name).map_err(|reason| Error::invalid("name", reason))?;
+        self.rate_limits.trial.check(&client_ip)?;
         let trial = NewKey {
             workspace_id: self.trial.workspace_id.clone(),
             name,
@@ -241,14 +210,17 @@ impl KeyManager {
             metadata: Metadata::default(),
             usage_limit: self.trial.usage_limit,
         };
-        self.issue(trial, actor).await
+        self.create(trial, &trial_actor()).await
     }
 
-    /// Revokes the trial key named by its public prefix (or its whole text). Any other key is
-    /// simply not found: this path can revoke nothing but trial keys.
-    pub async fn revoke_trial(&self, prefix: &str, actor: &Actor) -> Result<Key> {
+    /// RevokeTrialKey: revokes the trial key named by its public prefix (or its whole text),
+    /// within the per-address rate limit. Any other key is simply not found: this path can
+    /// revoke nothing but trial keys.
+    pub async fn revoke_trial(&self, origin: &Origin, command: RevokeTrialKey) -> Result<Key> {
         self.ensure_trial_enabled()?;
-        let key_id = trial_key_id(prefix)?;
+        let client_ip = origin.end_user_ip(&command.client_ip)?;
+        self.rate_limits.trial_revoke.check(&client_ip)?;
+        let key_id = trial_key_id(&command.prefix)?;
         let Some(stored) = self.store.find_key_for_verify(key_id).await? else {
             return Err(Error::KeyNotFound);
         };
@@ -257,7 +229,10 @@ impl KeyManager {
         }
         let workspace_id = WorkspaceId::parse(&stored.key.workspace_id)
             .map_err(|reason| Error::Internal(format!("stored workspace: {reason}")))?;
-        Ok(self.revoke(&workspace_id, key_id, false, actor).await?.key)
+        Ok(self
+            .revoke_in(&workspace_id, key_id, false, &trial_actor())
+            .await?
+            .key)
     }
 
     /// Refuses trial-key calls when the operator switched them off.
@@ -269,8 +244,35 @@ impl KeyManager {
         }
     }
 
+    /// IssueKey: a new key in the caller's workspace (an admin's: the one it names), with a role
+    /// no higher than the caller's, within the caller's rate limit.
+    pub async fn issue(&self, caller: &Caller, command: IssueKey) -> Result<IssuedKey> {
+        let workspace_id = caller.workspace_for(&command.workspace_id)?;
+        policy::check_issuable(command.role, command.environment)?;
+        caller.authorize(Action::Issue { role: command.role })?;
+        if let Some(limit_key) = caller.rate_limit_key() {
+            self.rate_limits
+                .issue
+                .check(&limit_key)
+                .map_err(Error::RateLimited)?;
+        }
+        let new = NewKey {
+            workspace_id,
+            name: command.name,
+            description: command.description,
+            scopes: command.scopes,
+            environment: command.environment,
+            role: command.role,
+            expiration: command.expiration,
+            metadata: command.metadata,
+            usage_limit: command.usage_limit,
+        };
+        self.create(new, &caller.actor()).await
+    }
+
+    /// Creates a key that was decided on. Also for tests and tools that act as the service.
     #[tracing::instrument(name = "keys.issue", skip_all, fields(workspace_id = %new.workspace_id.as_str()))]
-    pub async fn issue(&self, new: NewKey, actor: &Actor) -> Result<IssuedKey> {
+    pub async fn create(&self, new: NewKey, actor: &Actor) -> Result<IssuedKey> {
         let now = now_micros();
         let expire_time = self.expire_time(new.expiration, now)?;
         let template = Key {
@@ -315,27 +317,37 @@ impl KeyManager {
         Err(Error::Internal("key id collided repeatedly".to_owned()))
     }
 
-    pub async fn get(&self, workspace_id: &WorkspaceId, key_id: &str) -> Result<Key> {
+    /// GetKey: a key of the caller's workspace.
+    pub async fn get(&self, caller: &Caller, command: GetKey) -> Result<Key> {
+        let workspace_id = caller.workspace_for(&command.workspace_id)?;
+        caller.authorize(Action::Read)?;
+        self.find(&workspace_id, &command.key_id).await
+    }
+
+    async fn find(&self, workspace_id: &WorkspaceId, key_id: &str) -> Result<Key> {
         self.store
             .get_key(workspace_id, key_id)
             .await?
             .ok_or(Error::KeyNotFound)
     }
 
-    #[tracing::instrument(name = "keys.list", skip_all, fields(workspace_id = %request.workspace_id.as_str()))]
-    pub async fn list(&self, request: ListRequest) -> Result<KeyPage> {
+    /// ListKeys: a page of the caller's workspace's keys, newest first.
+    #[tracing::instrument(name = "keys.list", skip_all)]
+    pub async fn list(&self, caller: &Caller, request: ListKeys) -> Result<KeyPage> {
+        let workspace_id = caller.workspace_for(&request.workspace_id)?;
+        caller.authorize(Action::Read)?;
         let after = if request.page_token.is_empty() {
             None
         } else {
             Some(self.page_tokens.decode(
                 &request.page_token,
-                &request.workspace_id,
+                &workspace_id,
                 request.include_inactive,
             )?)
         };
         let limit = request.page_size.clamp(1, MAX_PAGE_SIZE);
         let query = ListQuery {
-            workspace_id: request.workspace_id.clone(),
+            workspace_id: workspace_id.clone(),
             include_inactive: request.include_inactive,
             after,
             // One extra row tells whether another page follows without a second query.
@@ -347,7 +359,7 @@ impl KeyManager {
             keys.truncate(limit as usize);
             keys.last().map(|last| {
                 self.page_tokens.encode(
-                    &request.workspace_id,
+                    &workspace_id,
                     request.include_inactive,
                     last.create_time,
                     &last.key_id,
@@ -363,10 +375,29 @@ impl KeyManager {
         })
     }
 
+    /// RevokeKey: revokes a key of the caller's workspace (an API key may always revoke itself)
+    /// and, when asked by a caller that may revoke other keys, every key its rotations led to.
+    pub async fn revoke(&self, caller: &Caller, command: RevokeKey) -> Result<Revoked> {
+        let workspace_id = caller.workspace_for(&command.workspace_id)?;
+        caller.authorize(Action::Revoke {
+            key_id: &command.key_id,
+        })?;
+        if command.revoke_successors {
+            caller.authorize(Action::RevokeWithSuccessors)?;
+        }
+        self.revoke_in(
+            &workspace_id,
+            &command.key_id,
+            command.revoke_successors,
+            &caller.actor(),
+        )
+        .await
+    }
+
     /// Revokes a key and, with `successors`, every key its rotations led to, in one
     /// transaction.
     #[tracing::instrument(name = "keys.revoke", skip_all, fields(key_id = %key_id, successors))]
-    pub async fn revoke(
+    pub async fn revoke_in(
         &self,
         workspace_id: &WorkspaceId,
         key_id: &str,
@@ -394,41 +425,28 @@ impl KeyManager {
         })
     }
 
-    /// Replaces a key with a successor that has a new secret and, unless a caller who may issue
-    /// keys says otherwise, everything else of the old key: its expiry and its usage budget.
-    #[tracing::instrument(name = "keys.rotate", skip_all, fields(key_id = %key_id))]
-    pub async fn rotate(
-        &self,
-        workspace_id: &WorkspaceId,
-        key_id: &str,
-        request: RotateRequest,
-        actor: &Actor,
-    ) -> Result<(IssuedKey, Key)> {
+    /// RotateKey: replaces a key with a successor that has a new secret and, unless a caller
+    /// who may issue keys says otherwise, everything else of the old key: its expiry and its
+    /// usage budget.
+    #[tracing::instrument(name = "keys.rotate", skip_all, fields(key_id = %command.key_id))]
+    pub async fn rotate(&self, caller: &Caller, command: RotateKey) -> Result<(IssuedKey, Key)> {
+        let workspace_id = &caller.workspace_for(&command.workspace_id)?;
+        let key_id = command.key_id.as_str();
+        caller.authorize(Action::Rotate { key_id })?;
+        let rights = caller.rotation_rights();
+        let actor = &caller.actor();
         let now = now_micros();
-        let grace_period = self.grace_period(&request)?;
-        let new_expire_time = match request.expiration {
+        let grace_period = self.grace_period(command.grace_period, rights)?;
+        let new_expire_time = match command.expiration {
             None => None,
-            Some(_) if !request.rights.may_set_expiry => {
-                return Err(Error::InsufficientRole(
-                    "only a caller that may issue keys can set a successor's expiry; \
-                     a rotation by an API key renews its secret, never its lifetime"
-                        .to_owned(),
-                ));
+            Some(expiration) => {
+                rights.permit_expiry()?;
+                Some(self.expire_time(expiration, now)?)
             }
-            Some(expiration) => Some(self.expire_time(expiration, now)?),
         };
-        let previous = self.get(workspace_id, key_id).await?;
+        let previous = self.find(workspace_id, key_id).await?;
         ensure_rotatable(&previous, now)?;
-        // A rotation mints a new secret with the old key's role: as much a grant as IssueKey.
-        if let Some(ceiling) = request.rights.role_ceiling
-            && previous.role > ceiling
-        {
-            return Err(Error::InsufficientRole(format!(
-                "a {} cannot rotate a key with the role {}",
-                ceiling.as_str(),
-                previous.role.as_str()
-            )));
-        }
+        rights.permit_role(previous.role)?;
         let template = Key {
             key_id: KeyId::generate(),
             create_time: now,
@@ -461,7 +479,7 @@ impl KeyManager {
             .await?;
         let Some(rotation) = rotation else {
             // Someone else changed the key between our read and our write: say what happened.
-            let current = self.get(workspace_id, key_id).await?;
+            let current = self.find(workspace_id, key_id).await?;
             ensure_rotatable(&current, now_micros())?;
             return Err(Error::Conflict);
         };
@@ -481,13 +499,12 @@ impl KeyManager {
     }
 
     /// The grace period a rotation asked for, within the server's cap and the caller's.
-    fn grace_period(&self, request: &RotateRequest) -> Result<Duration> {
+    fn grace_period(&self, asked: Option<Duration>, rights: RotationRights) -> Result<Duration> {
         let server_cap = self.limits.max_rotation_grace;
-        let cap = request
-            .rights
+        let cap = rights
             .grace_cap
             .map_or(server_cap, |caller_cap| caller_cap.min(server_cap));
-        let Some(asked) = request.grace_period else {
+        let Some(asked) = asked else {
             return Ok(DEFAULT_GRACE_PERIOD.min(cap));
         };
         if asked <= cap {
@@ -572,6 +589,11 @@ impl KeyManager {
 
 /// The key id inside a trial key's prefix: `<brand>_trial_<12-character id>`, at least 16
 /// characters, possibly followed by the rest of the key.
+/// How anonymous trial calls are recorded.
+fn trial_actor() -> Actor {
+    Actor::new("trial".to_owned())
+}
+
 fn trial_key_id(prefix: &str) -> Result<&str> {
     const MIN_PREFIX_LEN: usize = 16;
     if prefix.len() < MIN_PREFIX_LEN {

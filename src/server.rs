@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::auth::{AuthConfig, Authenticator, IssueRateLimiter, TrialRateLimiter};
+use crate::auth::{AuthConfig, Authenticator, RateLimits};
 use crate::change_feed::{self, ChangeFeedStatus};
 use crate::error::{Error, Result};
 use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
@@ -133,9 +133,8 @@ pub struct App {
     pub verifier: Arc<Verifier>,
     pub usage: UsageRecorder,
     pub auth: Arc<Authenticator>,
-    pub issue_limiter: IssueRateLimiter,
-    pub trial_limiter: TrialRateLimiter,
-    pub trial_revoke_limiter: TrialRateLimiter,
+    /// KeyService's rate limits (shared with the key manager), for forgetting idle callers.
+    pub rate_limits: RateLimits,
     pub metrics: Arc<Metrics>,
     /// The cross-replica change feed (PostgreSQL only) and what it has done.
     pub change_feed: Option<(JoinHandle<()>, ChangeFeedStatus)>,
@@ -156,6 +155,11 @@ impl App {
             usage.clone(),
             &config.verify,
         ));
+        let rate_limits = RateLimits::new(
+            config.auth.issue_limit_per_hour,
+            config.auth.trial_limit_per_minute,
+            config.auth.trial_revoke_limit_per_minute,
+        );
         let keys = Arc::new(
             KeyManager::new(
                 store.clone(),
@@ -165,7 +169,8 @@ impl App {
                 verifier.invalidator(),
                 config.trial.clone(),
             )
-            .with_limits(config.limits),
+            .with_limits(config.limits)
+            .with_rate_limits(rate_limits.clone()),
         );
         let auth = Arc::new(Authenticator::new(&config.auth, verifier.clone())?);
         // On PostgreSQL, replicas tell each other about key changes; SQLite has one node.
@@ -186,14 +191,7 @@ impl App {
             verifier,
             usage,
             auth,
-            issue_limiter: IssueRateLimiter::new(
-                config.auth.issue_limit_per_hour,
-                Duration::from_secs(3600),
-            ),
-            trial_limiter: TrialRateLimiter::per_minute(config.auth.trial_limit_per_minute),
-            trial_revoke_limiter: TrialRateLimiter::per_minute(
-                config.auth.trial_revoke_limit_per_minute,
-            ),
+            rate_limits,
         })
     }
 }
@@ -264,24 +262,16 @@ async fn run(
         let _ = draining_tx.send(());
     };
 
-    let key_service = KeyServiceServer::new(KeyServiceImpl::new(
-        app.keys.clone(),
-        app.auth.clone(),
-        app.issue_limiter.clone(),
-        app.trial_limiter.clone(),
-        app.trial_revoke_limiter.clone(),
-    ))
-    .max_decoding_message_size(MAX_KEY_SERVICE_MESSAGE);
+    let key_service =
+        KeyServiceServer::new(KeyServiceImpl::new(app.keys.clone(), app.auth.clone()))
+            .max_decoding_message_size(MAX_KEY_SERVICE_MESSAGE);
     let verify_service = VerifyServiceServer::new(VerifyServiceImpl::new(
         app.verifier.clone(),
         app.auth.clone(),
         app.metrics.clone(),
     ))
     .max_decoding_message_size(MAX_VERIFY_MESSAGE);
-    background.push(tokio::spawn(forget_idle_limits(
-        app.issue_limiter.clone(),
-        [app.trial_limiter.clone(), app.trial_revoke_limiter.clone()],
-    )));
+    background.push(tokio::spawn(forget_idle_limits(app.rate_limits.clone())));
     background.push(tokio::spawn(sweep_trial_keys(app.keys.clone())));
     background.push(tokio::spawn(
         app.verifier
@@ -407,14 +397,11 @@ fn server_tls(tls: &TlsConfig) -> ServerTlsConfig {
 }
 
 /// Keeps the rate limiter's memory bounded by recently active callers.
-async fn forget_idle_limits(issue: IssueRateLimiter, trial: [TrialRateLimiter; 2]) {
+async fn forget_idle_limits(limits: RateLimits) {
     let mut ticker = tokio::time::interval(Duration::from_secs(60));
     loop {
         ticker.tick().await;
-        issue.forget_idle();
-        for limiter in &trial {
-            limiter.forget_idle();
-        }
+        limits.forget_idle();
     }
 }
 

@@ -20,7 +20,7 @@ pub use state::{Invalidator, StateEntry};
 pub use usage::{UsageConfig, UsageRecorder};
 
 use crate::error::{Error, Result};
-use crate::key::{HashPool, Key, KeyState, PresentedKey};
+use crate::key::{HashPool, Key, KeyState, PresentedKey, Scopes};
 use crate::store::Store;
 use crate::timestamp::now_micros;
 
@@ -78,6 +78,35 @@ pub struct VerifyRequest<'a> {
 }
 
 impl<'a> VerifyRequest<'a> {
+    /// A VerifyKey question as a caller sent it, checked: required scopes a key could hold,
+    /// a client IP that is an address (or empty), a cost that is not negative (absent is 1).
+    pub fn checked(
+        key: &'a str,
+        required_scopes: &'a [String],
+        client_ip: &str,
+        cost: Option<i64>,
+    ) -> Result<Self> {
+        Scopes::check_required(required_scopes)
+            .map_err(|reason| Error::invalid("required_scopes", reason))?;
+        let cost = cost.unwrap_or(1);
+        if cost < 0 {
+            return Err(Error::invalid("cost", "must not be negative"));
+        }
+        let client_ip =
+            match client_ip {
+                "" => None,
+                text => Some(ClientIp::parse(text).ok_or_else(|| {
+                    Error::invalid("client_ip", "must be an IPv4 or IPv6 address")
+                })?),
+            };
+        Ok(Self {
+            key,
+            required_scopes,
+            client_ip,
+            cost,
+        })
+    }
+
     /// A plain check of `key`: no scopes, no client IP, cost 1.
     pub fn key(key: &'a str) -> Self {
         Self {
@@ -90,6 +119,40 @@ impl<'a> VerifyRequest<'a> {
 }
 
 impl Verdict {
+    pub fn is_valid(&self) -> bool {
+        matches!(self, Self::Valid(..))
+    }
+
+    /// The uses left that the answer reports exactly, overriding the cached state's count: the
+    /// decrement's own answer for a limited key, none for an exhausted one.
+    pub fn usage_remaining(&self) -> Option<i64> {
+        match self {
+            Self::Valid(_, remaining) => *remaining,
+            Self::UsageExhausted(_) => Some(0),
+            _ => None,
+        }
+    }
+
+    /// How long a locked-out caller should wait.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Locked(remaining) => Some(*remaining),
+            _ => None,
+        }
+    }
+
+    /// The key's cached state, when the key was identified.
+    pub fn entry(&self) -> Option<&Arc<StateEntry>> {
+        match self {
+            Self::Valid(entry, _)
+            | Self::Revoked(entry)
+            | Self::Expired(entry)
+            | Self::InsufficientScope(entry)
+            | Self::UsageExhausted(entry) => Some(entry),
+            Self::Malformed | Self::NotFound | Self::Locked(_) => None,
+        }
+    }
+
     /// The key's public metadata, when the key was identified.
     pub fn key(&self) -> Option<&Key> {
         match self {

@@ -106,7 +106,7 @@ impl JwtVerifier {
         )?;
         let claims = data.claims;
         let role = Role::from_db(&claims.role)
-            .filter(|role| *role != Role::Trial)
+            .and_then(super::policy::dashboard_role)
             .ok_or(Error::InvalidCredentials("the token's role is unknown"))?;
         let workspace_id = WorkspaceId::parse(&claims.workspace_id)
             .map_err(|_| Error::InvalidCredentials("the token's workspace_id is invalid"))?;

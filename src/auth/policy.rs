@@ -1,4 +1,6 @@
-//! What each caller may do: the role matrix and workspace sealing, as pure functions.
+//! Every rule that decides whether a caller may do a thing, as pure functions: the role matrix,
+//! workspace sealing, role ceilings, trial-key rules, which API keys may authenticate, and whose
+//! word on an end user's address is taken. The domain (`keys`) calls them; nothing else decides.
 //!
 //! | | admin | viewer | developer | account_admin | API key |
 //! |---|---|---|---|---|---|
@@ -9,11 +11,147 @@
 //! | RotateKey: set the successor's expiry | yes | no | yes | yes | never |
 //! | RotateKey: longest grace period | server cap | - | server cap | server cap | 24 h |
 //!
-//! Nobody grants a role above their own.
+//! Nobody grants a role above their own. IssueKey never makes trial keys; a dashboard JWT never
+//! carries the trial role; a trial key may not call KeyService at all. A usage-limited API key that
+//! has used up its verifications may still manage keys (the limit meters VerifyKey). The end
+//! user's address in IssueTrialKey / RevokeTrialKey is taken from the request only from a trusted
+//! front end (a caller with an admin or verify token), otherwise it is the connection's peer.
+
+use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::key::{Role, WorkspaceId};
-use crate::keys::{API_KEY_MAX_ROTATION_GRACE, Actor, RotationRights};
+use crate::key::{Environment, Role, WorkspaceId};
+use crate::verify::{ClientIp, Verdict};
+
+/// The longest an API key may keep the key it rotates working: whoever holds a key can renew
+/// its secret, never stretch how long the old one lives.
+pub const API_KEY_MAX_ROTATION_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Who asked for a change, as recorded in the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor(String);
+
+impl Actor {
+    pub fn new(description: String) -> Self {
+        Self(description)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What the caller of a rotation may ask for beyond a new secret (decided by the caller's kind
+/// and role: `Caller::rotation_rights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotationRights {
+    /// May give the successor a new expiry: only callers that may issue keys.
+    pub may_set_expiry: bool,
+    /// A grace cap of the caller's own, below the server's; `None` for the server's alone.
+    pub grace_cap: Option<Duration>,
+    /// The highest role the caller may hold through a rotation; `None` is no limit.
+    pub role_ceiling: Option<Role>,
+}
+
+impl RotationRights {
+    /// Refuses a successor expiry the caller may not set.
+    pub fn permit_expiry(&self) -> Result<()> {
+        if self.may_set_expiry {
+            return Ok(());
+        }
+        Err(Error::InsufficientRole(
+            "only a caller that may issue keys can set a successor's expiry; \
+             a rotation by an API key renews its secret, never its lifetime"
+                .to_owned(),
+        ))
+    }
+
+    /// Refuses rotating a key whose role is above the caller's: a rotation mints a new secret
+    /// with the old key's role, as much a grant as IssueKey.
+    pub fn permit_role(&self, role: Role) -> Result<()> {
+        match self.role_ceiling {
+            Some(ceiling) if role > ceiling => Err(Error::InsufficientRole(format!(
+                "a {} cannot rotate a key with the role {}",
+                ceiling.as_str(),
+                role.as_str()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// IssueKey makes no trial keys: those come from IssueTrialKey only, with its limits.
+pub fn check_issuable(role: Role, environment: Environment) -> Result<()> {
+    if role == Role::Trial {
+        return Err(Error::invalid(
+            "role",
+            "trial keys are issued by IssueTrialKey only",
+        ));
+    }
+    if environment == Environment::Trial {
+        return Err(Error::invalid(
+            "environment",
+            "trial keys are issued by IssueTrialKey only",
+        ));
+    }
+    Ok(())
+}
+
+/// The role a dashboard JWT may carry: any but the trial role, which belongs to trial keys.
+pub fn dashboard_role(role: Role) -> Option<Role> {
+    (role != Role::Trial).then_some(role)
+}
+
+/// The caller an API key presented to KeyService is, given its verification's verdict.
+pub fn api_key_caller(verdict: &Verdict) -> Result<Caller> {
+    match verdict {
+        // The usage limit meters VerifyKey; an exhausted key may still manage keys.
+        Verdict::Valid(entry, _) | Verdict::UsageExhausted(entry) => {
+            let key = entry
+                .key()
+                .ok_or(Error::Internal("a valid verdict without a key".to_owned()))?;
+            let workspace_id = WorkspaceId::parse(&key.workspace_id)
+                .map_err(|reason| Error::Internal(format!("stored workspace: {reason}")))?;
+            Ok(Caller::ApiKey {
+                key_id: key.key_id.as_str().to_owned(),
+                prefix: key.prefix.clone(),
+                name: key.name.clone(),
+                workspace_id,
+                role: key.role,
+            })
+        }
+        Verdict::Revoked(_) => Err(Error::InvalidCredentials("the API key is revoked")),
+        Verdict::Expired(_) => Err(Error::InvalidCredentials("the API key is expired")),
+        Verdict::Locked(_) => Err(Error::InvalidCredentials(
+            "the API key or the caller's address is locked after too many failed verifications",
+        )),
+        _ => Err(Error::InvalidCredentials("unknown API key")),
+    }
+}
+
+/// Where a request came from, as far as the transport can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The connection's peer address.
+    pub peer: Option<ClientIp>,
+    /// The caller presented an admin or verify token: a front end whose word on the end user's
+    /// address is taken.
+    pub trusted_front_end: bool,
+}
+
+impl Origin {
+    /// The end user's address: `claimed` (a request's `client_ip`, empty when not given) from
+    /// a trusted front end, otherwise the connection's peer. Anyone else's claim is ignored,
+    /// unread: it cannot even be a bad request.
+    pub fn end_user_ip(&self, claimed: &str) -> Result<ClientIp> {
+        if !claimed.is_empty() && self.trusted_front_end {
+            return ClientIp::parse(claimed)
+                .ok_or_else(|| Error::invalid("client_ip", "must be an IPv4 or IPv6 address"));
+        }
+        self.peer
+            .ok_or_else(|| Error::Internal("no peer address".to_owned()))
+    }
+}
 
 /// An authenticated caller of KeyService.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -300,6 +438,87 @@ mod tests {
         assert_eq!(
             Caller::Admin.workspace_for("other").unwrap().as_str(),
             "other"
+        );
+    }
+
+    #[test]
+    fn issue_key_makes_no_trial_keys() {
+        use Environment::{Dev, Live, Test};
+        use Role::{AccountAdmin, Developer, Viewer};
+        for (role, environment, allowed) in [
+            (Developer, Live, true),
+            (AccountAdmin, Test, true),
+            (Viewer, Dev, true),
+            (Role::Trial, Live, false),
+            (Developer, Environment::Trial, false),
+        ] {
+            let checked = check_issuable(role, environment);
+            assert_eq!(checked.is_ok(), allowed, "{role:?} {environment:?}");
+            if let Err(error) = checked {
+                assert!(
+                    error
+                        .to_string()
+                        .contains("trial keys are issued by IssueTrialKey only"),
+                    "{error}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dashboards_never_carry_the_trial_role() {
+        assert_eq!(dashboard_role(Role::Trial), None);
+        for role in [Role::Viewer, Role::Developer, Role::AccountAdmin] {
+            assert_eq!(dashboard_role(role), Some(role));
+        }
+    }
+
+    #[test]
+    fn only_a_trusted_front_end_names_the_end_users_address() {
+        let peer = ClientIp::parse("192.0.2.7");
+        let origin = |trusted_front_end| Origin {
+            peer,
+            trusted_front_end,
+        };
+        let claimed = "198.51.100.1";
+        assert_eq!(
+            origin(true).end_user_ip(claimed).ok(),
+            ClientIp::parse(claimed)
+        );
+        assert_eq!(origin(true).end_user_ip("").ok(), peer);
+        // Anyone else's claim is ignored, even one that is not an address.
+        assert_eq!(origin(false).end_user_ip(claimed).ok(), peer);
+        assert_eq!(origin(false).end_user_ip("not an ip").ok(), peer);
+        assert!(matches!(
+            origin(true).end_user_ip("not an ip"),
+            Err(Error::InvalidArgument { .. })
+        ));
+    }
+
+    #[test]
+    fn rotations_grant_nothing_above_the_caller() {
+        use Role::*;
+        for (caller, may_set_expiry, highest_rotatable) in [
+            (Caller::Admin, true, AccountAdmin),
+            (user(Viewer), false, Viewer),
+            (user(Developer), true, Developer),
+            (user(AccountAdmin), true, AccountAdmin),
+            (api_key(Developer), false, Developer),
+            (api_key(AccountAdmin), false, AccountAdmin),
+        ] {
+            let rights = caller.rotation_rights();
+            assert_eq!(rights.permit_expiry().is_ok(), may_set_expiry, "{caller:?}");
+            for role in [Viewer, Developer, AccountAdmin] {
+                assert_eq!(
+                    rights.permit_role(role).is_ok(),
+                    role <= highest_rotatable,
+                    "{caller:?} rotating {role:?}"
+                );
+            }
+        }
+        assert_eq!(
+            api_key(Developer).rotation_rights().grace_cap,
+            Some(API_KEY_MAX_ROTATION_GRACE)
         );
     }
 }

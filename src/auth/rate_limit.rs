@@ -61,7 +61,7 @@ pub struct TrialRateLimiter {
 impl TrialRateLimiter {
     pub fn per_minute(count: u32) -> Self {
         Self {
-            per_ip: KeyedLimit::new(count, Duration::from_secs(60)),
+            per_ip: KeyedLimit::new(count, TRIAL_LIMIT_PERIOD),
             allows_none: count == 0,
         }
     }
@@ -78,6 +78,39 @@ impl TrialRateLimiter {
 
     pub fn forget_idle(&self) {
         self.per_ip.forget_idle();
+    }
+}
+
+/// How long each limit's count is spread over.
+pub const ISSUE_LIMIT_PERIOD: Duration = Duration::from_secs(60 * 60);
+pub const TRIAL_LIMIT_PERIOD: Duration = Duration::from_secs(60);
+
+/// Every rate limit of KeyService, built from the operator's counts. Cheap to clone; clones
+/// share the counters.
+#[derive(Clone)]
+pub struct RateLimits {
+    /// IssueKey per user (or API key) per hour.
+    pub issue: IssueRateLimiter,
+    /// IssueTrialKey per client IP per minute.
+    pub trial: TrialRateLimiter,
+    /// RevokeTrialKey per client IP per minute.
+    pub trial_revoke: TrialRateLimiter,
+}
+
+impl RateLimits {
+    pub fn new(issue_per_hour: u32, trial_per_minute: u32, trial_revokes_per_minute: u32) -> Self {
+        Self {
+            issue: KeyedLimit::new(issue_per_hour, ISSUE_LIMIT_PERIOD),
+            trial: TrialRateLimiter::per_minute(trial_per_minute),
+            trial_revoke: TrialRateLimiter::per_minute(trial_revokes_per_minute),
+        }
+    }
+
+    /// Forgets callers whose limits have fully recovered, so memory follows recent callers.
+    pub fn forget_idle(&self) {
+        self.issue.forget_idle();
+        self.trial.forget_idle();
+        self.trial_revoke.forget_idle();
     }
 }
 

@@ -70,10 +70,8 @@ pub fn role_from_proto(value: i32) -> Result<Role> {
         Ok(pb::Role::Unspecified | pb::Role::Developer) => Ok(Role::Developer),
         Ok(pb::Role::Viewer) => Ok(Role::Viewer),
         Ok(pb::Role::AccountAdmin) => Ok(Role::AccountAdmin),
-        Ok(pb::Role::Trial) => Err(Error::invalid(
-            "role",
-            "trial keys are issued by IssueTrialKey only",
-        )),
+        // Whether IssueKey may make one is the policy's to say.
+        Ok(pb::Role::Trial) => Ok(Role::Trial),
         Err(_) => Err(Error::invalid("role", format!("unknown value {value}"))),
     }
 }
@@ -84,10 +82,7 @@ pub fn environment_from_proto(value: i32) -> Result<Environment> {
         Ok(pb::Environment::Unspecified | pb::Environment::Live) => Ok(Environment::Live),
         Ok(pb::Environment::Test) => Ok(Environment::Test),
         Ok(pb::Environment::Dev) => Ok(Environment::Dev),
-        Ok(pb::Environment::Trial) => Err(Error::invalid(
-            "environment",
-            "trial keys are issued by IssueTrialKey only",
-        )),
+        Ok(pb::Environment::Trial) => Ok(Environment::Trial),
         Err(_) => Err(Error::invalid(
             "environment",
             format!("unknown value {value}"),

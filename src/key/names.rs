@@ -189,6 +189,17 @@ impl Scopes {
         Ok(Self(scopes))
     }
 
+    /// Checks the scopes a VerifyKey call requires, by the same rules as a key's, without
+    /// allocating (the hot path): a required scope no key could hold is the caller's bug.
+    pub fn check_required<S: AsRef<str>>(items: &[S]) -> Result<(), Invalid> {
+        if items.len() > MAX_SCOPES {
+            return Err(format!("at most {MAX_SCOPES} scopes are allowed"));
+        }
+        items
+            .iter()
+            .try_for_each(|item| Scope::check(item.as_ref()))
+    }
+
     /// Scopes read back from the database, trusted as written.
     pub fn from_stored(scopes: Vec<String>) -> Self {
         Self(scopes)

@@ -182,7 +182,7 @@ async fn a_revoke_outlasts_a_read_slower_than_the_state_ttl(db: TestDb) {
     let replica = Replica::build(&db).await;
     let issued = replica
         .keys
-        .issue(
+        .create(
             NewKey {
                 workspace_id: acme(),
                 name: KeyName::parse("slow read").unwrap(),
@@ -211,7 +211,7 @@ async fn a_revoke_outlasts_a_read_slower_than_the_state_ttl(db: TestDb) {
 
     replica
         .keys
-        .revoke(&acme(), &key_id, false, &admin())
+        .revoke_in(&acme(), &key_id, false, &admin())
         .await
         .unwrap();
     // A verify that starts after the revoke returned joins the held read (single-flight) while

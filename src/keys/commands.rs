@@ -1,0 +1,77 @@
+//! KeyService's commands: what a caller asks, parsed into domain types by the transport, before
+//! any decision. Workspaces are as the request names them (possibly empty): the policy settles
+//! them against the caller. Trial commands keep their text as sent, because a switched-off trial
+//! service answers UNIMPLEMENTED before anything in them is read.
+
+use std::time::Duration;
+
+use crate::key::{Environment, KeyDescription, KeyName, Metadata, Role, Scopes};
+
+/// When a new key stops working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiration {
+    Never,
+    At(crate::timestamp::UnixMicros),
+    After(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct IssueKey {
+    pub workspace_id: String,
+    pub name: KeyName,
+    pub description: KeyDescription,
+    pub scopes: Scopes,
+    pub environment: Environment,
+    pub role: Role,
+    pub expiration: Expiration,
+    pub metadata: Metadata,
+    /// VALID verdicts the key may give in all; 0 means unlimited.
+    pub usage_limit: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct GetKey {
+    pub workspace_id: String,
+    pub key_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListKeys {
+    pub workspace_id: String,
+    pub page_size: u32,
+    pub page_token: String,
+    pub include_inactive: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RevokeKey {
+    pub workspace_id: String,
+    pub key_id: String,
+    /// Revoke every key the key's rotations led to as well.
+    pub revoke_successors: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RotateKey {
+    pub workspace_id: String,
+    pub key_id: String,
+    /// How long the old key keeps working; `None` for the default (24 hours, or less if capped).
+    pub grace_period: Option<Duration>,
+    /// A new expiry for the successor; `None` keeps the old key's.
+    pub expiration: Option<Expiration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IssueTrialKey {
+    /// Empty for the default name.
+    pub name: String,
+    /// The end user's address as a front end claims it; empty when not given.
+    pub client_ip: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RevokeTrialKey {
+    /// The trial key's public prefix (or its whole text).
+    pub prefix: String,
+    pub client_ip: String,
+}
