@@ -27,7 +27,7 @@ use crate::key::PresentedKey;
 use crate::verify::{ClientIp, Verifier, VerifyRequest};
 
 /// How KeyService callers are recognised.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct AuthConfig {
     /// Platform admin tokens (compared in constant time).
     pub admin_tokens: Vec<String>,
@@ -41,6 +41,20 @@ pub struct AuthConfig {
     pub trial_limit_per_minute: u32,
     /// RevokeTrialKey calls allowed per client IP per minute; 0 allows none.
     pub trial_revoke_limit_per_minute: u32,
+}
+
+impl Default for AuthConfig {
+    /// No credentials; the default rate limits.
+    fn default() -> Self {
+        Self {
+            admin_tokens: Vec::new(),
+            jwt: None,
+            verify_tokens: Vec::new(),
+            issue_limit_per_hour: 10,
+            trial_limit_per_minute: 5,
+            trial_revoke_limit_per_minute: 5,
+        }
+    }
 }
 
 impl std::fmt::Debug for AuthConfig {

@@ -1,5 +1,6 @@
-//! Configuration: command-line flags, each with an environment variable, parsed by clap into the
-//! typed `server::Config` that the library (and the tests) use.
+//! Configuration: the typed `Config` that the library (and the tests) use, with every default in
+//! one place (`Config::default`), and the command-line flags, each with an environment variable,
+//! whose defaults are read from it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,9 +12,106 @@ use crate::auth::{AuthConfig, JwtConfig};
 use crate::key::format::random_base62;
 use crate::key::{Brand, HashParams, HashPriority, UnprovenBudget, WorkspaceId};
 use crate::keys::{KeyLimits, TrialConfig};
-use crate::server::{Config, OverloadConfig, TlsConfig};
+use crate::server::OverloadConfig;
 use crate::telemetry::LogFormat;
 use crate::verify::{LockoutConfig, UsageConfig, VerifyConfig};
+
+/// Everything the server needs, already validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub db_max_connections: u32,
+    pub brand: Brand,
+    pub hash_params: HashParams,
+    /// How many argon2 computations may run at once.
+    pub argon2_threads: usize,
+    /// How the argon2 threads compete for CPU with the request workers.
+    pub argon2_priority: HashPriority,
+    /// The argon2 share of secrets nobody has proven yet.
+    pub argon2_unproven: UnprovenBudget,
+    pub verify: VerifyConfig,
+    pub usage: UsageConfig,
+    pub auth: AuthConfig,
+    pub trial: TrialConfig,
+    /// How far away expiries and rotation grace periods may be.
+    pub limits: KeyLimits,
+    /// Serve TLS (and require client certificates when a client CA is set).
+    pub tls: Option<TlsConfig>,
+    /// Where to serve Prometheus metrics (`GET /metrics`); none when unset.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How often the database is pinged for the health status.
+    pub health_check_interval: Duration,
+    /// How long a graceful shutdown waits for open calls before closing them.
+    pub shutdown_grace: Duration,
+    /// Calls in progress at once, and HTTP/2 streams per connection.
+    pub overload: OverloadConfig,
+}
+
+/// PEM material for TLS, already read from disk.
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// When set, every client must present a certificate signed by this CA (mutual TLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Config {
+    /// Every default of the service, in one place: the flags' defaults are these (see
+    /// `ServeArgs`), and so are the tests'.
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            database_url: "sqlite://key-authority.db".to_owned(),
+            db_max_connections: 16,
+            brand: Brand::default(),
+            hash_params: HashParams::default(),
+            argon2_threads: std::thread::available_parallelism().map_or(2, usize::from),
+            argon2_priority: HashPriority::default(),
+            argon2_unproven: UnprovenBudget::default(),
+            verify: VerifyConfig::default(),
+            usage: UsageConfig::default(),
+            auth: AuthConfig::default(),
+            trial: TrialConfig::default(),
+            limits: KeyLimits::default(),
+            tls: None,
+            metrics_listen: None,
+            health_check_interval: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(30),
+            overload: OverloadConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// A configuration for `database_url` with every other setting at its default.
+    pub fn with_database(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// The defaults the flags show and fall back to.
+fn defaults() -> &'static Config {
+    static DEFAULTS: std::sync::LazyLock<Config> = std::sync::LazyLock::new(Config::default);
+    &DEFAULTS
+}
+
+/// A default duration as a flag shows it ("5s", "15m", "10years").
+fn shown(duration: Duration) -> humantime::Duration {
+    duration.into()
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,41 +145,37 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct DatabaseArgs {
     /// sqlite://PATH (created if missing) or postgres://USER:PASSWORD@HOST:PORT/DB.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "sqlite://key-authority.db"
-    )]
+    #[arg(long, env = "DATABASE_URL", default_value_t = defaults().database_url.clone())]
     pub database_url: String,
 
     /// Largest number of open database connections.
-    #[arg(long, env = "KEY_AUTHORITY_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(long, env = "KEY_AUTHORITY_DB_MAX_CONNECTIONS", default_value_t = defaults().db_max_connections)]
     pub db_max_connections: u32,
 }
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to serve gRPC on.
-    #[arg(long, env = "KEY_AUTHORITY_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "KEY_AUTHORITY_LISTEN", default_value_t = defaults().listen)]
     pub listen: SocketAddr,
 
     #[command(flatten)]
     pub database: DatabaseArgs,
 
     /// The brand that starts every key: 1 to 16 lowercase letters and digits.
-    #[arg(long, env = "KEY_AUTHORITY_KEY_PREFIX", default_value = "ka")]
+    #[arg(long, env = "KEY_AUTHORITY_KEY_PREFIX", default_value_t = defaults().brand.as_str().to_owned())]
     pub key_prefix: String,
 
     /// argon2id memory cost in KiB.
-    #[arg(long, env = "KEY_AUTHORITY_ARGON2_MEMORY_KIB", default_value_t = HashParams::default().memory_kib)]
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_MEMORY_KIB", default_value_t = defaults().hash_params.memory_kib)]
     pub argon2_memory_kib: u32,
 
     /// argon2id passes over memory.
-    #[arg(long, env = "KEY_AUTHORITY_ARGON2_ITERATIONS", default_value_t = HashParams::default().iterations)]
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_ITERATIONS", default_value_t = defaults().hash_params.iterations)]
     pub argon2_iterations: u32,
 
     /// argon2id lanes.
-    #[arg(long, env = "KEY_AUTHORITY_ARGON2_PARALLELISM", default_value_t = HashParams::default().parallelism)]
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_PARALLELISM", default_value_t = defaults().hash_params.parallelism)]
     pub argon2_parallelism: u32,
 
     /// How many argon2 computations may run at once (0 = the number of CPU cores).
@@ -90,37 +184,37 @@ pub struct ServeArgs {
 
     /// Scheduling priority of the argon2 threads against the request workers: `idle` (Linux
     /// SCHED_IDLE: hashing only uses CPU that requests leave free), `low` (nice 19) or `normal`.
-    #[arg(long, env = "KEY_AUTHORITY_ARGON2_PRIORITY", value_enum, default_value_t = HashPriority::default())]
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_PRIORITY", value_enum, default_value_t = defaults().argon2_priority)]
     pub argon2_priority: HashPriority,
 
     /// argon2 verifications per second of secrets nobody has proven yet (first sight of a key,
     /// wrong secrets); beyond it they are refused with RESOURCE_EXHAUSTED. 0 = no rate limit.
-    #[arg(long, env = "KEY_AUTHORITY_ARGON2_UNPROVEN_PER_SECOND", default_value_t = UnprovenBudget::default().per_second)]
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_UNPROVEN_PER_SECOND", default_value_t = defaults().argon2_unproven.per_second)]
     pub argon2_unproven_per_second: u32,
 
     /// Unproven verifications that may wait or run at once; more are refused at once.
-    #[arg(long, env = "KEY_AUTHORITY_ARGON2_UNPROVEN_QUEUE", default_value_t = UnprovenBudget::default().queue_depth)]
+    #[arg(long, env = "KEY_AUTHORITY_ARGON2_UNPROVEN_QUEUE", default_value_t = defaults().argon2_unproven.queue_depth)]
     pub argon2_unproven_queue: usize,
 
     /// Largest number of verdicts (digest of a presented key → match or not) kept in memory.
-    #[arg(long, env = "KEY_AUTHORITY_VERDICT_CACHE_CAPACITY", default_value_t = VerifyConfig::default().verdict_cache_capacity)]
+    #[arg(long, env = "KEY_AUTHORITY_VERDICT_CACHE_CAPACITY", default_value_t = defaults().verify.verdict_cache_capacity)]
     pub verdict_cache_capacity: u64,
 
     /// How long a wrong secret's verdict is remembered.
-    #[arg(long, env = "KEY_AUTHORITY_NEGATIVE_VERDICT_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
-    pub negative_verdict_ttl: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_NEGATIVE_VERDICT_TTL", default_value_t = shown(defaults().verify.negative_verdict_ttl))]
+    pub negative_verdict_ttl: humantime::Duration,
 
     /// Largest number of key states kept in memory.
-    #[arg(long, env = "KEY_AUTHORITY_STATE_CACHE_CAPACITY", default_value_t = VerifyConfig::default().state_cache_capacity)]
+    #[arg(long, env = "KEY_AUTHORITY_STATE_CACHE_CAPACITY", default_value_t = defaults().verify.state_cache_capacity)]
     pub state_cache_capacity: u64,
 
     /// How long a cached key state is trusted without a change notification.
-    #[arg(long, env = "KEY_AUTHORITY_STATE_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub state_cache_ttl: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_STATE_CACHE_TTL", default_value_t = shown(defaults().verify.state_ttl))]
+    pub state_cache_ttl: humantime::Duration,
 
     /// How often usage counters are written to the database.
-    #[arg(long, env = "KEY_AUTHORITY_USAGE_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
-    pub usage_flush_interval: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_USAGE_FLUSH_INTERVAL", default_value_t = shown(defaults().usage.flush_interval))]
+    pub usage_flush_interval: humantime::Duration,
 
     /// Platform admin tokens, comma-separated. Prefer the environment variable: flags show in `ps`.
     #[arg(
@@ -153,11 +247,11 @@ pub struct ServeArgs {
     pub jwt_audience: Option<String>,
 
     /// Clock skew allowed on JWT `exp` and `nbf`.
-    #[arg(long, env = "KEY_AUTHORITY_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub jwt_leeway: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_JWT_LEEWAY", default_value_t = shown(crate::auth::jwt::DEFAULT_LEEWAY))]
+    pub jwt_leeway: humantime::Duration,
 
     /// IssueKey calls allowed per user per hour (admins exempt); 0 disables the limit.
-    #[arg(long, env = "KEY_AUTHORITY_ISSUE_LIMIT_PER_HOUR", default_value_t = 10)]
+    #[arg(long, env = "KEY_AUTHORITY_ISSUE_LIMIT_PER_HOUR", default_value_t = defaults().auth.issue_limit_per_hour)]
     pub issue_limit_per_hour: u32,
 
     /// Service tokens VerifyKey callers must present, comma-separated; unset leaves VerifyKey open.
@@ -172,61 +266,61 @@ pub struct ServeArgs {
 
     /// Unproven secrets of one key checked within the lockout window (failed or still in flight)
     /// that lock its unrecognised secrets; 0 = off.
-    #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_KEY_FAILURES", default_value_t = 10)]
+    #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_KEY_FAILURES", default_value_t = defaults().verify.lockout.key_failures)]
     pub lockout_key_failures: u32,
 
     /// Failures and unproven checks in flight from one client IP within the lockout window that
     /// lock the IP; 0 = off.
-    #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_IP_FAILURES", default_value_t = 20)]
+    #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_IP_FAILURES", default_value_t = defaults().verify.lockout.ip_failures)]
     pub lockout_ip_failures: u32,
 
     /// The window in which failures are counted.
-    #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
-    pub lockout_window: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_WINDOW", default_value_t = shown(defaults().verify.lockout.window))]
+    pub lockout_window: humantime::Duration,
 
     /// How long a lockout lasts.
-    #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
-    pub lockout_duration: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_LOCKOUT_DURATION", default_value_t = shown(defaults().verify.lockout.duration))]
+    pub lockout_duration: humantime::Duration,
 
     /// Keys and client IPs whose failures are tracked at most (each), bounding memory.
     #[arg(
         long,
         env = "KEY_AUTHORITY_LOCKOUT_CAPACITY",
-        default_value_t = 100_000
+        default_value_t = defaults().verify.lockout.capacity
     )]
     pub lockout_capacity: u64,
 
     /// The furthest a key's expiry (IssueKey or RotateKey `ttl`/`expire_time`) may be from now;
     /// 0 allows any expiry up to the end of year 9999 (the protobuf Timestamp range). Keys without
     /// an expiry are not affected.
-    #[arg(long, env = "KEY_AUTHORITY_MAX_KEY_LIFETIME", default_value = "10years", value_parser = humantime::parse_duration)]
-    pub max_key_lifetime: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_MAX_KEY_LIFETIME", default_value_t = shown(defaults().limits.max_key_lifetime.unwrap_or_default()))]
+    pub max_key_lifetime: humantime::Duration,
 
     /// The longest grace period RotateKey may give the old key (an API key gets at most 24h).
-    #[arg(long, env = "KEY_AUTHORITY_MAX_ROTATION_GRACE", default_value = "7days", value_parser = humantime::parse_duration)]
-    pub max_rotation_grace: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_MAX_ROTATION_GRACE", default_value_t = shown(defaults().limits.max_rotation_grace))]
+    pub max_rotation_grace: humantime::Duration,
 
     /// Serve IssueTrialKey and RevokeTrialKey; `false` answers both with UNIMPLEMENTED.
-    #[arg(long, env = "KEY_AUTHORITY_TRIAL_KEYS", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "KEY_AUTHORITY_TRIAL_KEYS", default_value_t = defaults().trial.enabled, action = clap::ArgAction::Set)]
     pub trial_keys: bool,
 
     /// The workspace trial keys belong to.
-    #[arg(long, env = "KEY_AUTHORITY_TRIAL_WORKSPACE", default_value = "trial")]
+    #[arg(long, env = "KEY_AUTHORITY_TRIAL_WORKSPACE", default_value_t = defaults().trial.workspace_id.as_str().to_owned())]
     pub trial_workspace: String,
 
     /// Lifetime of a trial key.
-    #[arg(long, env = "KEY_AUTHORITY_TRIAL_TTL", default_value = "30m", value_parser = humantime::parse_duration)]
-    pub trial_ttl: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_TRIAL_TTL", default_value_t = shown(defaults().trial.ttl))]
+    pub trial_ttl: humantime::Duration,
 
     /// Uses (VALID verdicts) of a trial key.
-    #[arg(long, env = "KEY_AUTHORITY_TRIAL_USAGE_LIMIT", default_value_t = 10)]
+    #[arg(long, env = "KEY_AUTHORITY_TRIAL_USAGE_LIMIT", default_value_t = defaults().trial.usage_limit)]
     pub trial_usage_limit: i64,
 
     /// IssueTrialKey calls per client IP per minute; 0 issues no trial keys at all.
     #[arg(
         long,
         env = "KEY_AUTHORITY_TRIAL_LIMIT_PER_MINUTE",
-        default_value_t = 5
+        default_value_t = defaults().auth.trial_limit_per_minute
     )]
     pub trial_limit_per_minute: u32,
 
@@ -234,38 +328,38 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "KEY_AUTHORITY_TRIAL_REVOKE_LIMIT_PER_MINUTE",
-        default_value_t = 5
+        default_value_t = defaults().auth.trial_revoke_limit_per_minute
     )]
     pub trial_revoke_limit_per_minute: u32,
 
     /// How long an expired trial key is kept before the background sweep deletes it.
-    #[arg(long, env = "KEY_AUTHORITY_TRIAL_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
-    pub trial_retention: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_TRIAL_RETENTION", default_value_t = shown(defaults().trial.retention))]
+    pub trial_retention: humantime::Duration,
 
     /// How often the background sweep deletes expired trial keys (in batches of 500).
-    #[arg(long, env = "KEY_AUTHORITY_TRIAL_SWEEP_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
-    pub trial_sweep_interval: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_TRIAL_SWEEP_INTERVAL", default_value_t = shown(defaults().trial.sweep_interval))]
+    pub trial_sweep_interval: humantime::Duration,
 
     /// Serve Prometheus metrics at http://ADDRESS/metrics.
     #[arg(long, env = "KEY_AUTHORITY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
     /// How often the database is pinged for the grpc.health status.
-    #[arg(long, env = "KEY_AUTHORITY_HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub health_check_interval: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_HEALTH_CHECK_INTERVAL", default_value_t = shown(defaults().health_check_interval))]
+    pub health_check_interval: humantime::Duration,
 
     /// How long a graceful shutdown waits for open calls before closing them.
-    #[arg(long, env = "KEY_AUTHORITY_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
+    #[arg(long, env = "KEY_AUTHORITY_SHUTDOWN_GRACE", default_value_t = shown(defaults().shutdown_grace))]
+    pub shutdown_grace: humantime::Duration,
 
     /// gRPC calls in progress at once, across all connections; the next one is refused at once
     /// with UNAVAILABLE (reason OVERLOADED). grpc.health is exempt. 0 sets no limit.
-    #[arg(long, env = "KEY_AUTHORITY_MAX_CONCURRENT_REQUESTS", default_value_t = OverloadConfig::default().max_concurrent_requests)]
+    #[arg(long, env = "KEY_AUTHORITY_MAX_CONCURRENT_REQUESTS", default_value_t = defaults().overload.max_concurrent_requests)]
     pub max_concurrent_requests: usize,
 
     /// HTTP/2 streams a client may open at once on one connection (more wait on the client).
     /// 0 sets no limit.
-    #[arg(long, env = "KEY_AUTHORITY_MAX_CONCURRENT_STREAMS", default_value_t = OverloadConfig::default().max_concurrent_streams)]
+    #[arg(long, env = "KEY_AUTHORITY_MAX_CONCURRENT_STREAMS", default_value_t = defaults().overload.max_concurrent_streams)]
     pub max_concurrent_streams: u32,
 
     /// PEM certificate chain: serve TLS.
@@ -303,7 +397,7 @@ impl ServeArgs {
             0 => std::thread::available_parallelism().map_or(2, usize::from),
             threads => threads,
         };
-        if self.usage_flush_interval.is_zero() {
+        if Duration::from(self.usage_flush_interval).is_zero() {
             return Err("usage flush interval must be positive".to_owned());
         }
         let jwt_public_key = self
@@ -316,7 +410,7 @@ impl ServeArgs {
             public_key_pem: jwt_public_key,
             issuer: self.jwt_issuer,
             audience: self.jwt_audience,
-            leeway: self.jwt_leeway,
+            leeway: Duration::from(self.jwt_leeway),
         });
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsConfig {
@@ -343,25 +437,27 @@ impl ServeArgs {
                 enabled: self.trial_keys,
                 workspace_id: WorkspaceId::parse(&self.trial_workspace)
                     .map_err(|reason| format!("trial workspace {reason}"))?,
-                ttl: self.trial_ttl,
+                ttl: Duration::from(self.trial_ttl),
                 usage_limit: self.trial_usage_limit.max(1),
-                retention: self.trial_retention,
-                sweep_interval: self.trial_sweep_interval.max(Duration::from_millis(10)),
+                retention: Duration::from(self.trial_retention),
+                sweep_interval: Duration::from(self.trial_sweep_interval)
+                    .max(Duration::from_millis(10)),
                 ..TrialConfig::default()
             },
             limits: KeyLimits {
-                max_key_lifetime: (!self.max_key_lifetime.is_zero())
-                    .then_some(self.max_key_lifetime),
-                max_rotation_grace: self.max_rotation_grace,
+                max_key_lifetime: (!Duration::from(self.max_key_lifetime).is_zero())
+                    .then_some(Duration::from(self.max_key_lifetime)),
+                max_rotation_grace: Duration::from(self.max_rotation_grace),
             },
             tls,
             metrics_listen: self.metrics_listen,
-            shutdown_grace: self.shutdown_grace,
+            shutdown_grace: Duration::from(self.shutdown_grace),
             overload: OverloadConfig {
                 max_concurrent_requests: self.max_concurrent_requests,
                 max_concurrent_streams: self.max_concurrent_streams,
             },
-            health_check_interval: self.health_check_interval.max(Duration::from_millis(10)),
+            health_check_interval: Duration::from(self.health_check_interval)
+                .max(Duration::from_millis(10)),
             listen: self.listen,
             database_url: self.database.database_url,
             db_max_connections: self.database.db_max_connections,
@@ -379,19 +475,19 @@ impl ServeArgs {
             },
             verify: VerifyConfig {
                 verdict_cache_capacity: self.verdict_cache_capacity,
-                negative_verdict_ttl: self.negative_verdict_ttl,
+                negative_verdict_ttl: Duration::from(self.negative_verdict_ttl),
                 state_cache_capacity: self.state_cache_capacity,
-                state_ttl: self.state_cache_ttl,
+                state_ttl: Duration::from(self.state_cache_ttl),
                 lockout: LockoutConfig {
                     key_failures: self.lockout_key_failures,
                     ip_failures: self.lockout_ip_failures,
-                    window: self.lockout_window,
-                    duration: self.lockout_duration,
+                    window: Duration::from(self.lockout_window),
+                    duration: Duration::from(self.lockout_duration),
                     capacity: self.lockout_capacity,
                 },
             },
             usage: UsageConfig {
-                flush_interval: self.usage_flush_interval,
+                flush_interval: Duration::from(self.usage_flush_interval),
             },
         })
     }
@@ -408,6 +504,8 @@ mod tests {
             panic!("expected serve");
         };
         let config = args.into_config().unwrap();
+        // One source of defaults: the flags' are `Config::default()`'s, field for field.
+        assert_eq!(format!("{config:?}"), format!("{:?}", Config::default()));
         assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(config.brand.as_str(), "ka");
         assert_eq!(config.verify.state_ttl, Duration::from_secs(5));

@@ -14,22 +14,21 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::auth::{AuthConfig, Authenticator, RateLimits};
+use crate::auth::{Authenticator, RateLimits};
 use crate::change_feed::{self, ChangeFeedStatus};
+pub use crate::config::{Config, TlsConfig};
 use crate::error::{Error, Result};
 use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
-use crate::key::{
-    Brand, HashParams, HashPool, HashPriority, HashThreads, SecretHasher, UnprovenBudget,
-};
+use crate::key::{HashPool, HashThreads, SecretHasher};
+use crate::keys::KeyManager;
 use crate::keys::page_token::PageTokenCodec;
-use crate::keys::{KeyLimits, KeyManager, TrialConfig};
 use crate::metrics::{self, Metrics, Sources};
 use crate::pb;
 use crate::pb::key_service_server::KeyServiceServer;
 use crate::pb::verify_service_server::VerifyServiceServer;
 use crate::store::{self, Store};
 use crate::telemetry::RpcLayer;
-use crate::verify::{UsageConfig, UsageRecorder, Verifier, VerifyConfig};
+use crate::verify::{UsageRecorder, Verifier};
 
 mod overload;
 
@@ -45,86 +44,6 @@ const MAX_REQUEST_TIME: Duration = Duration::from_secs(30);
 
 /// How often expired cache entries and lockouts are dropped when no traffic does it.
 const CACHE_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Everything the server needs, already validated.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub listen: SocketAddr,
-    pub database_url: String,
-    pub db_max_connections: u32,
-    pub brand: Brand,
-    pub hash_params: HashParams,
-    /// How many argon2 computations may run at once.
-    pub argon2_threads: usize,
-    /// How the argon2 threads compete for CPU with the request workers.
-    pub argon2_priority: HashPriority,
-    /// The argon2 share of secrets nobody has proven yet.
-    pub argon2_unproven: UnprovenBudget,
-    pub verify: VerifyConfig,
-    pub usage: UsageConfig,
-    pub auth: AuthConfig,
-    pub trial: TrialConfig,
-    /// How far away expiries and rotation grace periods may be.
-    pub limits: KeyLimits,
-    /// Serve TLS (and require client certificates when a client CA is set).
-    pub tls: Option<TlsConfig>,
-    /// Where to serve Prometheus metrics (`GET /metrics`); none when unset.
-    pub metrics_listen: Option<SocketAddr>,
-    /// How often the database is pinged for the health status.
-    pub health_check_interval: Duration,
-    /// How long a graceful shutdown waits for open calls before closing them.
-    pub shutdown_grace: Duration,
-    /// Calls in progress at once, and HTTP/2 streams per connection.
-    pub overload: OverloadConfig,
-}
-
-/// PEM material for TLS, already read from disk.
-#[derive(Clone)]
-pub struct TlsConfig {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-    /// When set, every client must present a certificate signed by this CA (mutual TLS).
-    pub client_ca_pem: Option<Vec<u8>>,
-}
-
-impl std::fmt::Debug for TlsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConfig")
-            .field("mutual", &self.client_ca_pem.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Config {
-    /// A configuration for `database_url` with every other setting at its default.
-    pub fn with_database(database_url: impl Into<String>) -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            database_url: database_url.into(),
-            db_max_connections: 16,
-            brand: Brand::default(),
-            hash_params: HashParams::default(),
-            argon2_threads: std::thread::available_parallelism().map_or(2, usize::from),
-            argon2_priority: HashPriority::default(),
-            argon2_unproven: UnprovenBudget::default(),
-            verify: VerifyConfig::default(),
-            usage: UsageConfig::default(),
-            auth: AuthConfig {
-                issue_limit_per_hour: 10,
-                trial_limit_per_minute: 5,
-                trial_revoke_limit_per_minute: 5,
-                ..AuthConfig::default()
-            },
-            trial: TrialConfig::default(),
-            limits: KeyLimits::default(),
-            tls: None,
-            metrics_listen: None,
-            health_check_interval: Duration::from_secs(2),
-            shutdown_grace: Duration::from_secs(30),
-            overload: OverloadConfig::default(),
-        }
-    }
-}
 
 /// The application's shared parts, built once.
 pub struct App {

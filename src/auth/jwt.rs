@@ -11,6 +11,9 @@ use super::policy::Caller;
 use crate::error::{Error, Result};
 use crate::key::{Role, WorkspaceId};
 
+/// Clock skew allowed on `exp` and `nbf` unless configured otherwise.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+
 /// How dashboard JWTs are verified.
 #[derive(Clone, Default)]
 pub struct JwtConfig {
