@@ -1,0 +1,51 @@
+//! The server's periodic background work: forgetting idle rate-limit entries, sweeping expired
+//! trial keys, and dropping expired cache entries when no traffic does it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use super::App;
+use crate::auth::RateLimits;
+use crate::keys::KeyManager;
+
+/// How often expired cache entries and lockouts are dropped when no traffic does it.
+const CACHE_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Starts every periodic task; they run until aborted.
+pub(super) fn spawn(app: &App) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(forget_idle_limits(app.rate_limits.clone())),
+        tokio::spawn(sweep_trial_keys(app.keys.clone())),
+        tokio::spawn(
+            app.verifier
+                .clone()
+                .keep_caches_tidy(CACHE_HOUSEKEEPING_INTERVAL),
+        ),
+    ]
+}
+
+/// Keeps the rate limiter's memory bounded by recently active callers.
+async fn forget_idle_limits(limits: RateLimits) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        ticker.tick().await;
+        limits.forget_idle();
+    }
+}
+
+/// Deletes trial keys some time after they expired, in bounded batches. Every replica sweeps;
+/// a batch that another replica deleted first simply finds nothing.
+async fn sweep_trial_keys(keys: Arc<KeyManager>) {
+    let mut ticker = tokio::time::interval(keys.trial_config().sweep_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match keys.sweep_trial_keys().await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "expired trial keys deleted"),
+            Err(error) => tracing::warn!(%error, "trial key sweep failed"),
+        }
+    }
+}
