@@ -182,8 +182,9 @@ pub struct ServeArgs {
     #[arg(long, env = "KEY_AUTHORITY_ARGON2_THREADS", default_value_t = 0)]
     pub argon2_threads: usize,
 
-    /// Scheduling priority of the argon2 threads against the request workers: `idle` (Linux
-    /// SCHED_IDLE: hashing only uses CPU that requests leave free), `low` (nice 19) or `normal`.
+    /// Scheduling priority of the argon2 verification threads against the request workers:
+    /// `low` (nice 19), `idle` (Linux SCHED_IDLE: only CPU nothing else on the machine wants) or
+    /// `normal`.
     #[arg(long, env = "KEY_AUTHORITY_ARGON2_PRIORITY", value_enum, default_value_t = defaults().argon2_priority)]
     pub argon2_priority: HashPriority,
 

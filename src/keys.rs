@@ -10,7 +10,8 @@ use std::time::Duration;
 
 pub use crate::auth::policy::{API_KEY_MAX_ROTATION_GRACE, Actor, RotationRights};
 pub use commands::{
-    Expiration, GetKey, IssueKey, IssueTrialKey, ListKeys, RevokeKey, RevokeTrialKey, RotateKey,
+    Expiration, GetKey, IssueKey, IssueTrialKey, KeySpec, ListKeys, RevokeKey, RevokeTrialKey,
+    RotateKey,
 };
 
 use crate::auth::RateLimits;
@@ -32,21 +33,6 @@ pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(24 * 60 * 60);
 /// How often a freshly generated key id may collide before issuing gives up (71 random bits:
 /// even one collision is practically impossible).
 const KEY_ID_ATTEMPTS: usize = 3;
-
-/// A key to create, decided on: its workspace settled, its caller allowed.
-#[derive(Debug, Clone)]
-pub struct NewKey {
-    pub workspace_id: WorkspaceId,
-    pub name: KeyName,
-    pub description: KeyDescription,
-    pub scopes: Scopes,
-    pub environment: Environment,
-    pub role: Role,
-    pub expiration: Expiration,
-    pub metadata: Metadata,
-    /// VALID verdicts the key may give in all; 0 means unlimited.
-    pub usage_limit: i64,
-}
 
 /// What IssueTrialKey makes, and whether it makes anything.
 #[derive(Debug, Clone)]
@@ -199,8 +185,7 @@ impl KeyManager {
         };
         let name = KeyName::parse(name).map_err(|reason| Error::invalid("name", reason))?;
         self.rate_limits.trial.check(&client_ip)?;
-        let trial = NewKey {
-            workspace_id: self.trial.workspace_id.clone(),
+        let trial = KeySpec {
             name,
             description: KeyDescription::default(),
             scopes: Scopes::default(),
@@ -210,7 +195,8 @@ impl KeyManager {
             metadata: Metadata::default(),
             usage_limit: self.trial.usage_limit,
         };
-        self.create(trial, &trial_actor()).await
+        self.create(self.trial.workspace_id.clone(), trial, &trial_actor())
+            .await
     }
 
     /// RevokeTrialKey: revokes the trial key named by its public prefix (or its whole text),
@@ -248,36 +234,31 @@ impl KeyManager {
     /// no higher than the caller's, within the caller's rate limit.
     pub async fn issue(&self, caller: &Caller, command: IssueKey) -> Result<IssuedKey> {
         let workspace_id = caller.workspace_for(&command.workspace_id)?;
-        policy::check_issuable(command.role, command.environment)?;
-        caller.authorize(Action::Issue { role: command.role })?;
+        let key = command.key;
+        policy::check_issuable(key.role, key.environment)?;
+        caller.authorize(Action::Issue { role: key.role })?;
         if let Some(limit_key) = caller.rate_limit_key() {
             self.rate_limits
                 .issue
                 .check(&limit_key)
                 .map_err(Error::RateLimited)?;
         }
-        let new = NewKey {
-            workspace_id,
-            name: command.name,
-            description: command.description,
-            scopes: command.scopes,
-            environment: command.environment,
-            role: command.role,
-            expiration: command.expiration,
-            metadata: command.metadata,
-            usage_limit: command.usage_limit,
-        };
-        self.create(new, &caller.actor()).await
+        self.create(workspace_id, key, &caller.actor()).await
     }
 
     /// Creates a key that was decided on. Also for tests and tools that act as the service.
-    #[tracing::instrument(name = "keys.issue", skip_all, fields(workspace_id = %new.workspace_id.as_str()))]
-    pub async fn create(&self, new: NewKey, actor: &Actor) -> Result<IssuedKey> {
+    #[tracing::instrument(name = "keys.issue", skip_all, fields(workspace_id = %workspace_id.as_str()))]
+    pub async fn create(
+        &self,
+        workspace_id: WorkspaceId,
+        new: KeySpec,
+        actor: &Actor,
+    ) -> Result<IssuedKey> {
         let now = now_micros();
         let expire_time = self.expire_time(new.expiration, now)?;
         let template = Key {
             key_id: KeyId::generate(),
-            workspace_id: new.workspace_id.as_str().to_owned(),
+            workspace_id: workspace_id.as_str().to_owned(),
             name: new.name.as_str().to_owned(),
             description: new.description.as_str().to_owned(),
             prefix: String::new(),

@@ -7,8 +7,8 @@ use super::convert::{
 use crate::error::Error;
 use crate::key::{KeyDescription, KeyName, Metadata, Scopes};
 use crate::keys::{
-    DEFAULT_PAGE_SIZE, Expiration, GetKey, IssueKey, IssueTrialKey, IssuedKey, KeyPage, ListKeys,
-    MAX_PAGE_SIZE, RevokeKey, RevokeTrialKey, Revoked, RotateKey,
+    DEFAULT_PAGE_SIZE, Expiration, GetKey, IssueKey, IssueTrialKey, IssuedKey, KeyPage, KeySpec,
+    ListKeys, MAX_PAGE_SIZE, RevokeKey, RevokeTrialKey, Revoked, RotateKey,
 };
 use crate::pb;
 use crate::pb::issue_key_request::Expiration as PbExpiration;
@@ -33,7 +33,7 @@ impl TryFrom<pb::IssueKeyRequest> for IssueKey {
         if request.usage_limit < 0 {
             return Err(Error::invalid("usage_limit", "must not be negative"));
         }
-        Ok(Self {
+        let key = KeySpec {
             usage_limit: request.usage_limit,
             name: KeyName::parse(&request.name).map_err(|reason| Error::invalid("name", reason))?,
             description: KeyDescription::parse(&request.description)
@@ -45,7 +45,10 @@ impl TryFrom<pb::IssueKeyRequest> for IssueKey {
             expiration,
             metadata: Metadata::parse(&request.metadata)
                 .map_err(|reason| Error::invalid("metadata", reason))?,
+        };
+        Ok(Self {
             workspace_id: request.workspace_id,
+            key,
         })
     }
 }
@@ -151,6 +154,22 @@ impl From<IssuedKey> for pb::IssueTrialKeyResponse {
         Self {
             key: Some(key_to_proto(&issued.key)),
             secret: issued.plaintext,
+        }
+    }
+}
+
+impl From<crate::key::Key> for pb::GetKeyResponse {
+    fn from(key: crate::key::Key) -> Self {
+        Self {
+            key: Some(key_to_proto(&key)),
+        }
+    }
+}
+
+impl From<crate::key::Key> for pb::RevokeTrialKeyResponse {
+    fn from(key: crate::key::Key) -> Self {
+        Self {
+            key: Some(key_to_proto(&key)),
         }
     }
 }

@@ -1,12 +1,11 @@
 //! KeyService: each RPC authenticates its caller (one call), turns the request into a command,
-//! hands both to the key manager, and turns the result into the response. Every decision is in
-//! `keys` and `auth::policy`.
+//! hands both to the key manager, and turns the result into the response (`key_service!`).
+//! Every decision is in `keys` and `auth::policy`.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::key_to_proto;
 use crate::auth::{Authenticator, Caller, Origin};
 use crate::error::Error;
 use crate::keys::KeyManager;
@@ -39,72 +38,51 @@ impl KeyServiceImpl {
     }
 }
 
-#[tonic::async_trait]
-impl pb::key_service_server::KeyService for KeyServiceImpl {
-    async fn issue_key(
-        &self,
-        request: Request<pb::IssueKeyRequest>,
-    ) -> Result<Response<pb::IssueKeyResponse>, Status> {
-        let caller = self.caller(&request).await?;
-        let issued = self.keys.issue(&caller, request.into_inner().try_into()?);
-        Ok(Response::new(issued.await?.into()))
-    }
+/// KeyService's RPCs. Every one is the same three steps: who is calling (the authenticated
+/// caller, or for trial keys the request's origin), the request converted into its command, the
+/// key manager's operation, whose result converts into the response. A new RPC is one line here.
+macro_rules! key_service {
+    (
+        authenticated { $($rpc:ident($request:ty) -> $response:ty = $operation:ident;)* }
+        anonymous { $($open_rpc:ident($open_request:ty) -> $open_response:ty = $open_operation:ident;)* }
+    ) => {
+        #[tonic::async_trait]
+        impl pb::key_service_server::KeyService for KeyServiceImpl {
+            $(
+                async fn $rpc(
+                    &self,
+                    request: Request<$request>,
+                ) -> Result<Response<$response>, Status> {
+                    let caller = self.caller(&request).await?;
+                    let command = request.into_inner().try_into()?;
+                    let result = self.keys.$operation(&caller, command).await?;
+                    Ok(Response::new(result.into()))
+                }
+            )*
+            $(
+                async fn $open_rpc(
+                    &self,
+                    request: Request<$open_request>,
+                ) -> Result<Response<$open_response>, Status> {
+                    let origin = self.origin(&request);
+                    let result = self.keys.$open_operation(&origin, request.into_inner().into());
+                    Ok(Response::new(result.await?.into()))
+                }
+            )*
+        }
+    };
+}
 
-    async fn get_key(
-        &self,
-        request: Request<pb::GetKeyRequest>,
-    ) -> Result<Response<pb::GetKeyResponse>, Status> {
-        let caller = self.caller(&request).await?;
-        let key = self.keys.get(&caller, request.into_inner().try_into()?);
-        Ok(Response::new(pb::GetKeyResponse {
-            key: Some(key_to_proto(&key.await?)),
-        }))
+key_service! {
+    authenticated {
+        issue_key(pb::IssueKeyRequest) -> pb::IssueKeyResponse = issue;
+        get_key(pb::GetKeyRequest) -> pb::GetKeyResponse = get;
+        list_keys(pb::ListKeysRequest) -> pb::ListKeysResponse = list;
+        revoke_key(pb::RevokeKeyRequest) -> pb::RevokeKeyResponse = revoke;
+        rotate_key(pb::RotateKeyRequest) -> pb::RotateKeyResponse = rotate;
     }
-
-    async fn list_keys(
-        &self,
-        request: Request<pb::ListKeysRequest>,
-    ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let caller = self.caller(&request).await?;
-        let page = self.keys.list(&caller, request.into_inner().try_into()?);
-        Ok(Response::new(page.await?.into()))
-    }
-
-    async fn revoke_key(
-        &self,
-        request: Request<pb::RevokeKeyRequest>,
-    ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
-        let caller = self.caller(&request).await?;
-        let revoked = self.keys.revoke(&caller, request.into_inner().try_into()?);
-        Ok(Response::new(revoked.await?.into()))
-    }
-
-    async fn rotate_key(
-        &self,
-        request: Request<pb::RotateKeyRequest>,
-    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
-        let caller = self.caller(&request).await?;
-        let rotated = self.keys.rotate(&caller, request.into_inner().try_into()?);
-        Ok(Response::new(rotated.await?.into()))
-    }
-
-    async fn issue_trial_key(
-        &self,
-        request: Request<pb::IssueTrialKeyRequest>,
-    ) -> Result<Response<pb::IssueTrialKeyResponse>, Status> {
-        let origin = self.origin(&request);
-        let issued = self.keys.issue_trial(&origin, request.into_inner().into());
-        Ok(Response::new(issued.await?.into()))
-    }
-
-    async fn revoke_trial_key(
-        &self,
-        request: Request<pb::RevokeTrialKeyRequest>,
-    ) -> Result<Response<pb::RevokeTrialKeyResponse>, Status> {
-        let origin = self.origin(&request);
-        let key = self.keys.revoke_trial(&origin, request.into_inner().into());
-        Ok(Response::new(pb::RevokeTrialKeyResponse {
-            key: Some(key_to_proto(&key.await?)),
-        }))
+    anonymous {
+        issue_trial_key(pb::IssueTrialKeyRequest) -> pb::IssueTrialKeyResponse = issue_trial;
+        revoke_trial_key(pb::RevokeTrialKeyRequest) -> pb::RevokeTrialKeyResponse = revoke_trial;
     }
 }

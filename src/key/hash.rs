@@ -234,17 +234,21 @@ impl HashPool {
         }
     }
 
-    /// The PHC string of `plaintext`, computed off the async workers.
+    /// The PHC string of `plaintext`, computed off the async workers. Hashing serves an
+    /// authenticated, rate-limited caller (IssueKey, RotateKey, IssueTrialKey), so it runs at
+    /// normal priority on tokio's blocking threads (still within the pool's permits), never on
+    /// the lowered verification threads, where a busy machine could starve it past a deadline.
     pub async fn hash(&self, plaintext: String) -> Result<String, Error> {
         let hasher = self.hasher.clone();
-        self.run(move || hasher.hash(&plaintext)).await
+        self.run(Lane::Hash, move || hasher.hash(&plaintext)).await
     }
 
     /// Whether `plaintext` matches `phc`, computed off the async workers.
     pub async fn verify(&self, plaintext: String, phc: String) -> Result<bool, Error> {
         let hasher = self.hasher.clone();
         self.verifications.fetch_add(1, Ordering::Relaxed);
-        self.run(move || hasher.verify(&plaintext, &phc)).await
+        self.run(Lane::Verify, move || hasher.verify(&plaintext, &phc))
+            .await
     }
 
     /// The same pool with a budget for [`verify_unproven`](Self::verify_unproven).
@@ -302,6 +306,7 @@ impl HashPool {
     #[tracing::instrument(name = "argon2", skip_all, level = "debug")]
     async fn run<T: Send + 'static>(
         &self,
+        lane: Lane,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Error> {
         let counters = self.stats.clone();
@@ -320,23 +325,35 @@ impl HashPool {
             // caller stops waiting: a cancelled request (a client deadline, a dropped
             // connection) must not free a permit while its argon2 still runs, or a flood of
             // impatient callers queues more work than there are threads.
-            self.threads
-                .run(move || {
-                    let _permit = permit;
-                    let running = counters.running.fetch_add(1, Ordering::Relaxed) + 1;
-                    counters.most_running.fetch_max(running, Ordering::Relaxed);
-                    let started = std::time::Instant::now();
-                    let output = work();
-                    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    counters.run_nanos.fetch_add(nanos, Ordering::Relaxed);
-                    counters.runs.fetch_add(1, Ordering::Relaxed);
-                    counters.running.fetch_sub(1, Ordering::Relaxed);
-                    output
-                })
-                .await
+            let work = move || {
+                let _permit = permit;
+                let running = counters.running.fetch_add(1, Ordering::Relaxed) + 1;
+                counters.most_running.fetch_max(running, Ordering::Relaxed);
+                let started = std::time::Instant::now();
+                let output = work();
+                let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                counters.run_nanos.fetch_add(nanos, Ordering::Relaxed);
+                counters.runs.fetch_add(1, Ordering::Relaxed);
+                counters.running.fetch_sub(1, Ordering::Relaxed);
+                output
+            };
+            match lane {
+                Lane::Verify => self.threads.run(work).await,
+                Lane::Hash => tokio::task::spawn_blocking(work)
+                    .await
+                    .map_err(|error| Error::Internal(format!("argon2 task failed: {error}"))),
+            }
         }
         .await
     }
+}
+
+/// Where a computation runs: verifications on the pool's own threads (at their priority),
+/// hashes of new keys on tokio's blocking threads at normal priority.
+#[derive(Debug, Clone, Copy)]
+enum Lane {
+    Verify,
+    Hash,
 }
 
 #[cfg(test)]

@@ -16,12 +16,13 @@ use crate::error::Error;
 pub enum HashPriority {
     /// The same priority as the request workers.
     Normal,
-    /// The lowest `nice` (19): a request worker that wants the core gets about 98 % of it.
-    Low,
-    /// Linux `SCHED_IDLE`: argon2 runs only on CPU time no request worker wants, and a waking
-    /// worker preempts it at once. Warm verifies are unaffected by a flood; a cold verify waits
-    /// while the cores are busy with warm ones (README.md, "Abuse controls").
+    /// The lowest `nice` (19): a request worker that wants the core gets about 98 % of it, and
+    /// argon2 still progresses however busy the machine is.
     #[default]
+    Low,
+    /// Linux `SCHED_IDLE`: argon2 runs only on CPU time no other thread of the machine wants
+    /// (ours or any other process's). Warm verifies are the least affected by a flood; a cold
+    /// verify can wait indefinitely on a machine kept busy (README.md, "Abuse controls").
     Idle,
 }
 

@@ -15,9 +15,16 @@ pub enum Expiration {
     After(Duration),
 }
 
+/// IssueKey: a key like `key` in the workspace the request names.
 #[derive(Debug, Clone)]
 pub struct IssueKey {
     pub workspace_id: String,
+    pub key: KeySpec,
+}
+
+/// What a new key is, apart from its workspace: validated, not yet decided on.
+#[derive(Debug, Clone)]
+pub struct KeySpec {
     pub name: KeyName,
     pub description: KeyDescription,
     pub scopes: Scopes,

@@ -12,7 +12,7 @@ use key_authority::key::{
     Scopes, SecretHasher, StoredKey, WorkspaceId,
 };
 use key_authority::keys::page_token::PageTokenCodec;
-use key_authority::keys::{Actor, Expiration, KeyManager, NewKey, TrialConfig};
+use key_authority::keys::{Actor, Expiration, KeyManager, KeySpec, TrialConfig};
 use key_authority::store::{
     self, AuditRecord, ListQuery, PoolStats, Revocation, Rotation, Store, UsageDelta,
 };
@@ -183,8 +183,8 @@ async fn a_revoke_outlasts_a_read_slower_than_the_state_ttl(db: TestDb) {
     let issued = replica
         .keys
         .create(
-            NewKey {
-                workspace_id: acme(),
+            acme(),
+            KeySpec {
                 name: KeyName::parse("slow read").unwrap(),
                 description: KeyDescription::default(),
                 scopes: Scopes::default(),
