@@ -55,7 +55,7 @@ command -v taskset >/dev/null || die "taskset (util-linux) is required"
 
 # --- build -------------------------------------------------------------------------------------
 log "building release binaries"
-cargo build --release --bin key-authority --bin loadgen
+cargo build --release -p key-authority -p loadgen
 
 # --- PostgreSQL --------------------------------------------------------------------------------
 pg_bin_dir() {

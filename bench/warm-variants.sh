@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Warm-path cost of verify tokens and of tracing: one pinned server per variant, same loadgen.
 set -u
-# Usage: cargo build --release --bin key-authority --bin loadgen && bench/warm-variants.sh
+# Usage: cargo build --release -p key-authority -p loadgen && bench/warm-variants.sh
 mkdir -p "${OUT:-/tmp/ka-warm-variants}"
 bin=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
 run() {
