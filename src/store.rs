@@ -1,7 +1,8 @@
 //! Storage: one trait, two databases. The SQL is shared (`sql.rs`) so SQLite and PostgreSQL
-//! cannot drift apart; each database file adds only its connection set-up, migrations and
-//! change notifications.
+//! cannot drift apart; each database file adds only its connection set-up, migrations, change
+//! notifications and error codes.
 
+mod error;
 mod postgres;
 mod row;
 mod sql;

@@ -3,9 +3,10 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 
+use super::error::Outcome;
 use super::row::KeyRow;
 use super::sql::impl_sql_store;
 use crate::error::{Error, Result};
@@ -48,3 +49,39 @@ impl PostgresStore {
 }
 
 impl_sql_store!(PostgresStore, Postgres);
+
+/// PostgreSQL's SQLSTATE codes, by what they mean to a caller.
+pub(super) fn classify_error(error: &PgDatabaseError) -> Outcome {
+    classify_code(error.code())
+}
+
+fn classify_code(sqlstate: &str) -> Outcome {
+    match sqlstate {
+        // serialization_failure, deadlock_detected, unique_violation.
+        "40001" | "40P01" | "23505" => Outcome::Conflict,
+        // too_many_connections.
+        "53300" => Outcome::Unavailable,
+        // Class 08, connection exceptions; 57P, the server shutting down or unreachable.
+        code if code.starts_with("08") || code.starts_with("57P") => Outcome::Unavailable,
+        _ => Outcome::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_map_to_what_a_retry_can_fix() {
+        for code in ["40001", "40P01", "23505"] {
+            assert_eq!(classify_code(code), Outcome::Conflict, "{code}");
+        }
+        for code in ["08006", "08001", "57P01", "57P03", "53300"] {
+            assert_eq!(classify_code(code), Outcome::Unavailable, "{code}");
+        }
+        // foreign_key_violation, undefined_table, disk_full.
+        for code in ["23503", "42P01", "53100"] {
+            assert_eq!(classify_code(code), Outcome::Internal, "{code}");
+        }
+    }
+}
