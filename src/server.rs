@@ -15,7 +15,6 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::auth::{AuthConfig, Authenticator, IssueRateLimiter, TrialRateLimiter};
-use crate::change_feed::{self, ChangeFeedStatus};
 use crate::error::{Error, Result};
 use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
 use crate::key::{
@@ -29,7 +28,9 @@ use crate::pb::key_service_server::KeyServiceServer;
 use crate::pb::verify_service_server::VerifyServiceServer;
 use crate::store::{self, Store};
 use crate::telemetry::RpcLayer;
-use crate::verify::{UsageConfig, UsageRecorder, Verifier, VerifyConfig};
+use crate::verify::{
+    ChangeFeedStatus, UsageConfig, UsageRecorder, Verifier, VerifyConfig, follow_changes,
+};
 
 mod overload;
 
@@ -137,7 +138,7 @@ pub struct App {
     pub trial_limiter: TrialRateLimiter,
     pub trial_revoke_limiter: TrialRateLimiter,
     pub metrics: Arc<Metrics>,
-    /// The cross-replica change feed (PostgreSQL only) and what it has done.
+    /// The cross-replica change feed (on a shared database) and what it has done.
     pub change_feed: Option<(JoinHandle<()>, ChangeFeedStatus)>,
 }
 
@@ -168,9 +169,12 @@ impl App {
             .with_limits(config.limits),
         );
         let auth = Arc::new(Authenticator::new(&config.auth, verifier.clone())?);
-        // On PostgreSQL, replicas tell each other about key changes; SQLite has one node.
-        let change_feed = (database_kind(&config.database_url) == "postgres")
-            .then(|| change_feed::spawn(&config.database_url, verifier.invalidator()));
+        // Replicas sharing the database tell each other about key changes; a database that only
+        // this process uses (SQLite) has no changes to follow.
+        let change_feed = store
+            .kind()
+            .is_shared()
+            .then(|| follow_changes(store.changes(), verifier.invalidator()));
         let metrics = Metrics::new(Sources {
             verifier: verifier.clone(),
             store: store.clone(),
@@ -302,7 +306,7 @@ async fn run(
             .map_err(|error| Error::invalid("tls", error.to_string()))?;
     }
 
-    tracing::info!(%local_addr, database = database_kind(&config.database_url), "key-authority serving");
+    tracing::info!(%local_addr, database = app.store.kind().as_str(), "key-authority serving");
     let served = builder
         // Outermost first: refusals are counted and traced like every other answer.
         .layer(RpcLayer::new(app.metrics.clone()))
@@ -433,14 +437,6 @@ async fn sweep_trial_keys(keys: Arc<KeyManager>) {
     }
 }
 
-fn database_kind(url: &str) -> &'static str {
-    if url.starts_with("sqlite:") {
-        "sqlite"
-    } else {
-        "postgres"
-    }
-}
-
 fn reflection_v1() -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
@@ -500,7 +496,7 @@ pub struct RunningServer {
     pub local_addr: SocketAddr,
     /// The server's verifier, so tests can read its argon2 counter.
     pub verifier: Arc<Verifier>,
-    /// On PostgreSQL, what the cross-replica change feed has done.
+    /// On a shared database (PostgreSQL), what the cross-replica change feed has done.
     pub change_feed: Option<ChangeFeedStatus>,
     /// Where `/metrics` is served, when it is.
     pub metrics_addr: Option<SocketAddr>,

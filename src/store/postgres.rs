@@ -1,4 +1,7 @@
-//! PostgreSQL: several stateless replicas share one database.
+//! PostgreSQL: several stateless replicas share one database and tell each other about key
+//! changes with LISTEN/NOTIFY (`changes.rs`).
+
+mod changes;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -10,6 +13,9 @@ use super::error::Outcome;
 use super::row::KeyRow;
 use super::sql::impl_sql_store;
 use crate::error::{Error, Result};
+use crate::store::{Changes, StoreKind};
+
+pub use changes::LISTENER_APPLICATION_NAME;
 
 /// The channel on which a change to a key is announced to every replica; the payload is the
 /// key id.
@@ -17,6 +23,8 @@ pub const KEY_CHANGED_CHANNEL: &str = "key_authority_key_changed";
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// How to connect, kept for the change feed's own connection.
+    options: PgConnectOptions,
 }
 
 impl PostgresStore {
@@ -28,13 +36,20 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("migrations/postgres")
             .run(&pool)
             .await
             .map_err(|error| Error::Internal(format!("postgres migrations failed: {error}")))?;
-        Ok(Self { pool })
+        Ok(Self { pool, options })
+    }
+
+    const KIND: StoreKind = StoreKind::Postgres;
+
+    /// What other replicas change, from a LISTEN connection of its own.
+    fn change_feed(&self) -> Changes {
+        changes::spawn(self.options.clone())
     }
 
     /// NOTIFY inside the changing transaction: PostgreSQL delivers it on commit, and only then.

@@ -13,6 +13,7 @@ use super::error::Outcome;
 use super::row::KeyRow;
 use super::sql::impl_sql_store;
 use crate::error::{Error, Result};
+use crate::store::{Changes, StoreKind};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -38,6 +39,14 @@ impl SqliteStore {
             .await
             .map_err(|error| Error::Internal(format!("sqlite migrations failed: {error}")))?;
         Ok(Self { pool })
+    }
+
+    const KIND: StoreKind = StoreKind::Sqlite;
+
+    /// One node: every change is made by this process, which invalidates its caches itself, so
+    /// there is nothing to follow.
+    fn change_feed(&self) -> Changes {
+        Box::pin(tokio_stream::pending())
     }
 
     /// One node, nobody to tell.
