@@ -3,6 +3,9 @@
 //! Every refusal carries a `google.rpc.ErrorInfo` whose `reason` is a stable UPPER_SNAKE code
 //! (README.md, "Errors" lists them all), and `google.rpc.RetryInfo` where retrying can succeed.
 //! Internal details are logged, never sent.
+//!
+//! Database errors become `Conflict`, `Unavailable` or `Internal` in `store/`, where each
+//! database classifies its own error codes.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -214,33 +217,6 @@ impl From<Error> for Status {
             details.set_retry_info(Some(delay));
         }
         Status::with_error_details(error.code(), error.public_message(), details)
-    }
-}
-
-impl From<sqlx::Error> for Error {
-    /// Classifies database errors once for both databases: what a retry can fix, and the rest.
-    fn from(error: sqlx::Error) -> Self {
-        match &error {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::WorkerCrashed => Self::Unavailable(error.to_string()),
-            sqlx::Error::Database(db) => match db.code().as_deref() {
-                // SQLite: SQLITE_BUSY, SQLITE_LOCKED (and their extended codes) — another writer
-                // holds the lock. PostgreSQL: serialization failure, deadlock.
-                Some("5" | "6" | "261" | "262" | "517" | "40001" | "40P01") => Self::Conflict,
-                // PostgreSQL: connection exceptions, shutting down, too many connections.
-                Some(code)
-                    if code.starts_with("08") || code.starts_with("57P") || code == "53300" =>
-                {
-                    Self::Unavailable(error.to_string())
-                }
-                _ if db.is_unique_violation() => Self::Conflict,
-                _ => Self::Internal(error.to_string()),
-            },
-            _ => Self::Internal(error.to_string()),
-        }
     }
 }
 

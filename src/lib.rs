@@ -4,7 +4,6 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
-pub mod change_feed;
 pub mod config;
 pub mod error;
 pub mod grpc;

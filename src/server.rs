@@ -7,7 +7,6 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 
 use crate::auth::{Authenticator, RateLimits};
-use crate::change_feed::{self, ChangeFeedStatus};
 pub use crate::config::{Config, TlsConfig};
 use crate::error::{Error, Result};
 use crate::key::{HashPool, HashThreads, SecretHasher};
@@ -15,7 +14,7 @@ use crate::keys::KeyManager;
 use crate::keys::page_token::PageTokenCodec;
 use crate::metrics::{Metrics, Sources};
 use crate::store::{self, Store};
-use crate::verify::{UsageRecorder, Verifier};
+use crate::verify::{ChangeFeedStatus, UsageRecorder, Verifier, follow_changes};
 
 mod background;
 mod health;
@@ -35,7 +34,7 @@ pub struct App {
     /// KeyService's rate limits (shared with the key manager), for forgetting idle callers.
     pub rate_limits: RateLimits,
     pub metrics: Arc<Metrics>,
-    /// The cross-replica change feed (PostgreSQL only) and what it has done.
+    /// The cross-replica change feed (on a shared database) and what it has done.
     pub change_feed: Option<(JoinHandle<()>, ChangeFeedStatus)>,
 }
 
@@ -72,9 +71,12 @@ impl App {
             .with_rate_limits(rate_limits.clone()),
         );
         let auth = Arc::new(Authenticator::new(&config.auth, verifier.clone())?);
-        // On PostgreSQL, replicas tell each other about key changes; SQLite has one node.
-        let change_feed = (database_kind(&config.database_url) == "postgres")
-            .then(|| change_feed::spawn(&config.database_url, verifier.invalidator()));
+        // Replicas sharing the database tell each other about key changes; a database that only
+        // this process uses (SQLite) has no changes to follow.
+        let change_feed = store
+            .kind()
+            .is_shared()
+            .then(|| follow_changes(store.changes(), verifier.invalidator()));
         let metrics = Metrics::new(Sources {
             verifier: verifier.clone(),
             store: store.clone(),
@@ -92,13 +94,5 @@ impl App {
             auth,
             rate_limits,
         })
-    }
-}
-
-pub(crate) fn database_kind(url: &str) -> &'static str {
-    if url.starts_with("sqlite:") {
-        "sqlite"
-    } else {
-        "postgres"
     }
 }

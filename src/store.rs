@@ -1,17 +1,20 @@
 //! Storage: one trait, two databases. The SQL is shared (`sql.rs`) so SQLite and PostgreSQL
-//! cannot drift apart; each database file adds only its connection set-up, migrations and
-//! change notifications.
+//! cannot drift apart; each database file adds only its connection set-up, migrations, change
+//! notifications and error codes. Nothing outside this module knows which database it runs on.
 
+mod error;
 mod postgres;
 mod row;
 mod sql;
 mod sqlite;
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio_stream::Stream;
 
-pub use postgres::{KEY_CHANGED_CHANNEL, PostgresStore};
+pub use postgres::{KEY_CHANGED_CHANNEL, LISTENER_APPLICATION_NAME, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use crate::error::{Error, Result};
@@ -74,6 +77,49 @@ pub struct Rotation {
     pub successor: Key,
 }
 
+/// Which database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+impl StoreKind {
+    /// The name in logs and metrics: `sqlite` or `postgres`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+
+    /// Whether other processes (replicas) may change this database, so that caches must follow
+    /// `Store::changes`. A SQLite file has one process.
+    pub fn is_shared(self) -> bool {
+        match self {
+            Self::Sqlite => false,
+            Self::Postgres => true,
+        }
+    }
+}
+
+/// What a cache of key state must learn from `Store::changes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The key with this id changed: its cached state is stale.
+    Key(String),
+    /// The feed listens (for the first time, or again): changes made while it did not were
+    /// missed, so everything may have changed.
+    Resync,
+    /// The feed stopped listening: changes are missed until the next `Resync`, so everything may
+    /// have changed.
+    Interrupted,
+}
+
+/// The changes to keys made through any connection to the database, as `Store::changes` yields
+/// them.
+pub type Changes = Pin<Box<dyn Stream<Item = Change> + Send>>;
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Inserts a new key and its audit record. A key id collision is `Error::Conflict`.
@@ -127,6 +173,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Succeeds when the database answers.
     async fn ping(&self) -> Result<()>;
+
+    /// Which database this is.
+    fn kind(&self) -> StoreKind;
+
+    /// Key changes as they commit, by every process sharing the database, this one included
+    /// (PostgreSQL: LISTEN on a connection of its own, reconnecting with backoff). Never yields
+    /// on a database that only this process uses (SQLite): it invalidates its caches itself.
+    /// Each call starts its own feed, which stops when the stream is dropped.
+    fn changes(&self) -> Changes;
 
     /// The connection pool's use, for metrics.
     fn pool_stats(&self) -> PoolStats;

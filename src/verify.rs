@@ -4,6 +4,7 @@
 //! requests for the same key arrive at the same time (single-flight), and only with one of the
 //! key's lockout attempts in hand (`lockout`), so concurrent guesses cannot outrun the lockout.
 
+mod change_feed;
 mod lockout;
 mod state;
 mod usage;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use moka::future::Cache;
 use tracing::Instrument as _;
 
+pub use change_feed::{ChangeFeedStatus, follow_changes};
 pub use lockout::{ClientIp, LockoutConfig, Lockouts};
 pub use state::{Invalidator, StateEntry};
 pub use usage::{UsageConfig, UsageRecorder};

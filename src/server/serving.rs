@@ -14,8 +14,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use super::overload::OverloadLayer;
-use super::{App, Config, TlsConfig, background, database_kind, health};
-use crate::change_feed::ChangeFeedStatus;
+use super::{App, Config, TlsConfig, background, health};
 use crate::error::{Error, Result};
 use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
 use crate::metrics;
@@ -23,7 +22,7 @@ use crate::pb;
 use crate::pb::key_service_server::KeyServiceServer;
 use crate::pb::verify_service_server::VerifyServiceServer;
 use crate::telemetry::RpcLayer;
-use crate::verify::Verifier;
+use crate::verify::{ChangeFeedStatus, Verifier};
 
 /// Management requests carry at most a few KiB of metadata and scopes.
 const MAX_KEY_SERVICE_MESSAGE: usize = 64 * 1024;
@@ -122,7 +121,7 @@ async fn run(
             .map_err(|error| Error::invalid("tls", error.to_string()))?;
     }
 
-    tracing::info!(%local_addr, database = database_kind(&config.database_url), "key-authority serving");
+    tracing::info!(%local_addr, database = app.store.kind().as_str(), "key-authority serving");
     let served = builder
         // Outermost first: refusals are counted and traced like every other answer.
         .layer(RpcLayer::new(app.metrics.clone()))
@@ -237,7 +236,7 @@ pub struct RunningServer {
     pub local_addr: SocketAddr,
     /// The server's verifier, so tests can read its argon2 counter.
     pub verifier: Arc<Verifier>,
-    /// On PostgreSQL, what the cross-replica change feed has done.
+    /// On a shared database (PostgreSQL), what the cross-replica change feed has done.
     pub change_feed: Option<ChangeFeedStatus>,
     /// Where `/metrics` is served, when it is.
     pub metrics_addr: Option<SocketAddr>,

@@ -1,14 +1,21 @@
-//! PostgreSQL: several stateless replicas share one database.
+//! PostgreSQL: several stateless replicas share one database and tell each other about key
+//! changes with LISTEN/NOTIFY (`changes.rs`).
+
+mod changes;
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 
+use super::error::Outcome;
 use super::row::KeyRow;
 use super::sql::impl_sql_store;
 use crate::error::{Error, Result};
+use crate::store::{Changes, StoreKind};
+
+pub use changes::LISTENER_APPLICATION_NAME;
 
 /// The channel on which a change to a key is announced to every replica; the payload is the
 /// key id.
@@ -16,6 +23,8 @@ pub const KEY_CHANGED_CHANNEL: &str = "key_authority_key_changed";
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// How to connect, kept for the change feed's own connection.
+    options: PgConnectOptions,
 }
 
 impl PostgresStore {
@@ -27,13 +36,20 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("migrations/postgres")
             .run(&pool)
             .await
             .map_err(|error| Error::Internal(format!("postgres migrations failed: {error}")))?;
-        Ok(Self { pool })
+        Ok(Self { pool, options })
+    }
+
+    const KIND: StoreKind = StoreKind::Postgres;
+
+    /// What other replicas change, from a LISTEN connection of its own.
+    fn change_feed(&self) -> Changes {
+        changes::spawn(self.options.clone())
     }
 
     /// NOTIFY inside the changing transaction: PostgreSQL delivers it on commit, and only then.
@@ -48,3 +64,39 @@ impl PostgresStore {
 }
 
 impl_sql_store!(PostgresStore, Postgres);
+
+/// PostgreSQL's SQLSTATE codes, by what they mean to a caller.
+pub(super) fn classify_error(error: &PgDatabaseError) -> Outcome {
+    classify_code(error.code())
+}
+
+fn classify_code(sqlstate: &str) -> Outcome {
+    match sqlstate {
+        // serialization_failure, deadlock_detected, unique_violation.
+        "40001" | "40P01" | "23505" => Outcome::Conflict,
+        // too_many_connections.
+        "53300" => Outcome::Unavailable,
+        // Class 08, connection exceptions; 57P, the server shutting down or unreachable.
+        code if code.starts_with("08") || code.starts_with("57P") => Outcome::Unavailable,
+        _ => Outcome::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_map_to_what_a_retry_can_fix() {
+        for code in ["40001", "40P01", "23505"] {
+            assert_eq!(classify_code(code), Outcome::Conflict, "{code}");
+        }
+        for code in ["08006", "08001", "57P01", "57P03", "53300"] {
+            assert_eq!(classify_code(code), Outcome::Unavailable, "{code}");
+        }
+        // foreign_key_violation, undefined_table, disk_full.
+        for code in ["23503", "42P01", "53100"] {
+            assert_eq!(classify_code(code), Outcome::Internal, "{code}");
+        }
+    }
+}

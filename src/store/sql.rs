@@ -2,8 +2,9 @@
 //!
 //! SQLite accepts PostgreSQL's `$N` placeholders, and every statement here sticks to what both
 //! understand, so the same text runs on both. `impl_sql_store!` expands the same method bodies
-//! for each database's pool type; each store only provides `pool` and `key_changed`, the hook
-//! that tells other replicas about a change (PostgreSQL NOTIFY; nothing on SQLite).
+//! for each database's pool type; each store only provides `pool`, `KIND`, `key_changed`, the
+//! hook that tells other replicas about a change (PostgreSQL NOTIFY; nothing on SQLite), and
+//! `change_feed`, what the other replicas changed.
 
 /// The columns that `KeyRow` reads, in one place for every select: the key (`k`) and the usage
 /// budget its rotation chain draws on (`b`). Use with `key_tables!`.
@@ -104,8 +105,9 @@ pub(super) const INSERT_SECRET: &str =
 
 pub(super) const SELECT_SECRET: &str = "select value from service_secret where name = $1";
 
-/// Implements `Store` for a type with a `pool: sqlx::Pool<$db>` field and an
-/// `async fn key_changed(tx: &mut sqlx::Transaction<'_, $db>, key_id: &str) -> Result<()>`.
+/// Implements `Store` for a type with a `pool: sqlx::Pool<$db>` field, a `KIND: StoreKind`, an
+/// `async fn key_changed(tx: &mut sqlx::Transaction<'_, $db>, key_id: &str) -> Result<()>` and
+/// a `fn change_feed(&self) -> Changes`.
 macro_rules! impl_sql_store {
     ($store:ty, $db:ty) => {
         #[async_trait::async_trait]
@@ -357,6 +359,14 @@ macro_rules! impl_sql_store {
             async fn ping(&self) -> $crate::error::Result<()> {
                 sqlx::query("select 1").execute(&self.pool).await?;
                 Ok(())
+            }
+
+            fn kind(&self) -> $crate::store::StoreKind {
+                Self::KIND
+            }
+
+            fn changes(&self) -> $crate::store::Changes {
+                self.change_feed()
             }
 
             fn pool_stats(&self) -> $crate::store::PoolStats {

@@ -3,12 +3,17 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::error::DatabaseError as _;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteError, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Sqlite, SqlitePool};
 
+use super::error::Outcome;
 use super::row::KeyRow;
 use super::sql::impl_sql_store;
 use crate::error::{Error, Result};
+use crate::store::{Changes, StoreKind};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -36,6 +41,14 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
+    const KIND: StoreKind = StoreKind::Sqlite;
+
+    /// One node: every change is made by this process, which invalidates its caches itself, so
+    /// there is nothing to follow.
+    fn change_feed(&self) -> Changes {
+        Box::pin(tokio_stream::pending())
+    }
+
     /// One node, nobody to tell.
     async fn key_changed(_tx: &mut sqlx::Transaction<'_, Sqlite>, _key_id: &str) -> Result<()> {
         Ok(())
@@ -43,3 +56,36 @@ impl SqliteStore {
 }
 
 impl_sql_store!(SqliteStore, Sqlite);
+
+/// SQLite's (extended) result codes, by what they mean to a caller.
+pub(super) fn classify_error(error: &SqliteError) -> Outcome {
+    error
+        .code()
+        .map_or(Outcome::Internal, |code| classify_code(&code))
+}
+
+fn classify_code(code: &str) -> Outcome {
+    match code {
+        // SQLITE_BUSY, SQLITE_LOCKED and their extended codes: another writer holds the lock.
+        "5" | "6" | "261" | "262" | "517" => Outcome::Conflict,
+        // SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_PRIMARYKEY: a duplicate key.
+        "2067" | "1555" => Outcome::Conflict,
+        _ => Outcome::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locks_and_duplicates_are_conflicts_the_rest_internal() {
+        for code in ["5", "6", "261", "262", "517", "2067", "1555"] {
+            assert_eq!(classify_code(code), Outcome::Conflict, "{code}");
+        }
+        // SQLITE_CONSTRAINT_FOREIGNKEY, SQLITE_CONSTRAINT_NOTNULL, SQLITE_ERROR.
+        for code in ["787", "1299", "1"] {
+            assert_eq!(classify_code(code), Outcome::Internal, "{code}");
+        }
+    }
+}

@@ -20,6 +20,7 @@ mod replicas;
 mod rotation;
 mod server;
 mod slow_database;
+mod store;
 mod transport;
 mod trial;
 mod validation;

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use key_authority::change_feed::LISTENER_APPLICATION_NAME;
 use key_authority::pb;
+use key_authority::store::LISTENER_APPLICATION_NAME;
 use sqlx::Connection;
 
 use crate::common::{TestApp, TestDb, code, key_of, test_config};

@@ -14,7 +14,8 @@ use key_authority::key::{
 use key_authority::keys::page_token::PageTokenCodec;
 use key_authority::keys::{Actor, Expiration, KeyManager, KeySpec, TrialConfig};
 use key_authority::store::{
-    self, AuditRecord, ListQuery, PoolStats, Revocation, Rotation, Store, UsageDelta,
+    self, AuditRecord, Changes, ListQuery, PoolStats, Revocation, Rotation, Store, StoreKind,
+    UsageDelta,
 };
 use key_authority::timestamp::UnixMicros;
 use key_authority::verify::{UsageRecorder, Verdict, Verifier, VerifyConfig, VerifyRequest};
@@ -115,6 +116,14 @@ impl Store for SlowReadStore {
 
     async fn ping(&self) -> Result<()> {
         self.inner.ping().await
+    }
+
+    fn kind(&self) -> StoreKind {
+        self.inner.kind()
+    }
+
+    fn changes(&self) -> Changes {
+        self.inner.changes()
     }
 
     fn pool_stats(&self) -> PoolStats {

@@ -1,0 +1,664 @@
+//! The `Store` conformance suite: the same cases, straight through the trait, against a real
+//! SQLite file and a real PostgreSQL database, so the two implementations cannot drift apart.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::task::Poll;
+
+use key_authority::error::Error;
+use key_authority::key::{Environment, Key, KeyId, Metadata, Role, Scopes, StoredKey, WorkspaceId};
+use key_authority::store::{self, AuditRecord, Change, ListQuery, Store, StoreKind, UsageDelta};
+use key_authority::timestamp::UnixMicros;
+use tokio_stream::StreamExt as _;
+
+use crate::common::{Backend, TestDb, audit_events, on_both_databases};
+
+/// "Now" in every case: a fixed instant, so that every time in the assertions is exact.
+const NOW: UnixMicros = 1_800_000_000_000_000;
+const SECOND: UnixMicros = 1_000_000;
+
+async fn open(db: &TestDb) -> Arc<dyn Store> {
+    store::open(&db.url, 4).await.expect("the database opens")
+}
+
+fn workspace(name: &str) -> WorkspaceId {
+    WorkspaceId::parse(name).expect("a valid workspace id")
+}
+
+fn audit(action: &'static str, actor: &str, occur_time: UnixMicros) -> AuditRecord {
+    AuditRecord {
+        action,
+        actor: actor.to_owned(),
+        occur_time,
+        detail: "{}".to_owned(),
+    }
+}
+
+/// A key of `workspace_id` as IssueKey would build it (with `created_by` "admin", the actor of
+/// `audit("issue", "admin", ..)`); a limited key brings its own budget.
+fn new_key(workspace_id: &str, create_time: UnixMicros, usage_limit: i64) -> StoredKey {
+    let key_id = KeyId::generate();
+    StoredKey {
+        key: Key {
+            prefix: format!("ka_live_{key_id}"),
+            budget_id: (usage_limit > 0).then(|| key_id.as_str().to_owned()),
+            key_id,
+            workspace_id: workspace_id.to_owned(),
+            name: "conformance".to_owned(),
+            description: "a key of the store suite".to_owned(),
+            scopes: Scopes::from_stored(vec!["read".to_owned(), "write".to_owned()]),
+            role: Role::Developer,
+            environment: Environment::Live,
+            create_time,
+            expire_time: None,
+            revoke_time: None,
+            last_used_time: None,
+            total_requests: 0,
+            metadata: Metadata::from_stored(BTreeMap::from([("team".to_owned(), "a".to_owned())])),
+            rotated_from_key_id: None,
+            rotated_to_key_id: None,
+            created_by: "admin".to_owned(),
+            revoked_by: None,
+            usage_limit,
+            usage_remaining: usage_limit,
+        },
+        secret_hash: format!("$argon2id$v=19$m=1024,t=1,p=1$not-a-real-hash-{create_time}"),
+    }
+}
+
+/// The successor of `previous` in its rotation chain, drawing on the same budget.
+fn successor_of(previous: &Key, create_time: UnixMicros) -> StoredKey {
+    let mut successor = new_key(&previous.workspace_id, create_time, previous.usage_limit);
+    successor.key.rotated_from_key_id = Some(previous.key_id.as_str().to_owned());
+    successor.key.budget_id = previous.budget_id.clone();
+    successor
+}
+
+async fn insert(store: &dyn Store, key: &StoredKey) {
+    store
+        .insert_key(key, &audit("issue", "admin", key.key.create_time))
+        .await
+        .expect("the key is inserted");
+}
+
+/// Rotates `previous` to a new successor (the old key ending at `NOW`) and returns the successor.
+async fn rotate(store: &dyn Store, previous: &Key, create_time: UnixMicros) -> Key {
+    let successor = successor_of(previous, create_time);
+    store
+        .rotate_key(
+            &workspace(&previous.workspace_id),
+            previous.key_id.as_str(),
+            &successor,
+            NOW + 3600 * SECOND,
+            &audit("rotate", "admin", create_time),
+        )
+        .await
+        .expect("the rotation commits")
+        .expect("the key was rotatable")
+        .successor
+}
+
+fn ids(keys: &[Key]) -> Vec<String> {
+    keys.iter()
+        .map(|key| key.key_id.as_str().to_owned())
+        .collect()
+}
+
+async fn the_kind_is_the_database_opened(db: TestDb) {
+    let store = open(&db).await;
+    let expected = match db.backend {
+        Backend::Sqlite => (StoreKind::Sqlite, "sqlite", false),
+        Backend::Postgres => (StoreKind::Postgres, "postgres", true),
+    };
+    let kind = store.kind();
+    assert_eq!((kind, kind.as_str(), kind.is_shared()), expected);
+    store.close().await;
+}
+
+async fn an_inserted_key_reads_back_exactly(db: TestDb) {
+    let store = open(&db).await;
+    let unlimited = new_key("acme", NOW, 0);
+    let limited = new_key("acme", NOW + SECOND, 10);
+    insert(&*store, &unlimited).await;
+    insert(&*store, &limited).await;
+
+    let read = store
+        .get_key(&workspace("acme"), unlimited.key.key_id.as_str())
+        .await
+        .unwrap();
+    assert_eq!(read, Some(unlimited.key.clone()));
+    let read = store
+        .get_key(&workspace("acme"), limited.key.key_id.as_str())
+        .await
+        .unwrap();
+    assert_eq!(
+        read,
+        Some(limited.key.clone()),
+        "usage_remaining from the new budget"
+    );
+
+    let found = store
+        .find_key_for_verify(limited.key.key_id.as_str())
+        .await
+        .unwrap()
+        .expect("found by id alone");
+    assert_eq!(found.key, limited.key);
+    assert_eq!(found.secret_hash, limited.secret_hash);
+
+    assert_eq!(
+        store
+            .get_key(&workspace("other"), unlimited.key.key_id.as_str())
+            .await
+            .unwrap(),
+        None,
+        "another workspace never sees the key"
+    );
+    let unknown = KeyId::generate();
+    assert!(
+        store
+            .find_key_for_verify(unknown.as_str())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let ids = [unlimited.key.key_id.as_str(), limited.key.key_id.as_str()];
+    assert_eq!(
+        audit_events(&db).await,
+        ids.map(|id| (id.to_owned(), "issue".to_owned(), "admin".to_owned()))
+    );
+    store.close().await;
+}
+
+async fn a_duplicate_key_id_is_a_conflict(db: TestDb) {
+    let store = open(&db).await;
+    let key = new_key("acme", NOW, 0);
+    insert(&*store, &key).await;
+
+    let again = store
+        .insert_key(&key, &audit("issue", "admin", NOW + SECOND))
+        .await;
+    assert!(matches!(again, Err(Error::Conflict)), "{again:?}");
+    assert_eq!(
+        audit_events(&db).await.len(),
+        1,
+        "the failed insert wrote no audit record"
+    );
+    store.close().await;
+}
+
+async fn a_closed_store_is_unavailable(db: TestDb) {
+    let store = open(&db).await;
+    store.ping().await.expect("an open store answers");
+    store.close().await;
+    let ping = store.ping().await;
+    assert!(matches!(ping, Err(Error::Unavailable(_))), "{ping:?}");
+}
+
+async fn lists_page_newest_first_with_exact_totals(db: TestDb) {
+    let store = open(&db).await;
+    // Two keys share a create time: the key id breaks the tie, descending.
+    let mut keys: Vec<StoredKey> = (0..5)
+        .map(|n| new_key("acme", NOW + n * SECOND, 0))
+        .collect();
+    keys.push(new_key("acme", NOW + 4 * SECOND, 0));
+    let revoked = new_key("acme", NOW + 10 * SECOND, 0);
+    let mut expired = new_key("acme", NOW + 11 * SECOND, 0);
+    expired.key.expire_time = Some(NOW + 20 * SECOND);
+    for key in keys.iter().chain([&revoked, &expired]) {
+        insert(&*store, key).await;
+    }
+    insert(&*store, &new_key("other", NOW + 12 * SECOND, 0)).await;
+    store
+        .revoke_key(
+            &workspace("acme"),
+            revoked.key.key_id.as_str(),
+            false,
+            &audit("revoke", "admin", NOW + 13 * SECOND),
+        )
+        .await
+        .unwrap()
+        .expect("the key exists");
+
+    let mut expected: Vec<&StoredKey> = keys.iter().collect();
+    expected.sort_by(|a, b| {
+        (b.key.create_time, b.key.key_id.as_str()).cmp(&(a.key.create_time, a.key.key_id.as_str()))
+    });
+    let expected_active: Vec<String> = expected
+        .iter()
+        .map(|key| key.key.key_id.as_str().to_owned())
+        .collect();
+
+    // Active keys only, at a time when `expired` has expired: pages of 4, then 2, then none.
+    let later = NOW + 30 * SECOND;
+    let mut listed = Vec::new();
+    let mut after = None;
+    let mut page_sizes = Vec::new();
+    loop {
+        let (page, total) = store
+            .list_keys(&ListQuery {
+                workspace_id: workspace("acme"),
+                include_inactive: false,
+                after: after.clone(),
+                limit: 4,
+                now: later,
+            })
+            .await
+            .unwrap();
+        assert_eq!(total, 6);
+        page_sizes.push(page.len());
+        let Some(last) = page.last() else { break };
+        after = Some((last.create_time, last.key_id.as_str().to_owned()));
+        listed.extend(ids(&page));
+    }
+    assert_eq!(page_sizes, [4, 2, 0]);
+    assert_eq!(listed, expected_active);
+
+    // With inactive keys, and before `expired` expires: all eight, newest first.
+    let (page, total) = store
+        .list_keys(&ListQuery {
+            workspace_id: workspace("acme"),
+            include_inactive: true,
+            after: None,
+            limit: 100,
+            now: NOW,
+        })
+        .await
+        .unwrap();
+    assert_eq!(total, 8);
+    let mut all = vec![
+        expired.key.key_id.as_str().to_owned(),
+        revoked.key.key_id.as_str().to_owned(),
+    ];
+    all.extend(expected_active);
+    assert_eq!(ids(&page), all);
+    store.close().await;
+}
+
+async fn revoke_with_and_without_successors(db: TestDb) {
+    let store = open(&db).await;
+    let acme = workspace("acme");
+    let first = new_key("acme", NOW, 0);
+    insert(&*store, &first).await;
+    let second = rotate(&*store, &first.key, NOW + SECOND).await;
+    let third = rotate(&*store, &second, NOW + 2 * SECOND).await;
+    let id = |key: &Key| key.key_id.as_str().to_owned();
+
+    // Alone: only the key itself.
+    let revocation = store
+        .revoke_key(
+            &acme,
+            first.key.key_id.as_str(),
+            false,
+            &audit("revoke", "user:ann", NOW + 3 * SECOND),
+        )
+        .await
+        .unwrap()
+        .expect("the key exists");
+    assert_eq!(revocation.newly_revoked, [id(&first.key)]);
+    assert!(revocation.successors.is_empty());
+    assert_eq!(revocation.key.revoke_time, Some(NOW + 3 * SECOND));
+    assert_eq!(revocation.key.revoked_by.as_deref(), Some("user:ann"));
+    let still_active = store.get_key(&acme, second.key_id.as_str()).await.unwrap();
+    assert_eq!(still_active.unwrap().revoke_time, None);
+
+    // Again, with successors: the revoked key stays as it was, the chain follows.
+    let revocation = store
+        .revoke_key(
+            &acme,
+            first.key.key_id.as_str(),
+            true,
+            &audit("revoke", "user:bob", NOW + 4 * SECOND),
+        )
+        .await
+        .unwrap()
+        .expect("the key exists");
+    assert_eq!(revocation.newly_revoked, [id(&second), id(&third)]);
+    assert_eq!(ids(&revocation.successors), [id(&second), id(&third)]);
+    assert_eq!(revocation.key.revoke_time, Some(NOW + 3 * SECOND));
+    assert_eq!(revocation.key.revoked_by.as_deref(), Some("user:ann"));
+    for successor in &revocation.successors {
+        assert_eq!(successor.revoke_time, Some(NOW + 4 * SECOND));
+        assert_eq!(successor.revoked_by.as_deref(), Some("user:bob"));
+    }
+
+    // Nothing left to revoke; unknown keys and other workspaces are `None`.
+    let revocation = store
+        .revoke_key(
+            &acme,
+            third.key_id.as_str(),
+            true,
+            &audit("revoke", "admin", NOW),
+        )
+        .await
+        .unwrap()
+        .expect("the key exists");
+    assert!(revocation.newly_revoked.is_empty());
+    let elsewhere = store
+        .revoke_key(
+            &workspace("other"),
+            first.key.key_id.as_str(),
+            true,
+            &audit("revoke", "admin", NOW),
+        )
+        .await
+        .unwrap();
+    assert!(elsewhere.is_none());
+
+    let events: Vec<(String, String)> = audit_events(&db)
+        .await
+        .into_iter()
+        .map(|(key_id, action, _)| (key_id, action))
+        .collect();
+    let event = |key: &Key, action: &str| (id(key), action.to_owned());
+    assert_eq!(
+        events,
+        [
+            event(&first.key, "issue"),
+            event(&first.key, "rotate"),
+            event(&second, "issue"),
+            event(&second, "rotate"),
+            event(&third, "issue"),
+            event(&first.key, "revoke"),
+            event(&second, "revoke"),
+            event(&third, "revoke"),
+        ]
+    );
+    store.close().await;
+}
+
+async fn a_key_rotates_once(db: TestDb) {
+    let store = open(&db).await;
+    let acme = workspace("acme");
+    let mut original = new_key("acme", NOW, 0);
+    original.key.expire_time = Some(NOW + 100 * 3600 * SECOND);
+    insert(&*store, &original).await;
+
+    let successor = successor_of(&original.key, NOW + SECOND);
+    let rotation = store
+        .rotate_key(
+            &acme,
+            original.key.key_id.as_str(),
+            &successor,
+            NOW + 3600 * SECOND,
+            &audit("rotate", "admin", NOW + SECOND),
+        )
+        .await
+        .unwrap()
+        .expect("an active key rotates");
+    let expected_previous = Key {
+        rotated_to_key_id: Some(successor.key.key_id.as_str().to_owned()),
+        expire_time: Some(NOW + 3600 * SECOND),
+        ..original.key.clone()
+    };
+    assert_eq!(rotation.previous, expected_previous);
+    assert_eq!(rotation.successor, successor.key);
+
+    // A second rotation of the same key loses, and its successor is never inserted.
+    let loser = successor_of(&original.key, NOW + 2 * SECOND);
+    let again = store
+        .rotate_key(
+            &acme,
+            original.key.key_id.as_str(),
+            &loser,
+            NOW + 3600 * SECOND,
+            &audit("rotate", "admin", NOW + 2 * SECOND),
+        )
+        .await
+        .unwrap();
+    assert!(again.is_none());
+    assert!(
+        store
+            .find_key_for_verify(loser.key.key_id.as_str())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A revoked key does not rotate.
+    store
+        .revoke_key(
+            &acme,
+            successor.key.key_id.as_str(),
+            false,
+            &audit("revoke", "admin", NOW + 3 * SECOND),
+        )
+        .await
+        .unwrap();
+    let revoked = store
+        .rotate_key(
+            &acme,
+            successor.key.key_id.as_str(),
+            &successor_of(&successor.key, NOW + 4 * SECOND),
+            NOW + 3600 * SECOND,
+            &audit("rotate", "admin", NOW + 4 * SECOND),
+        )
+        .await
+        .unwrap();
+    assert!(revoked.is_none());
+    store.close().await;
+}
+
+async fn a_chain_budget_gives_exactly_its_limit(db: TestDb) {
+    let store = open(&db).await;
+    let first = new_key("acme", NOW, 5);
+    insert(&*store, &first).await;
+    let second = rotate(&*store, &first.key, NOW + SECOND).await;
+    let budget_id = first.key.key_id.as_str().to_owned();
+    assert_eq!(second.budget_id.as_deref(), Some(budget_id.as_str()));
+
+    // Twenty concurrent uses of one each: exactly five succeed, counting down to zero.
+    let attempts: Vec<_> = (0..20)
+        .map(|_| {
+            let store = store.clone();
+            let budget_id = budget_id.clone();
+            tokio::spawn(async move { store.consume_usage(&budget_id, 1).await.unwrap() })
+        })
+        .collect();
+    let mut remaining = Vec::new();
+    for attempt in attempts {
+        remaining.extend(attempt.await.unwrap());
+    }
+    remaining.sort_unstable();
+    assert_eq!(remaining, [0, 1, 2, 3, 4]);
+
+    assert_eq!(store.consume_usage(&budget_id, 0).await.unwrap(), None);
+    assert_eq!(
+        store.consume_usage("no-such-budget", 0).await.unwrap(),
+        None
+    );
+    for key in [&first.key, &second] {
+        let read = store
+            .get_key(&workspace("acme"), key.key_id.as_str())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((read.usage_limit, read.usage_remaining), (5, 0));
+    }
+
+    // A cost larger than what is left takes nothing; a cost of 0 only checks.
+    let other = new_key("acme", NOW, 3);
+    insert(&*store, &other).await;
+    let other_budget = other.key.key_id.as_str();
+    assert_eq!(store.consume_usage(other_budget, 4).await.unwrap(), None);
+    assert_eq!(store.consume_usage(other_budget, 0).await.unwrap(), Some(3));
+    assert_eq!(store.consume_usage(other_budget, 3).await.unwrap(), Some(0));
+    store.close().await;
+}
+
+async fn usage_batches_add_up(db: TestDb) {
+    let store = open(&db).await;
+    let a = new_key("acme", NOW, 0);
+    let b = new_key("acme", NOW, 0);
+    insert(&*store, &a).await;
+    insert(&*store, &b).await;
+    let delta = |key: &StoredKey, requests, last_used_time| UsageDelta {
+        key_id: key.key.key_id.as_str().to_owned(),
+        requests,
+        last_used_time,
+    };
+
+    store
+        .record_usage(&[delta(&a, 3, NOW + 5 * SECOND), delta(&b, 1, NOW + SECOND)])
+        .await
+        .unwrap();
+    // An older last use never moves the time back; an unknown key changes nothing.
+    let unknown = UsageDelta {
+        key_id: KeyId::generate().as_str().to_owned(),
+        requests: 9,
+        last_used_time: NOW,
+    };
+    store
+        .record_usage(&[delta(&a, 4, NOW + 2 * SECOND), unknown])
+        .await
+        .unwrap();
+    store.record_usage(&[]).await.unwrap();
+
+    let read = |key: StoredKey| {
+        let store = store.clone();
+        async move {
+            let key = store
+                .get_key(&workspace("acme"), key.key.key_id.as_str())
+                .await
+                .unwrap()
+                .unwrap();
+            (key.total_requests, key.last_used_time)
+        }
+    };
+    assert_eq!(read(a).await, (7, Some(NOW + 5 * SECOND)));
+    assert_eq!(read(b).await, (1, Some(NOW + SECOND)));
+    store.close().await;
+}
+
+async fn ended_trial_keys_go_in_bounded_batches(db: TestDb) {
+    let store = open(&db).await;
+    let trial = |expire_time: UnixMicros| {
+        let mut key = new_key("trial", NOW - 3600 * SECOND, 10);
+        key.key.environment = Environment::Trial;
+        key.key.role = Role::Trial;
+        key.key.expire_time = Some(expire_time);
+        key
+    };
+    // Five ended trial keys, oldest first; one still running; a live key that ended long ago.
+    let ended: Vec<StoredKey> = (0..5).map(|n| trial(NOW - (10 - n) * SECOND)).collect();
+    let running = trial(NOW + 60 * SECOND);
+    let mut live = new_key("acme", NOW - 3600 * SECOND, 0);
+    live.key.expire_time = Some(NOW - 1800 * SECOND);
+    for key in ended.iter().chain([&running, &live]) {
+        insert(&*store, key).await;
+    }
+    let present = |key: &StoredKey| {
+        let store = store.clone();
+        let key_id = key.key.key_id.as_str().to_owned();
+        async move { store.find_key_for_verify(&key_id).await.unwrap().is_some() }
+    };
+
+    assert_eq!(store.delete_ended_trial_keys(NOW, 2).await.unwrap(), 2);
+    let mut left = Vec::new();
+    for key in &ended {
+        left.push(present(key).await);
+    }
+    assert_eq!(
+        left,
+        [false, false, true, true, true],
+        "the oldest go first"
+    );
+    assert_eq!(store.delete_ended_trial_keys(NOW, 2).await.unwrap(), 2);
+    assert_eq!(store.delete_ended_trial_keys(NOW, 2).await.unwrap(), 1);
+    assert_eq!(store.delete_ended_trial_keys(NOW, 2).await.unwrap(), 0);
+
+    for key in &ended {
+        assert!(!present(key).await);
+        assert_eq!(
+            store
+                .consume_usage(key.key.key_id.as_str(), 0)
+                .await
+                .unwrap(),
+            None,
+            "the budget went with its last key"
+        );
+    }
+    assert!(present(&running).await);
+    assert!(present(&live).await, "only trial keys are swept");
+    assert_eq!(
+        store
+            .consume_usage(running.key.key_id.as_str(), 0)
+            .await
+            .unwrap(),
+        Some(10)
+    );
+    store.close().await;
+}
+
+/// A change made through a second handle (another replica) reaches the first handle's feed on
+/// PostgreSQL; on SQLite, where only this process writes, the feed never yields.
+async fn changes_follow_the_database(db: TestDb) {
+    let watcher = open(&db).await;
+    let writer = open(&db).await;
+    let mut changes = watcher.changes();
+    let key = new_key("acme", NOW, 0);
+
+    if !watcher.kind().is_shared() {
+        insert(&*writer, &key).await;
+        rotate(&*writer, &key.key, NOW + SECOND).await;
+        writer
+            .revoke_key(
+                &workspace("acme"),
+                key.key.key_id.as_str(),
+                true,
+                &audit("revoke", "admin", NOW + 2 * SECOND),
+            )
+            .await
+            .unwrap();
+        let polled = std::future::poll_fn(|cx| Poll::Ready(changes.as_mut().poll_next(cx))).await;
+        assert!(polled.is_pending(), "{polled:?}");
+        watcher.close().await;
+        writer.close().await;
+        return;
+    }
+
+    assert_eq!(
+        changes.next().await,
+        Some(Change::Resync),
+        "listening first"
+    );
+    // Inserting notifies nobody: a new key has no cached state anywhere.
+    insert(&*writer, &key).await;
+    let successor = rotate(&*writer, &key.key, NOW + SECOND).await;
+    assert_eq!(
+        changes.next().await,
+        Some(Change::Key(key.key.key_id.as_str().to_owned()))
+    );
+    writer
+        .revoke_key(
+            &workspace("acme"),
+            key.key.key_id.as_str(),
+            true,
+            &audit("revoke", "admin", NOW + 2 * SECOND),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        changes.next().await,
+        Some(Change::Key(key.key.key_id.as_str().to_owned()))
+    );
+    assert_eq!(
+        changes.next().await,
+        Some(Change::Key(successor.key_id.as_str().to_owned()))
+    );
+    watcher.close().await;
+    writer.close().await;
+}
+
+on_both_databases!(
+    the_kind_is_the_database_opened,
+    an_inserted_key_reads_back_exactly,
+    a_duplicate_key_id_is_a_conflict,
+    a_closed_store_is_unavailable,
+    lists_page_newest_first_with_exact_totals,
+    revoke_with_and_without_successors,
+    a_key_rotates_once,
+    a_chain_budget_gives_exactly_its_limit,
+    usage_batches_add_up,
+    ended_trial_keys_go_in_bounded_batches,
+    changes_follow_the_database,
+);
