@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::key::{Environment, Key, KeyId, Metadata, Role, Scopes, StoredKey};
+use crate::key::{Environment, Key, KeyId, Metadata, Role, Scopes, StoredKey, WorkspaceId};
 
 #[derive(sqlx::FromRow)]
 pub(super) struct KeyRow {
@@ -34,7 +34,14 @@ pub(super) struct KeyRow {
 impl KeyRow {
     pub(super) fn into_stored(self) -> Result<StoredKey> {
         let corrupt = |what: &str| Error::Internal(format!("key {}: bad {what}", self.key_id));
+        // Parsed here once, so that nothing downstream re-checks what the database holds.
         let key_id = KeyId::parse(&self.key_id).ok_or_else(|| corrupt("key_id"))?;
+        let workspace_id =
+            WorkspaceId::parse(&self.workspace_id).map_err(|_| corrupt("workspace_id"))?;
+        let rotated_from_key_id = optional_key_id(self.rotated_from_key_id.as_deref())
+            .map_err(|()| corrupt("rotated_from_key_id"))?;
+        let rotated_to_key_id = optional_key_id(self.rotated_to_key_id.as_deref())
+            .map_err(|()| corrupt("rotated_to_key_id"))?;
         let role = Role::from_db(&self.role).ok_or_else(|| corrupt("role"))?;
         let environment =
             Environment::from_key_text(&self.environment).ok_or_else(|| corrupt("environment"))?;
@@ -45,7 +52,7 @@ impl KeyRow {
         Ok(StoredKey {
             key: Key {
                 key_id,
-                workspace_id: self.workspace_id,
+                workspace_id,
                 name: self.name,
                 description: self.description,
                 prefix: self.prefix,
@@ -58,8 +65,8 @@ impl KeyRow {
                 last_used_time: self.last_used_time,
                 total_requests: self.total_requests,
                 metadata: Metadata::from_stored(metadata),
-                rotated_from_key_id: self.rotated_from_key_id,
-                rotated_to_key_id: self.rotated_to_key_id,
+                rotated_from_key_id,
+                rotated_to_key_id,
                 created_by: self.created_by,
                 revoked_by: self.revoked_by,
                 usage_limit: self.usage_limit,
@@ -73,6 +80,11 @@ impl KeyRow {
     pub(super) fn into_key(self) -> Result<Key> {
         self.into_stored().map(|stored| stored.key)
     }
+}
+
+/// A nullable key id column: `Err` when it holds something that is not a key id.
+fn optional_key_id(text: Option<&str>) -> std::result::Result<Option<KeyId>, ()> {
+    text.map(|text| KeyId::parse(text).ok_or(())).transpose()
 }
 
 pub(super) fn scopes_json(key: &Key) -> String {
