@@ -257,8 +257,8 @@ impl KeyManager {
         let template = Key {
             key_id: KeyId::generate(),
             workspace_id,
-            name: new.name.as_str().to_owned(),
-            description: new.description.as_str().to_owned(),
+            name: new.name,
+            description: new.description,
             prefix: String::new(),
             scopes: new.scopes,
             role: new.role,

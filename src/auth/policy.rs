@@ -113,7 +113,7 @@ pub fn api_key_caller(verdict: &Verdict) -> Result<Caller> {
             Ok(Caller::ApiKey {
                 key_id: key.key_id.as_str().to_owned(),
                 prefix: key.prefix.clone(),
-                name: key.name.clone(),
+                name: key.name.as_str().to_owned(),
                 workspace_id: key.workspace_id.clone(),
                 role: key.role,
             })

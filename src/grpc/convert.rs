@@ -11,8 +11,8 @@ pub fn key_to_proto(key: &Key) -> pb::Key {
     pb::Key {
         key_id: key.key_id.as_str().to_owned(),
         workspace_id: key.workspace_id.as_str().to_owned(),
-        name: key.name.clone(),
-        description: key.description.clone(),
+        name: key.name.as_str().to_owned(),
+        description: key.description.as_str().to_owned(),
         prefix: key.prefix.clone(),
         scopes: key.scopes.as_slice().to_vec(),
         role: role_to_proto(key.role) as i32,

@@ -1,7 +1,7 @@
 //! The key as the domain sees it, and the enums that describe it.
 
 use super::format::KeyId;
-use super::names::{Metadata, Scopes, WorkspaceId};
+use super::names::{KeyDescription, KeyName, Metadata, Scopes, WorkspaceId};
 use crate::timestamp::UnixMicros;
 
 /// The environment a key belongs to; part of the key's text.
@@ -80,8 +80,8 @@ pub enum KeyState {
 pub struct Key {
     pub key_id: KeyId,
     pub workspace_id: WorkspaceId,
-    pub name: String,
-    pub description: String,
+    pub name: KeyName,
+    pub description: KeyDescription,
     pub prefix: String,
     pub scopes: Scopes,
     pub role: Role,

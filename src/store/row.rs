@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::key::{Environment, Key, KeyId, Metadata, Role, Scopes, StoredKey, WorkspaceId};
+use crate::key::{
+    Environment, Key, KeyDescription, KeyId, KeyName, Metadata, Role, Scopes, StoredKey,
+    WorkspaceId,
+};
 
 #[derive(sqlx::FromRow)]
 pub(super) struct KeyRow {
@@ -53,8 +56,8 @@ impl KeyRow {
             key: Key {
                 key_id,
                 workspace_id,
-                name: self.name,
-                description: self.description,
+                name: KeyName::from_stored(self.name),
+                description: KeyDescription::from_stored(self.description),
                 prefix: self.prefix,
                 scopes: Scopes::from_stored(scopes),
                 role,
@@ -93,4 +96,82 @@ pub(super) fn scopes_json(key: &Key) -> String {
 
 pub(super) fn metadata_json(key: &Key) -> String {
     serde_json::to_string(key.metadata.as_map()).expect("strings always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> KeyRow {
+        KeyRow {
+            key_id: "iZ19fRp6bgz1".to_owned(),
+            workspace_id: "acme".to_owned(),
+            name: "n".to_owned(),
+            description: String::new(),
+            prefix: "ka_live_iZ19fRp6bgz1".to_owned(),
+            scopes: "[]".to_owned(),
+            role: "developer".to_owned(),
+            environment: "live".to_owned(),
+            secret_hash: String::new(),
+            metadata: "{}".to_owned(),
+            create_time: 0,
+            expire_time: None,
+            revoke_time: None,
+            last_used_time: None,
+            total_requests: 0,
+            rotated_from_key_id: None,
+            rotated_to_key_id: Some("Abcdefghijk2".to_owned()),
+            created_by: "admin".to_owned(),
+            revoked_by: None,
+            usage_limit: 0,
+            usage_remaining: 0,
+            budget_id: None,
+        }
+    }
+
+    fn internal_error(row: KeyRow) -> String {
+        match row.into_key() {
+            Err(Error::Internal(message)) => message,
+            other => panic!("expected an internal error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ids_are_parsed_once_here() {
+        let key = row().into_key().unwrap();
+        assert_eq!(key.workspace_id.as_str(), "acme");
+        assert_eq!(key.rotated_from_key_id, None);
+        assert_eq!(
+            key.rotated_to_key_id.as_ref().map(KeyId::as_str),
+            Some("Abcdefghijk2")
+        );
+    }
+
+    #[test]
+    fn a_stored_id_that_does_not_parse_is_internal_and_names_its_column() {
+        let bad_workspace = KeyRow {
+            workspace_id: "not a workspace".to_owned(),
+            ..row()
+        };
+        assert_eq!(
+            internal_error(bad_workspace),
+            "key iZ19fRp6bgz1: bad workspace_id"
+        );
+        let bad_successor = KeyRow {
+            rotated_to_key_id: Some("short".to_owned()),
+            ..row()
+        };
+        assert_eq!(
+            internal_error(bad_successor),
+            "key iZ19fRp6bgz1: bad rotated_to_key_id"
+        );
+        let bad_predecessor = KeyRow {
+            rotated_from_key_id: Some(String::new()),
+            ..row()
+        };
+        assert_eq!(
+            internal_error(bad_predecessor),
+            "key iZ19fRp6bgz1: bad rotated_from_key_id"
+        );
+    }
 }

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use key_authority::error::Error;
-use key_authority::key::{Environment, Key, KeyId, Metadata, Role, Scopes, StoredKey, WorkspaceId};
+use key_authority::key::{
+    Environment, Key, KeyDescription, KeyId, KeyName, Metadata, Role, Scopes, StoredKey,
+    WorkspaceId,
+};
 use key_authority::store::{self, AuditRecord, Change, ListQuery, Store, StoreKind, UsageDelta};
 use key_authority::timestamp::UnixMicros;
 use tokio_stream::StreamExt as _;
@@ -44,8 +47,8 @@ fn new_key(workspace_id: &str, create_time: UnixMicros, usage_limit: i64) -> Sto
             budget_id: (usage_limit > 0).then(|| key_id.as_str().to_owned()),
             key_id,
             workspace_id: workspace(workspace_id),
-            name: "conformance".to_owned(),
-            description: "a key of the store suite".to_owned(),
+            name: KeyName::parse("conformance").unwrap(),
+            description: KeyDescription::parse("a key of the store suite").unwrap(),
             scopes: Scopes::from_stored(vec!["read".to_owned(), "write".to_owned()]),
             role: Role::Developer,
             environment: Environment::Live,
