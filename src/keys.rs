@@ -207,16 +207,14 @@ impl KeyManager {
         let client_ip = origin.end_user_ip(&command.client_ip)?;
         self.rate_limits.trial_revoke.check(&client_ip)?;
         let key_id = trial_key_id(&command.prefix)?;
-        let Some(stored) = self.store.find_key_for_verify(key_id).await? else {
+        let Some(stored) = self.store.find_key_for_verify(&key_id).await? else {
             return Err(Error::KeyNotFound);
         };
         if stored.key.environment != Environment::Trial {
             return Err(Error::KeyNotFound);
         }
-        let workspace_id = WorkspaceId::parse(&stored.key.workspace_id)
-            .map_err(|reason| Error::Internal(format!("stored workspace: {reason}")))?;
         Ok(self
-            .revoke_in(&workspace_id, key_id, false, &trial_actor())
+            .revoke_in(&stored.key.workspace_id, &key_id, false, &trial_actor())
             .await?
             .key)
     }
@@ -258,9 +256,9 @@ impl KeyManager {
         let expire_time = self.expire_time(new.expiration, now)?;
         let template = Key {
             key_id: KeyId::generate(),
-            workspace_id: workspace_id.as_str().to_owned(),
-            name: new.name.as_str().to_owned(),
-            description: new.description.as_str().to_owned(),
+            workspace_id,
+            name: new.name,
+            description: new.description,
             prefix: String::new(),
             scopes: new.scopes,
             role: new.role,
@@ -305,7 +303,7 @@ impl KeyManager {
         self.find(&workspace_id, &command.key_id).await
     }
 
-    async fn find(&self, workspace_id: &WorkspaceId, key_id: &str) -> Result<Key> {
+    async fn find(&self, workspace_id: &WorkspaceId, key_id: &KeyId) -> Result<Key> {
         self.store
             .get_key(workspace_id, key_id)
             .await?
@@ -361,7 +359,7 @@ impl KeyManager {
     pub async fn revoke(&self, caller: &Caller, command: RevokeKey) -> Result<Revoked> {
         let workspace_id = caller.workspace_for(&command.workspace_id)?;
         caller.authorize(Action::Revoke {
-            key_id: &command.key_id,
+            key_id: command.key_id.as_str(),
         })?;
         if command.revoke_successors {
             caller.authorize(Action::RevokeWithSuccessors)?;
@@ -381,7 +379,7 @@ impl KeyManager {
     pub async fn revoke_in(
         &self,
         workspace_id: &WorkspaceId,
-        key_id: &str,
+        key_id: &KeyId,
         successors: bool,
         actor: &Actor,
     ) -> Result<Revoked> {
@@ -393,7 +391,7 @@ impl KeyManager {
             .ok_or(Error::KeyNotFound)?;
         // Read your writes: this replica's next VerifyKey must see every revocation.
         for revoked in &revocation.newly_revoked {
-            self.invalidator.key_changed(revoked).await;
+            self.invalidator.key_changed(revoked.as_str()).await;
         }
         tracing::info!(
             key_prefix = %revocation.key.prefix,
@@ -412,8 +410,10 @@ impl KeyManager {
     #[tracing::instrument(name = "keys.rotate", skip_all, fields(key_id = %command.key_id))]
     pub async fn rotate(&self, caller: &Caller, command: RotateKey) -> Result<(IssuedKey, Key)> {
         let workspace_id = &caller.workspace_for(&command.workspace_id)?;
-        let key_id = command.key_id.as_str();
-        caller.authorize(Action::Rotate { key_id })?;
+        let key_id = &command.key_id;
+        caller.authorize(Action::Rotate {
+            key_id: key_id.as_str(),
+        })?;
         let rights = caller.rotation_rights();
         let actor = &caller.actor();
         let now = now_micros();
@@ -436,7 +436,7 @@ impl KeyManager {
             revoke_time: None,
             last_used_time: None,
             total_requests: 0,
-            rotated_from_key_id: Some(previous.key_id.as_str().to_owned()),
+            rotated_from_key_id: Some(previous.key_id.clone()),
             rotated_to_key_id: None,
             created_by: actor.as_str().to_owned(),
             revoked_by: None,
@@ -464,7 +464,7 @@ impl KeyManager {
             ensure_rotatable(&current, now_micros())?;
             return Err(Error::Conflict);
         };
-        self.invalidator.key_changed(key_id).await;
+        self.invalidator.key_changed(key_id.as_str()).await;
         tracing::info!(
             key_prefix = %rotation.previous.prefix,
             successor_prefix = %rotation.successor.prefix,
@@ -575,7 +575,7 @@ fn trial_actor() -> Actor {
     Actor::new("trial".to_owned())
 }
 
-fn trial_key_id(prefix: &str) -> Result<&str> {
+fn trial_key_id(prefix: &str) -> Result<KeyId> {
     const MIN_PREFIX_LEN: usize = 16;
     if prefix.len() < MIN_PREFIX_LEN {
         return Err(Error::invalid(
@@ -588,7 +588,7 @@ fn trial_key_id(prefix: &str) -> Result<&str> {
         .map(|(_, rest)| rest)
         // `get`, not slicing: the 12th byte may fall inside a multi-byte character.
         .and_then(|rest| rest.get(..KEY_ID_LEN))
-        .filter(|id| KeyId::parse(id).is_some())
+        .and_then(KeyId::parse)
         .ok_or_else(|| {
             Error::invalid(
                 "prefix",
@@ -607,7 +607,7 @@ fn ensure_rotatable(key: &Key, now: UnixMicros) -> Result<()> {
     if let Some(successor) = &key.rotated_to_key_id {
         return Err(Error::KeyAlreadyRotated {
             key_id: key.key_id.to_string(),
-            successor: successor.clone(),
+            successor: successor.to_string(),
         });
     }
     Ok(())
@@ -630,7 +630,7 @@ mod tests {
         ));
         assert!(trial_key_id("ka_trial_ééééééééééééé").is_err());
         assert_eq!(
-            trial_key_id("ka_trial_abcdefghijkl").unwrap(),
+            trial_key_id("ka_trial_abcdefghijkl").unwrap().as_str(),
             "abcdefghijkl"
         );
     }

@@ -18,7 +18,7 @@ pub use postgres::{KEY_CHANGED_CHANNEL, LISTENER_APPLICATION_NAME, PostgresStore
 pub use sqlite::SqliteStore;
 
 use crate::error::{Error, Result};
-use crate::key::{Key, StoredKey, WorkspaceId};
+use crate::key::{Key, KeyId, StoredKey, WorkspaceId};
 use crate::timestamp::UnixMicros;
 
 /// A mutation's audit record, written in the same transaction as the mutation.
@@ -39,7 +39,7 @@ pub struct ListQuery {
     pub workspace_id: WorkspaceId,
     pub include_inactive: bool,
     /// Keys strictly older than this `(create_time, key_id)` position; `None` starts at the newest.
-    pub after: Option<(UnixMicros, String)>,
+    pub after: Option<(UnixMicros, KeyId)>,
     pub limit: u32,
     /// "Now", for deciding which keys are expired.
     pub now: UnixMicros,
@@ -48,7 +48,7 @@ pub struct ListQuery {
 /// Usage counted in memory, added to a key's counters in one batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageDelta {
-    pub key_id: String,
+    pub key_id: KeyId,
     pub requests: i64,
     pub last_used_time: UnixMicros,
 }
@@ -67,7 +67,7 @@ pub struct Revocation {
     pub key: Key,
     pub successors: Vec<Key>,
     /// The ids of the keys this call revoked (not those that were revoked already).
-    pub newly_revoked: Vec<String>,
+    pub newly_revoked: Vec<KeyId>,
 }
 
 /// A successful rotation: the old key (now ending at its new expiry) and its successor.
@@ -125,10 +125,10 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a new key and its audit record. A key id collision is `Error::Conflict`.
     async fn insert_key(&self, key: &StoredKey, audit: &AuditRecord) -> Result<()>;
 
-    async fn get_key(&self, workspace_id: &WorkspaceId, key_id: &str) -> Result<Option<Key>>;
+    async fn get_key(&self, workspace_id: &WorkspaceId, key_id: &KeyId) -> Result<Option<Key>>;
 
     /// The key and its hash, by id alone: the VerifyKey lookup.
-    async fn find_key_for_verify(&self, key_id: &str) -> Result<Option<StoredKey>>;
+    async fn find_key_for_verify(&self, key_id: &KeyId) -> Result<Option<StoredKey>>;
 
     /// One page of keys and the number of keys matching the query across all pages.
     async fn list_keys(&self, query: &ListQuery) -> Result<(Vec<Key>, i64)>;
@@ -140,7 +140,7 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_key(
         &self,
         workspace_id: &WorkspaceId,
-        key_id: &str,
+        key_id: &KeyId,
         successors: bool,
         audit: &AuditRecord,
     ) -> Result<Option<Revocation>>;
@@ -151,7 +151,7 @@ pub trait Store: Send + Sync + 'static {
     async fn rotate_key(
         &self,
         workspace_id: &WorkspaceId,
-        key_id: &str,
+        key_id: &KeyId,
         successor: &StoredKey,
         previous_expire_time: UnixMicros,
         audit: &AuditRecord,

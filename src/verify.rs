@@ -364,7 +364,7 @@ impl Verifier {
         } else {
             None
         };
-        self.usage.record(stored.key.key_id.as_str(), now);
+        self.usage.record(&stored.key.key_id, now);
         Ok(Verdict::Valid(entry, remaining))
     }
 

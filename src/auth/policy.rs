@@ -110,13 +110,11 @@ pub fn api_key_caller(verdict: &Verdict) -> Result<Caller> {
             let key = entry
                 .key()
                 .ok_or(Error::Internal("a valid verdict without a key".to_owned()))?;
-            let workspace_id = WorkspaceId::parse(&key.workspace_id)
-                .map_err(|reason| Error::Internal(format!("stored workspace: {reason}")))?;
             Ok(Caller::ApiKey {
                 key_id: key.key_id.as_str().to_owned(),
                 prefix: key.prefix.clone(),
-                name: key.name.clone(),
-                workspace_id,
+                name: key.name.as_str().to_owned(),
+                workspace_id: key.workspace_id.clone(),
                 role: key.role,
             })
         }

@@ -57,10 +57,10 @@ impl TryFrom<pb::GetKeyRequest> for GetKey {
     type Error = Error;
 
     fn try_from(request: pb::GetKeyRequest) -> Result<Self, Error> {
-        require_key_id(&request.key_id)?;
+        let key_id = require_key_id(&request.key_id)?;
         Ok(Self {
             workspace_id: request.workspace_id,
-            key_id: request.key_id,
+            key_id,
         })
     }
 }
@@ -87,10 +87,10 @@ impl TryFrom<pb::RevokeKeyRequest> for RevokeKey {
     type Error = Error;
 
     fn try_from(request: pb::RevokeKeyRequest) -> Result<Self, Error> {
-        require_key_id(&request.key_id)?;
+        let key_id = require_key_id(&request.key_id)?;
         Ok(Self {
             workspace_id: request.workspace_id,
-            key_id: request.key_id,
+            key_id,
             revoke_successors: request.revoke_successors,
         })
     }
@@ -100,7 +100,7 @@ impl TryFrom<pb::RotateKeyRequest> for RotateKey {
     type Error = Error;
 
     fn try_from(request: pb::RotateKeyRequest) -> Result<Self, Error> {
-        require_key_id(&request.key_id)?;
+        let key_id = require_key_id(&request.key_id)?;
         let grace_period = request
             .grace_period
             .as_ref()
@@ -115,7 +115,7 @@ impl TryFrom<pb::RotateKeyRequest> for RotateKey {
         };
         Ok(Self {
             workspace_id: request.workspace_id,
-            key_id: request.key_id,
+            key_id,
             grace_period,
             expiration,
         })

@@ -10,9 +10,9 @@ use crate::timestamp::{self, now_micros};
 pub fn key_to_proto(key: &Key) -> pb::Key {
     pb::Key {
         key_id: key.key_id.as_str().to_owned(),
-        workspace_id: key.workspace_id.clone(),
-        name: key.name.clone(),
-        description: key.description.clone(),
+        workspace_id: key.workspace_id.as_str().to_owned(),
+        name: key.name.as_str().to_owned(),
+        description: key.description.as_str().to_owned(),
         prefix: key.prefix.clone(),
         scopes: key.scopes.as_slice().to_vec(),
         role: role_to_proto(key.role) as i32,
@@ -29,8 +29,16 @@ pub fn key_to_proto(key: &Key) -> pb::Key {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        rotated_from_key_id: key.rotated_from_key_id.clone().unwrap_or_default(),
-        rotated_to_key_id: key.rotated_to_key_id.clone().unwrap_or_default(),
+        rotated_from_key_id: key
+            .rotated_from_key_id
+            .as_ref()
+            .map(|id| id.as_str().to_owned())
+            .unwrap_or_default(),
+        rotated_to_key_id: key
+            .rotated_to_key_id
+            .as_ref()
+            .map(|id| id.as_str().to_owned())
+            .unwrap_or_default(),
         created_by: key.created_by.clone(),
         revoked_by: key.revoked_by.clone().unwrap_or_default(),
         usage_limit: key.usage_limit,
@@ -93,14 +101,11 @@ pub fn environment_from_proto(value: i32) -> Result<Environment> {
 /// A key id field. Empty is a bad request; anything else that is not an id this service could
 /// have issued (12 base62 characters) is simply not found. Decided here, before any database:
 /// PostgreSQL cannot even bind text holding NUL (an INTERNAL error there, NOT_FOUND on SQLite).
-pub fn require_key_id(value: &str) -> Result<&str> {
+pub fn require_key_id(value: &str) -> Result<KeyId> {
     if value.is_empty() {
         return Err(Error::invalid("key_id", "is required"));
     }
-    if KeyId::parse(value).is_none() {
-        return Err(Error::KeyNotFound);
-    }
-    Ok(value)
+    KeyId::parse(value).ok_or(Error::KeyNotFound)
 }
 
 /// The longest `google.protobuf.Duration` there is: 10,000 years.
@@ -200,6 +205,9 @@ mod tests {
                 "{not_an_id:?}"
             );
         }
-        assert_eq!(require_key_id("iZ19fRp6bgz1").unwrap(), "iZ19fRp6bgz1");
+        assert_eq!(
+            require_key_id("iZ19fRp6bgz1").unwrap().as_str(),
+            "iZ19fRp6bgz1"
+        );
     }
 }

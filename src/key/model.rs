@@ -1,7 +1,7 @@
 //! The key as the domain sees it, and the enums that describe it.
 
 use super::format::KeyId;
-use super::names::{Metadata, Scopes};
+use super::names::{KeyDescription, KeyName, Metadata, Scopes, WorkspaceId};
 use crate::timestamp::UnixMicros;
 
 /// The environment a key belongs to; part of the key's text.
@@ -79,9 +79,9 @@ pub enum KeyState {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Key {
     pub key_id: KeyId,
-    pub workspace_id: String,
-    pub name: String,
-    pub description: String,
+    pub workspace_id: WorkspaceId,
+    pub name: KeyName,
+    pub description: KeyDescription,
     pub prefix: String,
     pub scopes: Scopes,
     pub role: Role,
@@ -92,8 +92,8 @@ pub struct Key {
     pub last_used_time: Option<UnixMicros>,
     pub total_requests: i64,
     pub metadata: Metadata,
-    pub rotated_from_key_id: Option<String>,
-    pub rotated_to_key_id: Option<String>,
+    pub rotated_from_key_id: Option<KeyId>,
+    pub rotated_to_key_id: Option<KeyId>,
     /// Who issued the key (`admin`, `user:<sub>`, `key:<prefix> (<name>)`).
     pub created_by: String,
     /// Who revoked the key, once revoked.

@@ -110,6 +110,12 @@ impl KeyName {
         Ok(Self(text.to_owned()))
     }
 
+    /// A name read back from the database, trusted as written: the text rules have tightened
+    /// since the first keys were stored, and an old key must stay readable.
+    pub fn from_stored(text: String) -> Self {
+        Self(text)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -129,6 +135,12 @@ impl KeyDescription {
         }
         refuse_control_characters_but_line_breaks(text)?;
         Ok(Self(text.to_owned()))
+    }
+
+    /// A description read back from the database, trusted as written (see
+    /// `KeyName::from_stored`).
+    pub fn from_stored(text: String) -> Self {
+        Self(text)
     }
 
     pub fn as_str(&self) -> &str {

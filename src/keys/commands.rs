@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::key::{Environment, KeyDescription, KeyName, Metadata, Role, Scopes};
+use crate::key::{Environment, KeyDescription, KeyId, KeyName, Metadata, Role, Scopes};
 
 /// When a new key stops working.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +39,7 @@ pub struct KeySpec {
 #[derive(Debug, Clone)]
 pub struct GetKey {
     pub workspace_id: String,
-    pub key_id: String,
+    pub key_id: KeyId,
 }
 
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ pub struct ListKeys {
 #[derive(Debug, Clone)]
 pub struct RevokeKey {
     pub workspace_id: String,
-    pub key_id: String,
+    pub key_id: KeyId,
     /// Revoke every key the key's rotations led to as well.
     pub revoke_successors: bool,
 }
@@ -61,7 +61,7 @@ pub struct RevokeKey {
 #[derive(Debug, Clone)]
 pub struct RotateKey {
     pub workspace_id: String,
-    pub key_id: String,
+    pub key_id: KeyId,
     /// How long the old key keeps working; `None` for the default (24 hours, or less if capped).
     pub grace_period: Option<Duration>,
     /// A new expiry for the successor; `None` keeps the old key's.

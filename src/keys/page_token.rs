@@ -57,7 +57,7 @@ impl PageTokenCodec {
         token: &str,
         workspace_id: &WorkspaceId,
         include_inactive: bool,
-    ) -> Result<(UnixMicros, String), Error> {
+    ) -> Result<(UnixMicros, KeyId), Error> {
         let bytes = URL_SAFE_NO_PAD
             .decode(token)
             .map_err(|_| Error::InvalidPageToken("not a token issued by ListKeys"))?;
@@ -74,7 +74,7 @@ impl PageTokenCodec {
             .ok()
             .and_then(KeyId::parse)
             .ok_or(Error::InvalidPageToken("not a token issued by ListKeys"))?;
-        Ok((create_time, key_id.as_str().to_owned()))
+        Ok((create_time, key_id))
     }
 
     fn tag(&self, payload: &[u8], workspace_id: &WorkspaceId, include_inactive: bool) -> Vec<u8> {
@@ -118,10 +118,7 @@ mod tests {
         let key_id = KeyId::generate();
         let token = codec().encode(&workspace("w1"), false, 1_700_000_000_000_000, &key_id);
         let position = codec().decode(&token, &workspace("w1"), false).unwrap();
-        assert_eq!(
-            position,
-            (1_700_000_000_000_000, key_id.as_str().to_owned())
-        );
+        assert_eq!(position, (1_700_000_000_000_000, key_id));
     }
 
     #[test]

@@ -128,11 +128,11 @@ macro_rules! impl_sql_store {
             async fn get_key(
                 &self,
                 workspace_id: &$crate::key::WorkspaceId,
-                key_id: &str,
+                key_id: &$crate::key::KeyId,
             ) -> $crate::error::Result<Option<$crate::key::Key>> {
                 let row: Option<KeyRow> = sqlx::query_as($crate::store::sql::SELECT_KEY_IN_WORKSPACE)
                     .bind(workspace_id.as_str())
-                    .bind(key_id)
+                    .bind(key_id.as_str())
                     .fetch_optional(&self.pool)
                     .await?;
                 row.map(KeyRow::into_key).transpose()
@@ -141,10 +141,10 @@ macro_rules! impl_sql_store {
             #[tracing::instrument(name = "store.find_key_for_verify", skip_all, fields(key_id = %key_id))]
             async fn find_key_for_verify(
                 &self,
-                key_id: &str,
+                key_id: &$crate::key::KeyId,
             ) -> $crate::error::Result<Option<$crate::key::StoredKey>> {
                 let row: Option<KeyRow> = sqlx::query_as($crate::store::sql::SELECT_KEY_BY_ID)
-                    .bind(key_id)
+                    .bind(key_id.as_str())
                     .fetch_optional(&self.pool)
                     .await?;
                 row.map(KeyRow::into_stored).transpose()
@@ -185,7 +185,7 @@ macro_rules! impl_sql_store {
             async fn revoke_key(
                 &self,
                 workspace_id: &$crate::key::WorkspaceId,
-                key_id: &str,
+                key_id: &$crate::key::KeyId,
                 successors: bool,
                 audit: &$crate::store::AuditRecord,
             ) -> $crate::error::Result<Option<$crate::store::Revocation>> {
@@ -200,7 +200,7 @@ macro_rules! impl_sql_store {
                 let mut chain = Vec::new();
                 if successors {
                     let chain_audit = $crate::store::AuditRecord {
-                        detail: serde_json::json!({ "revoked_with": key_id }).to_string(),
+                        detail: serde_json::json!({ "revoked_with": key_id.as_str() }).to_string(),
                         ..audit.clone()
                     };
                     // Each key row is locked by its update before its successor is read, so a
@@ -241,7 +241,7 @@ macro_rules! impl_sql_store {
             async fn rotate_key(
                 &self,
                 workspace_id: &$crate::key::WorkspaceId,
-                key_id: &str,
+                key_id: &$crate::key::KeyId,
                 successor: &$crate::key::StoredKey,
                 previous_expire_time: $crate::timestamp::UnixMicros,
                 audit: &$crate::store::AuditRecord,
@@ -251,7 +251,7 @@ macro_rules! impl_sql_store {
                     .bind(successor.key.key_id.as_str())
                     .bind(previous_expire_time)
                     .bind(workspace_id.as_str())
-                    .bind(key_id)
+                    .bind(key_id.as_str())
                     .bind(audit.occur_time)
                     .execute(&mut *tx)
                     .await?
@@ -260,12 +260,12 @@ macro_rules! impl_sql_store {
                     tx.rollback().await?;
                     return Ok(None);
                 }
-                insert_audit(&mut tx, workspace_id.as_str(), key_id, audit).await?;
+                insert_audit(&mut tx, workspace_id.as_str(), key_id.as_str(), audit).await?;
                 insert_key_row(&mut tx, successor, audit).await?;
-                Self::key_changed(&mut tx, key_id).await?;
+                Self::key_changed(&mut tx, key_id.as_str()).await?;
                 let previous: KeyRow = sqlx::query_as($crate::store::sql::SELECT_KEY_IN_WORKSPACE)
                     .bind(workspace_id.as_str())
-                    .bind(key_id)
+                    .bind(key_id.as_str())
                     .fetch_one(&mut *tx)
                     .await?;
                 // Read back: the successor shows the chain's budget as it is now.
@@ -401,7 +401,7 @@ macro_rules! impl_sql_store {
                 .bind($crate::store::row::metadata_json(key))
                 .bind(key.create_time)
                 .bind(key.expire_time)
-                .bind(key.rotated_from_key_id.as_deref())
+                .bind(key.rotated_from_key_id.as_ref().map($crate::key::KeyId::as_str))
                 .bind(audit.actor.as_str())
                 .bind(key.usage_limit)
                 .bind(key.budget_id.as_deref())
@@ -427,26 +427,26 @@ macro_rules! impl_sql_store {
         async fn revoke_one(
             tx: &mut sqlx::Transaction<'_, $db>,
             workspace_id: &$crate::key::WorkspaceId,
-            key_id: &str,
+            key_id: &$crate::key::KeyId,
             audit: &$crate::store::AuditRecord,
-            newly_revoked: &mut Vec<String>,
+            newly_revoked: &mut Vec<$crate::key::KeyId>,
         ) -> $crate::error::Result<Option<$crate::key::Key>> {
             let changed = sqlx::query($crate::store::sql::REVOKE_KEY)
                 .bind(audit.occur_time)
                 .bind(audit.actor.as_str())
                 .bind(workspace_id.as_str())
-                .bind(key_id)
+                .bind(key_id.as_str())
                 .execute(&mut **tx)
                 .await?
                 .rows_affected();
             if changed == 1 {
-                insert_audit(tx, workspace_id.as_str(), key_id, audit).await?;
-                <$store>::key_changed(tx, key_id).await?;
-                newly_revoked.push(key_id.to_owned());
+                insert_audit(tx, workspace_id.as_str(), key_id.as_str(), audit).await?;
+                <$store>::key_changed(tx, key_id.as_str()).await?;
+                newly_revoked.push(key_id.clone());
             }
             let row: Option<KeyRow> = sqlx::query_as($crate::store::sql::SELECT_KEY_IN_WORKSPACE)
                 .bind(workspace_id.as_str())
-                .bind(key_id)
+                .bind(key_id.as_str())
                 .fetch_optional(&mut **tx)
                 .await?;
             row.map(KeyRow::into_key).transpose()

@@ -28,7 +28,7 @@ use tracing::Instrument as _;
 
 use super::{VerifyConfig, shared_error};
 use crate::error::Result;
-use crate::key::{Key, StoredKey};
+use crate::key::{Key, KeyId, StoredKey};
 use crate::store::Store;
 
 /// What the database said about a key id, and whether a change has made it stale since.
@@ -120,7 +120,12 @@ impl Invalidator {
                 .states
                 .try_get_with_by_ref(key_id, async move {
                     loads.fetch_add(1, Ordering::Relaxed);
-                    let stored = store.find_key_for_verify(key_id).await?;
+                    // Cold path only: a presented key's id always parses (`PresentedKey`
+                    // checked its alphabet and length); anything else would be unknown.
+                    let stored = match KeyId::parse(key_id) {
+                        Some(key_id) => store.find_key_for_verify(&key_id).await?,
+                        None => None,
+                    };
                     Ok(Arc::new(StateEntry {
                         stored,
                         stale: stale.clone(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::key::KeyId;
 use crate::store::{Store, UsageDelta};
 use crate::timestamp::UnixMicros;
 
@@ -36,7 +37,7 @@ struct Pending {
 /// workers counting different keys rarely wait for one another.
 const SHARDS: usize = 16;
 
-type Shard = Mutex<HashMap<String, Pending>>;
+type Shard = Mutex<HashMap<KeyId, Pending>>;
 
 /// Counts usage in memory. Cheap to clone; clones share the counts.
 #[derive(Clone)]
@@ -60,7 +61,7 @@ impl UsageRecorder {
     }
 
     /// Counts one successful verification. Never blocks on I/O; the lock is held for a map update.
-    pub fn record(&self, key_id: &str, now: UnixMicros) {
+    pub fn record(&self, key_id: &KeyId, now: UnixMicros) {
         let mut pending = lock(self.shard(key_id));
         if let Some(counts) = pending.get_mut(key_id) {
             counts.requests += 1;
@@ -68,7 +69,7 @@ impl UsageRecorder {
             return;
         }
         pending.insert(
-            key_id.to_owned(),
+            key_id.clone(),
             Pending {
                 requests: 1,
                 last_used_time: now,
@@ -77,8 +78,8 @@ impl UsageRecorder {
     }
 
     /// Key ids are random text, so a few of their bytes spread keys evenly over the shards.
-    fn shard(&self, key_id: &str) -> &Shard {
-        let spread = key_id.bytes().take(4).fold(0usize, |sum, byte| {
+    fn shard(&self, key_id: &KeyId) -> &Shard {
+        let spread = key_id.as_str().bytes().take(4).fold(0usize, |sum, byte| {
             sum.wrapping_mul(31).wrapping_add(usize::from(byte))
         });
         &self.pending[spread % SHARDS]
@@ -131,7 +132,7 @@ impl UsageRecorder {
         (since, pending)
     }
 
-    fn put_back(&self, taken: HashMap<String, Pending>) {
+    fn put_back(&self, taken: HashMap<KeyId, Pending>) {
         for (key_id, counts) in taken {
             let mut pending = lock(self.shard(&key_id));
             let entry = pending.entry(key_id).or_insert(Pending {

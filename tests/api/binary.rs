@@ -127,11 +127,8 @@ async fn serve_then_sigterm_drains_and_flushes_usage() {
     // The usage counted before SIGTERM reached the database.
     let store = key_authority::store::open(&url, 1).await.unwrap();
     let workspace = key_authority::key::WorkspaceId::parse("w").unwrap();
-    let key = store
-        .get_key(&workspace, &issued.key.unwrap().key_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let key_id = key_authority::key::KeyId::parse(&issued.key.unwrap().key_id).unwrap();
+    let key = store.get_key(&workspace, &key_id).await.unwrap().unwrap();
     assert_eq!(key.total_requests, 4);
     store.close().await;
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use key_authority::error::Result;
 use key_authority::key::{
-    Environment, HashPool, HashPriority, HashThreads, Key, KeyDescription, KeyName, Metadata, Role,
-    Scopes, SecretHasher, StoredKey, WorkspaceId,
+    Environment, HashPool, HashPriority, HashThreads, Key, KeyDescription, KeyId, KeyName,
+    Metadata, Role, Scopes, SecretHasher, StoredKey, WorkspaceId,
 };
 use key_authority::keys::page_token::PageTokenCodec;
 use key_authority::keys::{Actor, Expiration, KeyManager, KeySpec, TrialConfig};
@@ -55,11 +55,11 @@ impl Store for SlowReadStore {
         self.inner.insert_key(key, audit).await
     }
 
-    async fn get_key(&self, workspace_id: &WorkspaceId, key_id: &str) -> Result<Option<Key>> {
+    async fn get_key(&self, workspace_id: &WorkspaceId, key_id: &KeyId) -> Result<Option<Key>> {
         self.inner.get_key(workspace_id, key_id).await
     }
 
-    async fn find_key_for_verify(&self, key_id: &str) -> Result<Option<StoredKey>> {
+    async fn find_key_for_verify(&self, key_id: &KeyId) -> Result<Option<StoredKey>> {
         let held = self.next_read.lock().unwrap().take();
         let answer = self.inner.find_key_for_verify(key_id).await;
         if let Some(held) = held {
@@ -76,7 +76,7 @@ impl Store for SlowReadStore {
     async fn revoke_key(
         &self,
         workspace_id: &WorkspaceId,
-        key_id: &str,
+        key_id: &KeyId,
         successors: bool,
         audit: &AuditRecord,
     ) -> Result<Option<Revocation>> {
@@ -88,7 +88,7 @@ impl Store for SlowReadStore {
     async fn rotate_key(
         &self,
         workspace_id: &WorkspaceId,
-        key_id: &str,
+        key_id: &KeyId,
         successor: &StoredKey,
         previous_expire_time: UnixMicros,
         audit: &AuditRecord,
@@ -207,7 +207,7 @@ async fn a_revoke_outlasts_a_read_slower_than_the_state_ttl(db: TestDb) {
         )
         .await
         .unwrap();
-    let key_id = issued.key.key_id.as_str().to_owned();
+    let key_id = issued.key.key_id.clone();
 
     // A cold verify whose state read returns "active" and is then held.
     let (answered, release) = replica.store.hold_next_read();

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use key_authority::error::Error;
-use key_authority::key::{Environment, Key, KeyId, Metadata, Role, Scopes, StoredKey, WorkspaceId};
+use key_authority::key::{
+    Environment, Key, KeyDescription, KeyId, KeyName, Metadata, Role, Scopes, StoredKey,
+    WorkspaceId,
+};
 use key_authority::store::{self, AuditRecord, Change, ListQuery, Store, StoreKind, UsageDelta};
 use key_authority::timestamp::UnixMicros;
 use tokio_stream::StreamExt as _;
@@ -43,9 +46,9 @@ fn new_key(workspace_id: &str, create_time: UnixMicros, usage_limit: i64) -> Sto
             prefix: format!("ka_live_{key_id}"),
             budget_id: (usage_limit > 0).then(|| key_id.as_str().to_owned()),
             key_id,
-            workspace_id: workspace_id.to_owned(),
-            name: "conformance".to_owned(),
-            description: "a key of the store suite".to_owned(),
+            workspace_id: workspace(workspace_id),
+            name: KeyName::parse("conformance").unwrap(),
+            description: KeyDescription::parse("a key of the store suite").unwrap(),
             scopes: Scopes::from_stored(vec!["read".to_owned(), "write".to_owned()]),
             role: Role::Developer,
             environment: Environment::Live,
@@ -68,8 +71,12 @@ fn new_key(workspace_id: &str, create_time: UnixMicros, usage_limit: i64) -> Sto
 
 /// The successor of `previous` in its rotation chain, drawing on the same budget.
 fn successor_of(previous: &Key, create_time: UnixMicros) -> StoredKey {
-    let mut successor = new_key(&previous.workspace_id, create_time, previous.usage_limit);
-    successor.key.rotated_from_key_id = Some(previous.key_id.as_str().to_owned());
+    let mut successor = new_key(
+        previous.workspace_id.as_str(),
+        create_time,
+        previous.usage_limit,
+    );
+    successor.key.rotated_from_key_id = Some(previous.key_id.clone());
     successor.key.budget_id = previous.budget_id.clone();
     successor
 }
@@ -86,8 +93,8 @@ async fn rotate(store: &dyn Store, previous: &Key, create_time: UnixMicros) -> K
     let successor = successor_of(previous, create_time);
     store
         .rotate_key(
-            &workspace(&previous.workspace_id),
-            previous.key_id.as_str(),
+            &previous.workspace_id,
+            &previous.key_id,
             &successor,
             NOW + 3600 * SECOND,
             &audit("rotate", "admin", create_time),
@@ -123,12 +130,12 @@ async fn an_inserted_key_reads_back_exactly(db: TestDb) {
     insert(&*store, &limited).await;
 
     let read = store
-        .get_key(&workspace("acme"), unlimited.key.key_id.as_str())
+        .get_key(&workspace("acme"), &unlimited.key.key_id)
         .await
         .unwrap();
     assert_eq!(read, Some(unlimited.key.clone()));
     let read = store
-        .get_key(&workspace("acme"), limited.key.key_id.as_str())
+        .get_key(&workspace("acme"), &limited.key.key_id)
         .await
         .unwrap();
     assert_eq!(
@@ -138,7 +145,7 @@ async fn an_inserted_key_reads_back_exactly(db: TestDb) {
     );
 
     let found = store
-        .find_key_for_verify(limited.key.key_id.as_str())
+        .find_key_for_verify(&limited.key.key_id)
         .await
         .unwrap()
         .expect("found by id alone");
@@ -147,20 +154,14 @@ async fn an_inserted_key_reads_back_exactly(db: TestDb) {
 
     assert_eq!(
         store
-            .get_key(&workspace("other"), unlimited.key.key_id.as_str())
+            .get_key(&workspace("other"), &unlimited.key.key_id)
             .await
             .unwrap(),
         None,
         "another workspace never sees the key"
     );
     let unknown = KeyId::generate();
-    assert!(
-        store
-            .find_key_for_verify(unknown.as_str())
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(store.find_key_for_verify(&unknown).await.unwrap().is_none());
     let ids = [unlimited.key.key_id.as_str(), limited.key.key_id.as_str()];
     assert_eq!(
         audit_events(&db).await,
@@ -211,7 +212,7 @@ async fn lists_page_newest_first_with_exact_totals(db: TestDb) {
     store
         .revoke_key(
             &workspace("acme"),
-            revoked.key.key_id.as_str(),
+            &revoked.key.key_id,
             false,
             &audit("revoke", "admin", NOW + 13 * SECOND),
         )
@@ -247,7 +248,7 @@ async fn lists_page_newest_first_with_exact_totals(db: TestDb) {
         assert_eq!(total, 6);
         page_sizes.push(page.len());
         let Some(last) = page.last() else { break };
-        after = Some((last.create_time, last.key_id.as_str().to_owned()));
+        after = Some((last.create_time, last.key_id.clone()));
         listed.extend(ids(&page));
     }
     assert_eq!(page_sizes, [4, 2, 0]);
@@ -287,32 +288,38 @@ async fn revoke_with_and_without_successors(db: TestDb) {
     let revocation = store
         .revoke_key(
             &acme,
-            first.key.key_id.as_str(),
+            &first.key.key_id,
             false,
             &audit("revoke", "user:ann", NOW + 3 * SECOND),
         )
         .await
         .unwrap()
         .expect("the key exists");
-    assert_eq!(revocation.newly_revoked, [id(&first.key)]);
+    assert_eq!(
+        revocation.newly_revoked,
+        std::slice::from_ref(&first.key.key_id)
+    );
     assert!(revocation.successors.is_empty());
     assert_eq!(revocation.key.revoke_time, Some(NOW + 3 * SECOND));
     assert_eq!(revocation.key.revoked_by.as_deref(), Some("user:ann"));
-    let still_active = store.get_key(&acme, second.key_id.as_str()).await.unwrap();
+    let still_active = store.get_key(&acme, &second.key_id).await.unwrap();
     assert_eq!(still_active.unwrap().revoke_time, None);
 
     // Again, with successors: the revoked key stays as it was, the chain follows.
     let revocation = store
         .revoke_key(
             &acme,
-            first.key.key_id.as_str(),
+            &first.key.key_id,
             true,
             &audit("revoke", "user:bob", NOW + 4 * SECOND),
         )
         .await
         .unwrap()
         .expect("the key exists");
-    assert_eq!(revocation.newly_revoked, [id(&second), id(&third)]);
+    assert_eq!(
+        revocation.newly_revoked,
+        [second.key_id.clone(), third.key_id.clone()]
+    );
     assert_eq!(ids(&revocation.successors), [id(&second), id(&third)]);
     assert_eq!(revocation.key.revoke_time, Some(NOW + 3 * SECOND));
     assert_eq!(revocation.key.revoked_by.as_deref(), Some("user:ann"));
@@ -323,12 +330,7 @@ async fn revoke_with_and_without_successors(db: TestDb) {
 
     // Nothing left to revoke; unknown keys and other workspaces are `None`.
     let revocation = store
-        .revoke_key(
-            &acme,
-            third.key_id.as_str(),
-            true,
-            &audit("revoke", "admin", NOW),
-        )
+        .revoke_key(&acme, &third.key_id, true, &audit("revoke", "admin", NOW))
         .await
         .unwrap()
         .expect("the key exists");
@@ -336,7 +338,7 @@ async fn revoke_with_and_without_successors(db: TestDb) {
     let elsewhere = store
         .revoke_key(
             &workspace("other"),
-            first.key.key_id.as_str(),
+            &first.key.key_id,
             true,
             &audit("revoke", "admin", NOW),
         )
@@ -377,7 +379,7 @@ async fn a_key_rotates_once(db: TestDb) {
     let rotation = store
         .rotate_key(
             &acme,
-            original.key.key_id.as_str(),
+            &original.key.key_id,
             &successor,
             NOW + 3600 * SECOND,
             &audit("rotate", "admin", NOW + SECOND),
@@ -386,7 +388,7 @@ async fn a_key_rotates_once(db: TestDb) {
         .unwrap()
         .expect("an active key rotates");
     let expected_previous = Key {
-        rotated_to_key_id: Some(successor.key.key_id.as_str().to_owned()),
+        rotated_to_key_id: Some(successor.key.key_id.clone()),
         expire_time: Some(NOW + 3600 * SECOND),
         ..original.key.clone()
     };
@@ -398,7 +400,7 @@ async fn a_key_rotates_once(db: TestDb) {
     let again = store
         .rotate_key(
             &acme,
-            original.key.key_id.as_str(),
+            &original.key.key_id,
             &loser,
             NOW + 3600 * SECOND,
             &audit("rotate", "admin", NOW + 2 * SECOND),
@@ -408,7 +410,7 @@ async fn a_key_rotates_once(db: TestDb) {
     assert!(again.is_none());
     assert!(
         store
-            .find_key_for_verify(loser.key.key_id.as_str())
+            .find_key_for_verify(&loser.key.key_id)
             .await
             .unwrap()
             .is_none()
@@ -418,7 +420,7 @@ async fn a_key_rotates_once(db: TestDb) {
     store
         .revoke_key(
             &acme,
-            successor.key.key_id.as_str(),
+            &successor.key.key_id,
             false,
             &audit("revoke", "admin", NOW + 3 * SECOND),
         )
@@ -427,7 +429,7 @@ async fn a_key_rotates_once(db: TestDb) {
     let revoked = store
         .rotate_key(
             &acme,
-            successor.key.key_id.as_str(),
+            &successor.key.key_id,
             &successor_of(&successor.key, NOW + 4 * SECOND),
             NOW + 3600 * SECOND,
             &audit("rotate", "admin", NOW + 4 * SECOND),
@@ -468,7 +470,7 @@ async fn a_chain_budget_gives_exactly_its_limit(db: TestDb) {
     );
     for key in [&first.key, &second] {
         let read = store
-            .get_key(&workspace("acme"), key.key_id.as_str())
+            .get_key(&workspace("acme"), &key.key_id)
             .await
             .unwrap()
             .unwrap();
@@ -492,7 +494,7 @@ async fn usage_batches_add_up(db: TestDb) {
     insert(&*store, &a).await;
     insert(&*store, &b).await;
     let delta = |key: &StoredKey, requests, last_used_time| UsageDelta {
-        key_id: key.key.key_id.as_str().to_owned(),
+        key_id: key.key.key_id.clone(),
         requests,
         last_used_time,
     };
@@ -503,7 +505,7 @@ async fn usage_batches_add_up(db: TestDb) {
         .unwrap();
     // An older last use never moves the time back; an unknown key changes nothing.
     let unknown = UsageDelta {
-        key_id: KeyId::generate().as_str().to_owned(),
+        key_id: KeyId::generate(),
         requests: 9,
         last_used_time: NOW,
     };
@@ -517,7 +519,7 @@ async fn usage_batches_add_up(db: TestDb) {
         let store = store.clone();
         async move {
             let key = store
-                .get_key(&workspace("acme"), key.key.key_id.as_str())
+                .get_key(&workspace("acme"), &key.key.key_id)
                 .await
                 .unwrap()
                 .unwrap();
@@ -548,7 +550,7 @@ async fn ended_trial_keys_go_in_bounded_batches(db: TestDb) {
     }
     let present = |key: &StoredKey| {
         let store = store.clone();
-        let key_id = key.key.key_id.as_str().to_owned();
+        let key_id = key.key.key_id.clone();
         async move { store.find_key_for_verify(&key_id).await.unwrap().is_some() }
     };
 
@@ -603,7 +605,7 @@ async fn changes_follow_the_database(db: TestDb) {
         writer
             .revoke_key(
                 &workspace("acme"),
-                key.key.key_id.as_str(),
+                &key.key.key_id,
                 true,
                 &audit("revoke", "admin", NOW + 2 * SECOND),
             )
@@ -631,7 +633,7 @@ async fn changes_follow_the_database(db: TestDb) {
     writer
         .revoke_key(
             &workspace("acme"),
-            key.key.key_id.as_str(),
+            &key.key.key_id,
             true,
             &audit("revoke", "admin", NOW + 2 * SECOND),
         )
