@@ -157,14 +157,7 @@ impl Verdict {
 
     /// The key's public metadata, when the key was identified.
     pub fn key(&self) -> Option<&Key> {
-        match self {
-            Self::Valid(entry, _)
-            | Self::Revoked(entry)
-            | Self::Expired(entry)
-            | Self::InsufficientScope(entry)
-            | Self::UsageExhausted(entry) => entry.key(),
-            Self::Malformed | Self::NotFound | Self::Locked(_) => None,
-        }
+        self.entry().and_then(|entry| entry.key())
     }
 }
 

@@ -9,10 +9,10 @@ use std::fmt;
 
 use super::model::Environment;
 
-const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+pub const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 pub const KEY_ID_LEN: usize = 12;
-const SECRET_LEN: usize = 32;
-const CHECK_LEN: usize = 6;
+pub const SECRET_LEN: usize = 32;
+pub const CHECK_LEN: usize = 6;
 const BODY_LEN: usize = KEY_ID_LEN + SECRET_LEN + CHECK_LEN;
 /// Longest brand accepted, so that a key always fits well inside `MAX_PRESENTED_KEY_LEN`.
 pub const MAX_BRAND_LEN: usize = 16;
@@ -195,8 +195,9 @@ pub fn random_base62(len: usize) -> String {
     out
 }
 
-/// The CRC32 of `data` as 6 base62 digits (62^6 > 2^32), most significant first.
-fn checksum(data: &[u8]) -> String {
+/// The CRC32 of `data` as 6 base62 digits (62^6 > 2^32), most significant first. Public for
+/// tools that craft keys of the right shape (the load generator's wrong secrets).
+pub fn checksum(data: &[u8]) -> String {
     let mut value = crc32fast::hash(data);
     let mut digits = [b'0'; CHECK_LEN];
     for slot in digits.iter_mut().rev() {

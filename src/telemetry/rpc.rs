@@ -66,7 +66,7 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let method = known_method(request.uri().path());
         let parent = caller_context(request.headers());
-        let exported = super::sampling::decide(&parent, method, log_only_trace_id());
+        let exported = super::sampling::decide(&parent, method, log_only_trace_id);
         let span = super::sampling::sync_scope(exported, || rpc_span(method, parent));
         let started = Instant::now();
         let future = {

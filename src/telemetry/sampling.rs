@@ -30,12 +30,16 @@ pub(super) fn install(configured: Box<dyn ShouldSample>) -> CallSampler {
 }
 
 /// Whether a call with this parent context (from `traceparent`, or empty) is exported: the
-/// configured sampler's answer for a server span, with a fresh trace id for a root. False when
-/// nothing is exported.
-pub(crate) fn decide(parent: &Context, name: &str, fresh_trace_id: TraceId) -> bool {
+/// configured sampler's answer for a server span, with a fresh trace id for a root. False, at
+/// the cost of one load, when nothing is exported.
+pub(crate) fn decide(
+    parent: &Context,
+    name: &str,
+    fresh_trace_id: impl FnOnce() -> TraceId,
+) -> bool {
     CONFIGURED
         .get()
-        .is_some_and(|sampler| decide_with(sampler.as_ref(), parent, name, fresh_trace_id))
+        .is_some_and(|sampler| decide_with(sampler.as_ref(), parent, name, fresh_trace_id()))
 }
 
 fn decide_with(

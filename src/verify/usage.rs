@@ -114,20 +114,13 @@ impl UsageRecorder {
     }
 
     fn mark_written(&self) {
-        *self
-            .last_written
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner()) = std::time::Instant::now();
+        *lock(&self.last_written) = std::time::Instant::now();
     }
 
     /// How far behind the database's counters are: the time since usage was last fully
     /// written, and how many keys have counts waiting.
     pub fn lag(&self) -> (Duration, usize) {
-        let since = self
-            .last_written
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .elapsed();
+        let since = lock(&self.last_written).elapsed();
         let pending = self.pending.iter().map(|shard| lock(shard).len()).sum();
         (since, pending)
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use key_authority::key::format::{BASE62, CHECK_LEN, KEY_ID_LEN, SECRET_LEN, checksum};
 use key_authority::pb;
 use key_authority::pb::key_service_client::KeyServiceClient;
 use key_authority::pb::verify_service_client::VerifyServiceClient;
@@ -367,10 +368,6 @@ impl Probe for UnknownIdProbe {
     }
 }
 
-const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-const KEY_ID_LEN: usize = 12;
-const SECRET_LEN: usize = 32;
-const CHECK_LEN: usize = 6;
 /// Characters of the wrong secret spent on the sequence number: 62^11 > 2^64.
 const SEQUENCE_DIGITS: usize = 11;
 
@@ -408,17 +405,6 @@ pub fn wrong_secret_key(key: &str, sequence: u64, rng: &mut SplitMix64) -> Resul
         text.push_str(&check);
         return Ok(text);
     }
-}
-
-/// CRC32 (IEEE) as 6 base62 digits, most significant first: the key format's checksum.
-fn checksum(data: &[u8]) -> String {
-    let mut value = crc32fast::hash(data);
-    let mut digits = [b'0'; CHECK_LEN];
-    for slot in digits.iter_mut().rev() {
-        *slot = BASE62[(value % 62) as usize];
-        value /= 62;
-    }
-    digits.iter().map(|&b| b as char).collect()
 }
 
 /// A tiny non-cryptographic generator: wrong secrets only need to differ, not to be secret.
