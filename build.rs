@@ -11,6 +11,7 @@ use prost::Message as _;
 use prost_build::{Service, ServiceGenerator};
 
 const PROTOS: &[&str] = &[
+    "proto/keyauthority/v1/audit.proto",
     "proto/keyauthority/v1/key.proto",
     "proto/keyauthority/v1/key_service.proto",
     "proto/keyauthority/v1/verify_service.proto",
