@@ -1,11 +1,15 @@
 //! The key text format: `<brand>_<env>_<id><secret><check>`.
 //!
 //! - `id`: 12 base62 characters, random: the public lookup handle (about 71 bits).
-//! - `secret`: 32 base62 characters from the OS CSPRNG (about 190 bits).
+//! - `secret`: 32 base62 characters from the OS CSPRNG (about 190 bits), or for a request that
+//!   may be retried, expanded from a server-side HMAC (`GeneratedKey::derived`, `keys::idempotency`).
 //! - `check`: 6 base62 characters encoding the CRC32 of everything before it, so typos and
 //!   garbage are rejected without any lookup and secret scanners can recognise a real key offline.
 
 use std::fmt;
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
 
 use super::model::Environment;
 
@@ -109,7 +113,32 @@ impl GeneratedKey {
             plaintext,
         }
     }
+
+    /// The key with id `key_id` whose secret is expanded from `seed` (32 pseudorandom bytes, an
+    /// HMAC output) instead of drawn from the OS: the same inputs always give the same key. A
+    /// retried request gets the secret of its first answer this way, without it being stored.
+    pub fn derived(
+        brand: &Brand,
+        environment: Environment,
+        key_id: KeyId,
+        seed: &[u8; SEED_LEN],
+    ) -> Self {
+        let prefix = public_prefix(brand.as_str(), environment, &key_id);
+        let mut plaintext = String::with_capacity(prefix.len() + SECRET_LEN + CHECK_LEN);
+        plaintext.push_str(&prefix);
+        plaintext.push_str(&expanded_base62(seed, SECRET_LEN));
+        let check = checksum(plaintext.as_bytes());
+        plaintext.push_str(&check);
+        Self {
+            key_id,
+            prefix,
+            plaintext,
+        }
+    }
 }
+
+/// The length of the seed `GeneratedKey::derived` expands: an HMAC-SHA256 output.
+pub const SEED_LEN: usize = 32;
 
 /// A key as a caller presented it, checked for shape and checksum. It borrows the caller's text
 /// so that parsing allocates nothing; `Debug` never prints the secret.
@@ -181,18 +210,44 @@ fn is_base62(byte: u8) -> bool {
 
 /// `len` characters drawn uniformly from the base62 alphabet with the OS CSPRNG.
 pub fn random_base62(len: usize) -> String {
-    // Rejection sampling keeps every character uniform: 248 = 4 * 62.
     let mut out = String::with_capacity(len);
     let mut buf = [0u8; 64];
     while out.len() < len {
         getrandom::fill(&mut buf).expect("the OS random number generator failed");
-        for byte in buf {
-            if byte < 248 && out.len() < len {
-                out.push(BASE62[(byte % 62) as usize] as char);
-            }
-        }
+        push_base62(&mut out, &buf, len);
     }
     out
+}
+
+/// `len` base62 characters from the stream HMAC-SHA256(seed, label ‖ 0), HMAC-SHA256(seed,
+/// label ‖ 1), … (a counter-mode expansion, as HKDF-Expand does), sampled as `random_base62`
+/// samples the OS's bytes. Two secrets in three need part of a second block.
+fn expanded_base62(seed: &[u8; SEED_LEN], len: usize) -> String {
+    const LABEL: &[u8] = b"key-authority derived secret v1";
+    let mut out = String::with_capacity(len);
+    let mut counter: u32 = 0;
+    while out.len() < len {
+        let mut block = <Hmac<Sha256> as KeyInit>::new_from_slice(seed)
+            .expect("HMAC takes a key of any length");
+        block.update(LABEL);
+        block.update(&counter.to_be_bytes());
+        push_base62(&mut out, &block.finalize().into_bytes(), len);
+        counter += 1;
+    }
+    out
+}
+
+/// Appends base62 characters for `bytes` to `out` until it holds `len`. Rejection sampling keeps
+/// every character uniform: bytes from 248 (= 4 * 62) up are skipped.
+fn push_base62(out: &mut String, bytes: &[u8], len: usize) {
+    for &byte in bytes {
+        if out.len() == len {
+            return;
+        }
+        if byte < 248 {
+            out.push(BASE62[(byte % 62) as usize] as char);
+        }
+    }
 }
 
 /// The CRC32 of `data` as 6 base62 digits (62^6 > 2^32), most significant first. Public for
@@ -288,6 +343,82 @@ mod tests {
         let secret_part = &key.plaintext[key.prefix.len()..];
         assert!(!format!("{parsed:?}").contains(secret_part));
         assert!(!format!("{key:?}").contains(secret_part));
+    }
+
+    fn seed(byte: u8) -> [u8; SEED_LEN] {
+        [byte; SEED_LEN]
+    }
+
+    #[test]
+    fn derived_keys_are_deterministic() {
+        let key_id = KeyId::parse("abcdefghijkl").unwrap();
+        let first = GeneratedKey::derived(&brand(), Environment::Live, key_id.clone(), &seed(7));
+        let again = GeneratedKey::derived(&brand(), Environment::Live, key_id.clone(), &seed(7));
+        assert_eq!(first.plaintext, again.plaintext);
+        assert_eq!(first.key_id, key_id);
+        assert_eq!(first.prefix, "ka_live_abcdefghijkl");
+        // Any other seed gives another secret.
+        let other = GeneratedKey::derived(&brand(), Environment::Live, key_id, &seed(8));
+        assert_ne!(
+            first.plaintext[first.prefix.len()..],
+            other.plaintext[other.prefix.len()..]
+        );
+    }
+
+    #[test]
+    fn derived_keys_have_the_documented_shape_and_parse_back() {
+        for (index, environment) in [
+            Environment::Live,
+            Environment::Test,
+            Environment::Dev,
+            Environment::Trial,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let key_id = KeyId::generate();
+            let key =
+                GeneratedKey::derived(&brand(), environment, key_id.clone(), &seed(index as u8));
+            let body = key
+                .plaintext
+                .strip_prefix(&format!("ka_{}_", environment.as_str()))
+                .unwrap();
+            assert_eq!(body.len(), KEY_ID_LEN + SECRET_LEN + CHECK_LEN);
+            assert!(body.bytes().all(is_base62));
+            // The checksum is valid: the key parses, into its own id and environment.
+            let parsed = PresentedKey::parse(&key.plaintext).expect("a derived key parses");
+            assert_eq!(parsed.key_id(), key_id.as_str());
+            assert_eq!(parsed.environment(), environment);
+            assert!(key.plaintext.starts_with(&key.prefix));
+        }
+    }
+
+    #[test]
+    fn a_derived_secret_is_known_for_a_known_seed() {
+        // Pins the expansion: a change to it would give every replayed request within the
+        // window a secret that does not verify.
+        let key = GeneratedKey::derived(
+            &brand(),
+            Environment::Test,
+            KeyId::parse("000000000000").unwrap(),
+            &seed(0),
+        );
+        assert_eq!(key.plaintext, PINNED_DERIVED_KEY);
+    }
+
+    /// `a_derived_secret_is_known_for_a_known_seed`'s answer, computed apart from this code
+    /// (Python's `hmac`, `zlib.crc32` and the same sampling).
+    const PINNED_DERIVED_KEY: &str = "ka_test_0000000000001wIAn63JSsrzjxyz8cAA2scw6cKPn8Hb0mgPYv";
+
+    #[test]
+    fn expansion_continues_past_rejected_bytes() {
+        // Two seeds in three need a second block (P(no byte of 32 rejected) = (248/256)^32);
+        // every secret still has exactly 32 base62 characters.
+        for byte in 0..=255u8 {
+            let secret = expanded_base62(&seed(byte), SECRET_LEN);
+            assert_eq!(secret.len(), SECRET_LEN);
+            assert!(secret.bytes().all(is_base62));
+        }
     }
 
     #[test]
