@@ -503,7 +503,7 @@ impl KeyManager {
                     ..audit
                 };
                 self.store
-                    .insert_audit_event(&workspace_id, key_id, &unchanged)
+                    .insert_audit_event(&workspace_id, key_id, &Mutation::new(unchanged, None))
                     .await?;
                 return Ok(before);
             }

@@ -210,12 +210,13 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `limit` request claims made before `before`; returns how many.
     async fn delete_requests_before(&self, before: UnixMicros, limit: u32) -> Result<u64>;
 
-    /// Writes one audit event on its own (a lockout, written behind).
+    /// Writes one audit event that comes with no change (a lockout, written behind; an update
+    /// that changed nothing), claiming the mutation's request id if it has one.
     async fn insert_audit_event(
         &self,
         workspace_id: &WorkspaceId,
         key_id: &KeyId,
-        record: &AuditRecord,
+        mutation: &Mutation,
     ) -> Result<()>;
 
     /// A page of a workspace's audit events, newest first.

@@ -92,7 +92,8 @@ async fn write_one(store: &dyn Store, lockout: &LockoutEngaged) -> crate::error:
         lockout.time,
         context,
     );
+    let mutation = crate::store::Mutation::new(record, None);
     store
-        .insert_audit_event(&stored.key.workspace_id, &key_id, &record)
+        .insert_audit_event(&stored.key.workspace_id, &key_id, &mutation)
         .await
 }

@@ -444,10 +444,12 @@ macro_rules! impl_sql_store {
                 &self,
                 workspace_id: &$crate::key::WorkspaceId,
                 key_id: &$crate::key::KeyId,
-                record: &$crate::store::AuditRecord,
+                mutation: &$crate::store::Mutation,
             ) -> $crate::error::Result<()> {
                 let mut tx = self.pool.begin().await?;
-                insert_audit(&mut tx, workspace_id.as_str(), key_id.as_str(), record).await?;
+                claim_request(&mut tx, mutation).await?;
+                insert_audit(&mut tx, workspace_id.as_str(), key_id.as_str(), &mutation.audit)
+                    .await?;
                 tx.commit().await?;
                 Ok(())
             }

@@ -126,10 +126,10 @@ impl Store for SlowReadStore {
         &self,
         workspace_id: &WorkspaceId,
         key_id: &KeyId,
-        record: &AuditRecord,
+        mutation: &Mutation,
     ) -> Result<()> {
         self.inner
-            .insert_audit_event(workspace_id, key_id, record)
+            .insert_audit_event(workspace_id, key_id, mutation)
             .await
     }
 

@@ -11,7 +11,9 @@ use key_authority::key::{
     Environment, Key, KeyDescription, KeyId, KeyName, Metadata, Role, Scopes, StoredKey,
     WorkspaceId,
 };
-use key_authority::store::{self, Change, ListQuery, Mutation, Store, StoreKind, UsageDelta};
+use key_authority::store::{
+    self, Change, DoneRequest, ListQuery, Mutation, RequestClaim, Store, StoreKind, UsageDelta,
+};
 use key_authority::timestamp::UnixMicros;
 use tokio_stream::StreamExt as _;
 
@@ -682,6 +684,128 @@ async fn changes_follow_the_database(db: TestDb) {
     writer.close().await;
 }
 
+/// A claim of `request_id` made at `create_time`, taking over claims older than an hour.
+fn claim(request_id: &str, key_id: &KeyId, create_time: UnixMicros) -> RequestClaim {
+    RequestClaim {
+        scope: r#"["acme","admin","admin"]"#.to_owned(),
+        request_id: request_id.to_owned(),
+        operation: "IssueKey",
+        fingerprint: "f".repeat(64),
+        key_id: key_id.as_str().to_owned(),
+        salt: vec![1; 40],
+        create_time,
+        stale_before: create_time - 3600 * SECOND,
+    }
+}
+
+fn claimed(key: &StoredKey, request_id: &str) -> Mutation {
+    let mut mutation = audit("issue", "admin", key.key.create_time);
+    mutation.claim = Some(claim(request_id, &key.key.key_id, key.key.create_time));
+    mutation
+}
+
+/// A request id is claimed once: a second mutation with it fails whole (its key is not
+/// inserted), a failed mutation claims nothing, a claim past its window is taken over, and
+/// old claims go in bounded batches.
+async fn request_ids_are_claimed_once(db: TestDb) {
+    let store = open(&db).await;
+    let scope = r#"["acme","admin","admin"]"#;
+    let first = new_key("acme", NOW, 0);
+    store
+        .insert_key(&first, &claimed(&first, "r1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.find_request(scope, "r1").await.unwrap(),
+        Some(DoneRequest {
+            operation: "IssueKey".to_owned(),
+            fingerprint: "f".repeat(64),
+            key_id: first.key.key_id.as_str().to_owned(),
+            salt: vec![1; 40],
+            create_time: NOW,
+        })
+    );
+    assert_eq!(store.find_request(scope, "r2").await.unwrap(), None);
+    assert_eq!(store.find_request("[]", "r1").await.unwrap(), None);
+
+    let duplicate = new_key("acme", NOW + SECOND, 0);
+    let refused = store
+        .insert_key(&duplicate, &claimed(&duplicate, "r1"))
+        .await;
+    assert!(
+        matches!(refused, Err(Error::DuplicateRequest)),
+        "{refused:?}"
+    );
+    assert!(
+        store
+            .get_key(&workspace("acme"), &duplicate.key.key_id)
+            .await
+            .unwrap()
+            .is_none(),
+        "the duplicate's transaction rolled back"
+    );
+
+    // A revocation of a key that does not exist fails, and takes its claim back with it.
+    let mut revoke = audit("revoke", "admin", NOW);
+    revoke.claim = Some(claim("r3", &KeyId::generate(), NOW));
+    let missing = store
+        .revoke_key(
+            &workspace("acme"),
+            &KeyId::generate(),
+            false,
+            "admin",
+            &revoke,
+        )
+        .await
+        .unwrap();
+    assert!(missing.is_none());
+    assert_eq!(store.find_request(scope, "r3").await.unwrap(), None);
+
+    // Two hours later the first claim is past its (one-hour) window: a new claim takes it over.
+    let later = new_key("acme", NOW + 7200 * SECOND, 0);
+    store
+        .insert_key(&later, &claimed(&later, "r1"))
+        .await
+        .unwrap();
+    let taken_over = store.find_request(scope, "r1").await.unwrap().unwrap();
+    assert_eq!(taken_over.key_id, later.key.key_id.as_str());
+    assert_eq!(taken_over.create_time, NOW + 7200 * SECOND);
+
+    for (index, create_time) in [NOW, NOW + SECOND, NOW + 2 * SECOND]
+        .into_iter()
+        .enumerate()
+    {
+        let key = new_key("acme", create_time, 0);
+        store
+            .insert_key(&key, &claimed(&key, &format!("old{index}")))
+            .await
+            .unwrap();
+    }
+    // Three claims are older than NOW + 3 s; the taken-over one is not.
+    assert_eq!(
+        store
+            .delete_requests_before(NOW + 3 * SECOND, 2)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store
+            .delete_requests_before(NOW + 3 * SECOND, 2)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .delete_requests_before(NOW + 3 * SECOND, 2)
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(store.find_request(scope, "r1").await.unwrap().is_some());
+}
+
 on_both_databases!(
     the_kind_is_the_database_opened,
     an_inserted_key_reads_back_exactly,
@@ -694,4 +818,5 @@ on_both_databases!(
     usage_batches_add_up,
     ended_trial_keys_go_in_bounded_batches,
     changes_follow_the_database,
+    request_ids_are_claimed_once,
 );
