@@ -12,6 +12,7 @@ use crate::audit::AuditConfig;
 use crate::auth::{AuthConfig, JwtConfig};
 use crate::key::format::random_base62;
 use crate::key::{Brand, HashParams, HashPriority, UnprovenBudget, WorkspaceId};
+use crate::keys::idempotency::{IdempotencyConfig, MIN_SECRET_LEN};
 use crate::keys::{KeyLimits, TrialConfig};
 use crate::server::OverloadConfig;
 use crate::telemetry::LogFormat;
@@ -49,6 +50,8 @@ pub struct Config {
     pub overload: OverloadConfig,
     /// How long the audit trail is kept.
     pub audit: AuditConfig,
+    /// Safe retries: how long request ids are remembered, and the key of derived secrets.
+    pub idempotency: IdempotencyConfig,
 }
 
 /// PEM material for TLS, already read from disk.
@@ -92,6 +95,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             overload: OverloadConfig::default(),
             audit: AuditConfig::default(),
+            idempotency: IdempotencyConfig::default(),
         }
     }
 }
@@ -353,6 +357,17 @@ pub struct ServeArgs {
     #[arg(long, env = "KEY_AUTHORITY_AUDIT_PRUNE_INTERVAL", default_value_t = shown(defaults().audit.prune_interval))]
     pub audit_prune_interval: humantime::Duration,
 
+    /// How long a request id is remembered: a retry with the same id within it gets the first
+    /// call's answer (the same secret included) and changes nothing. 0 switches safe retries off.
+    #[arg(long, env = "KEY_AUTHORITY_IDEMPOTENCY_WINDOW", default_value_t = shown(defaults().idempotency.window))]
+    pub idempotency_window: humantime::Duration,
+
+    /// A file of at least 32 random bytes: the key under which the secrets of keys made with a
+    /// request id are derived, kept out of the database. Unset, a key stored in the database is
+    /// used. Every replica must read the same file.
+    #[arg(long, env = "KEY_AUTHORITY_IDEMPOTENCY_SECRET_FILE")]
+    pub idempotency_secret_file: Option<PathBuf>,
+
     /// Serve Prometheus metrics at http://ADDRESS/metrics.
     #[arg(long, env = "KEY_AUTHORITY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -425,6 +440,21 @@ impl ServeArgs {
             audience: self.jwt_audience,
             leeway: Duration::from(self.jwt_leeway),
         });
+        let idempotency_secret = match &self.idempotency_secret_file {
+            None => None,
+            Some(path) => {
+                let secret = read_file(path, "idempotency secret file")?;
+                if secret.len() < MIN_SECRET_LEN {
+                    return Err(format!(
+                        "idempotency secret file {} must hold at least {MIN_SECRET_LEN} bytes, \
+                         it holds {}",
+                        path.display(),
+                        secret.len()
+                    ));
+                }
+                Some(secret)
+            }
+        };
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsConfig {
                 cert_pem: read_file(cert, "TLS certificate")?,
@@ -467,6 +497,11 @@ impl ServeArgs {
                 prune_interval: Duration::from(self.audit_prune_interval)
                     .max(Duration::from_millis(10)),
                 ..AuditConfig::default()
+            },
+            idempotency: IdempotencyConfig {
+                window: Duration::from(self.idempotency_window),
+                secret: idempotency_secret,
+                ..IdempotencyConfig::default()
             },
             tls,
             metrics_listen: self.metrics_listen,
@@ -537,6 +572,52 @@ mod tests {
         assert_eq!(
             config.trial.sweep_interval,
             TrialConfig::default().sweep_interval
+        );
+    }
+
+    fn serve_args(args: &[&str]) -> Box<ServeArgs> {
+        let cli = Cli::try_parse_from(["key-authority", "serve"].iter().chain(args)).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        args
+    }
+
+    #[test]
+    fn idempotency_settings_parse() {
+        let config = serve_args(&[]).into_config().unwrap();
+        assert_eq!(config.idempotency.window, Duration::from_secs(24 * 60 * 60));
+        assert_eq!(config.idempotency.secret, None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("idempotency.key");
+        std::fs::write(&file, [7u8; 32]).unwrap();
+        let path = file.to_str().unwrap();
+        let config = serve_args(&[
+            "--idempotency-window",
+            "90s",
+            "--idempotency-secret-file",
+            path,
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(config.idempotency.window, Duration::from_secs(90));
+        assert_eq!(config.idempotency.secret, Some(vec![7u8; 32]));
+        assert!(
+            !format!("{config:?}").contains("7, 7"),
+            "the secret never shows"
+        );
+
+        std::fs::write(&file, [7u8; 31]).unwrap();
+        let error = serve_args(&["--idempotency-secret-file", path])
+            .into_config()
+            .unwrap_err();
+        assert!(error.contains("at least 32 bytes"), "{error}");
+        let missing = dir.path().join("missing");
+        assert!(
+            serve_args(&["--idempotency-secret-file", missing.to_str().unwrap()])
+                .into_config()
+                .is_err()
         );
     }
 

@@ -29,6 +29,7 @@ use crate::key::{
 use crate::store::{ListQuery, Mutation, Store};
 use crate::timestamp::{self, UnixMicros, duration_micros, now_micros};
 use crate::verify::Invalidator;
+use idempotency::{Idempotency, IdempotencyConfig, IdempotentRequest};
 use page_token::PageTokenCodec;
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
@@ -130,6 +131,7 @@ pub struct KeyManager {
     trial: TrialConfig,
     limits: KeyLimits,
     rate_limits: RateLimits,
+    idempotency: Idempotency,
 }
 
 impl KeyManager {
@@ -151,7 +153,15 @@ impl KeyManager {
             limits: KeyLimits::default(),
             // No IssueKey limit and no trial keys, until the server passes the operator's.
             rate_limits: RateLimits::new(0, 0, 0),
+            // A key of this process alone, until the server passes the one replicas share.
+            idempotency: Idempotency::ephemeral(IdempotencyConfig::default().window),
         }
+    }
+
+    /// The same manager with this window and idempotency key for safe retries.
+    pub fn with_idempotency(mut self, idempotency: Idempotency) -> Self {
+        self.idempotency = idempotency;
+        self
     }
 
     /// The same manager with these rate limits.
@@ -204,21 +214,31 @@ impl KeyManager {
             name => name,
         };
         let name = KeyName::parse(name).map_err(|reason| Error::invalid("name", reason))?;
-        self.rate_limits.trial.check(&client_ip)?;
-        let trial = KeySpec {
-            name,
-            description: KeyDescription::default(),
-            scopes: Scopes::default(),
-            environment: Environment::Trial,
-            role: Role::Trial,
-            expiration: Expiration::After(self.trial.ttl),
-            metadata: Metadata::default(),
-            usage_limit: self.trial.usage_limit,
-        };
         let actor = Actor::trial(&context.client_ip);
-        let audit = self.audit(AuditAction::IssueTrial, &actor, now_micros(), context);
-        self.create(self.trial.workspace_id.clone(), trial, &actor, audit)
-            .await
+        let workspace_id = &self.trial.workspace_id;
+        // A replay spends no rate limit: it is looked up first.
+        let request = self.idempotent_trial(context, actor.audit(), &name);
+        let issue = async {
+            self.rate_limits.trial.check(&client_ip)?;
+            let trial = KeySpec {
+                name,
+                description: KeyDescription::default(),
+                scopes: Scopes::default(),
+                environment: Environment::Trial,
+                role: Role::Trial,
+                expiration: Expiration::After(self.trial.ttl),
+                metadata: Metadata::default(),
+                usage_limit: self.trial.usage_limit,
+            };
+            let audit = self.audit(AuditAction::IssueTrial, &actor, now_micros(), context);
+            let request = request.as_ref();
+            self.create_once(workspace_id.clone(), trial, &actor, audit, request)
+                .await
+        };
+        let replay = async |request: &IdempotentRequest, done| {
+            self.replay_issue(workspace_id, request, done).await
+        };
+        self.once(request.as_ref(), issue, replay).await
     }
 
     /// RevokeTrialKey: revokes the trial key named by its public prefix (or its whole text),
@@ -270,26 +290,50 @@ impl KeyManager {
         let key = command.key;
         policy::check_issuable(key.role, key.environment)?;
         caller.authorize(Action::Issue { role: key.role })?;
-        if let Some(limit_key) = caller.rate_limit_key() {
-            self.rate_limits
-                .issue
-                .check(&limit_key)
-                .map_err(Error::RateLimited)?;
-        }
         let actor = caller.actor();
-        let audit = self.audit(AuditAction::Issue, &actor, now_micros(), context);
-        self.create(workspace_id, key, &actor, audit).await
+        // A replay spends no rate limit: it is looked up first.
+        let request = self.idempotent_issue(context, &workspace_id, actor.audit(), &key);
+        let issue = async {
+            if let Some(limit_key) = caller.rate_limit_key() {
+                self.rate_limits
+                    .issue
+                    .check(&limit_key)
+                    .map_err(Error::RateLimited)?;
+            }
+            let audit = self.audit(AuditAction::Issue, &actor, now_micros(), context);
+            let request = request.as_ref();
+            self.create_once(workspace_id.clone(), key, &actor, audit, request)
+                .await
+        };
+        let replay = async |request: &IdempotentRequest, done| {
+            self.replay_issue(&workspace_id, request, done).await
+        };
+        self.once(request.as_ref(), issue, replay).await
     }
 
     /// Creates a key that was decided on, with its audit event (`audit`, to which the new key's
     /// settings are added). Also for tests and tools that act as the service.
-    #[tracing::instrument(name = "keys.issue", skip_all, fields(workspace_id = %workspace_id.as_str()))]
     pub async fn create(
         &self,
         workspace_id: WorkspaceId,
         new: KeySpec,
         actor: &Actor,
         audit: AuditRecord,
+    ) -> Result<IssuedKey> {
+        self.create_once(workspace_id, new, actor, audit, None)
+            .await
+    }
+
+    /// `create`, claiming `request`'s id if there is one (its secret is then derived, so that
+    /// a replay can give it again).
+    #[tracing::instrument(name = "keys.issue", skip_all, fields(workspace_id = %workspace_id.as_str()))]
+    async fn create_once(
+        &self,
+        workspace_id: WorkspaceId,
+        new: KeySpec,
+        actor: &Actor,
+        audit: AuditRecord,
+        request: Option<&IdempotentRequest>,
     ) -> Result<IssuedKey> {
         let now = audit.occur_time;
         let expire_time = self.expire_time(new.expiration, now)?;
@@ -320,9 +364,11 @@ impl KeyManager {
             version: 1,
             update_time: None,
         };
-        let mutation = Mutation::new(audit.with_changes(audit::issued(&template)), None);
+        let audit = audit.with_changes(audit::issued(&template));
         for _ in 0..KEY_ID_ATTEMPTS {
-            let (stored, plaintext) = self.mint(&template).await?;
+            let (generated, claim) = self.new_secret(&template, request)?;
+            let (stored, plaintext) = self.mint(&template, generated).await?;
+            let mutation = Mutation::new(audit.clone(), claim);
             match self.store.insert_key(&stored, &mutation).await {
                 Ok(()) => {
                     tracing::info!(key_prefix = %stored.key.prefix, "key issued");
@@ -417,20 +463,29 @@ impl KeyManager {
             caller.authorize(Action::RevokeWithSuccessors)?;
         }
         let actor = caller.actor();
-        let audit = self.audit(AuditAction::Revoke, &actor, now_micros(), context);
-        self.revoke_in(
-            &workspace_id,
-            &command.key_id,
-            command.revoke_successors,
-            &actor,
-            audit,
-        )
-        .await
+        let request = self.idempotent_revoke(context, &workspace_id, actor.audit(), &command);
+        let revoke = async {
+            let now = now_micros();
+            let audit = self.audit(AuditAction::Revoke, &actor, now, context);
+            let claim = self.claim(request.as_ref(), &command.key_id, now);
+            let mutation = Mutation::new(audit, claim);
+            let successors = command.revoke_successors;
+            self.revoke_with(
+                &workspace_id,
+                &command.key_id,
+                successors,
+                &actor,
+                &mutation,
+            )
+            .await
+        };
+        let replay =
+            async |_: &IdempotentRequest, _| self.replay_revocation(&workspace_id, &command).await;
+        self.once(request.as_ref(), revoke, replay).await
     }
 
     /// Revokes a key and, with `successors`, every key its rotations led to, in one
     /// transaction with their audit events (`audit`, to which the store adds what changed).
-    #[tracing::instrument(name = "keys.revoke", skip_all, fields(key_id = %key_id, successors))]
     pub async fn revoke_in(
         &self,
         workspace_id: &WorkspaceId,
@@ -440,9 +495,23 @@ impl KeyManager {
         audit: AuditRecord,
     ) -> Result<Revoked> {
         let mutation = Mutation::new(audit, None);
+        self.revoke_with(workspace_id, key_id, successors, actor, &mutation)
+            .await
+    }
+
+    /// `revoke_in` with the mutation's claim, if any.
+    #[tracing::instrument(name = "keys.revoke", skip_all, fields(key_id = %key_id, successors))]
+    async fn revoke_with(
+        &self,
+        workspace_id: &WorkspaceId,
+        key_id: &KeyId,
+        successors: bool,
+        actor: &Actor,
+        mutation: &Mutation,
+    ) -> Result<Revoked> {
         let revocation = self
             .store
-            .revoke_key(workspace_id, key_id, successors, actor.as_str(), &mutation)
+            .revoke_key(workspace_id, key_id, successors, actor.as_str(), mutation)
             .await?
             .ok_or(Error::KeyNotFound)?;
         // Read your writes: this replica's next VerifyKey must see every revocation.
@@ -477,8 +546,28 @@ impl KeyManager {
             key_id: key_id.as_str(),
         })?;
         let actor = caller.actor();
+        let changes = &command.changes;
+        let request =
+            self.idempotent_update(context, &workspace_id, actor.audit(), key_id, changes);
+        let update = self.update_once(caller, context, &command, &workspace_id, request.as_ref());
+        let replay =
+            async |_: &IdempotentRequest, _| self.replay_update(&workspace_id, key_id).await;
+        self.once(request.as_ref(), update, replay).await
+    }
+
+    /// `update`'s work, claiming `request`'s id (if any) with the change it writes.
+    async fn update_once(
+        &self,
+        caller: &Caller,
+        context: &CallContext,
+        command: &UpdateKey,
+        workspace_id: &WorkspaceId,
+        request: Option<&IdempotentRequest>,
+    ) -> Result<Key> {
+        let key_id = &command.key_id;
+        let actor = caller.actor();
         for _ in 0..UPDATE_ATTEMPTS {
-            let before = self.find(&workspace_id, key_id).await?;
+            let before = self.find(workspace_id, key_id).await?;
             if command
                 .expected_version
                 .is_some_and(|expected| expected != before.version)
@@ -502,12 +591,14 @@ impl KeyManager {
                     outcome: AuditOutcome::Unchanged,
                     ..audit
                 };
+                let mutation = Mutation::new(unchanged, self.claim(request, key_id, now));
                 self.store
-                    .insert_audit_event(&workspace_id, key_id, &Mutation::new(unchanged, None))
+                    .insert_audit_event(workspace_id, key_id, &mutation)
                     .await?;
                 return Ok(before);
             }
-            let mutation = Mutation::new(audit.with_changes(changes), None);
+            let claim = self.claim(request, key_id, now);
+            let mutation = Mutation::new(audit.with_changes(changes), claim);
             if let Some(updated) = self.store.update_key(&after, &mutation).await? {
                 // Read your writes: this replica's next VerifyKey sees the change.
                 self.invalidator.key_changed(key_id.as_str()).await;
@@ -621,10 +712,28 @@ impl KeyManager {
         command: RotateKey,
     ) -> Result<(IssuedKey, Key)> {
         let workspace_id = &caller.workspace_for(&command.workspace_id)?;
-        let key_id = &command.key_id;
         caller.authorize(Action::Rotate {
-            key_id: key_id.as_str(),
+            key_id: command.key_id.as_str(),
         })?;
+        let actor = &caller.actor();
+        let request = self.idempotent_rotate(context, workspace_id, actor.audit(), &command);
+        let rotate = self.rotate_once(caller, context, workspace_id, &command, request.as_ref());
+        let replay = async |request: &IdempotentRequest, done| {
+            self.replay_rotation(workspace_id, request, done).await
+        };
+        self.once(request.as_ref(), rotate, replay).await
+    }
+
+    /// `rotate`'s work, claiming `request`'s id (if any) with the rotation it writes.
+    async fn rotate_once(
+        &self,
+        caller: &Caller,
+        context: &CallContext,
+        workspace_id: &WorkspaceId,
+        command: &RotateKey,
+        request: Option<&IdempotentRequest>,
+    ) -> Result<(IssuedKey, Key)> {
+        let key_id = &command.key_id;
         let rights = caller.rotation_rights();
         let actor = &caller.actor();
         let now = now_micros();
@@ -653,7 +762,8 @@ impl KeyManager {
             revoked_by: None,
             ..previous.clone()
         };
-        let (successor, plaintext) = self.mint(&template).await?;
+        let (generated, claim) = self.new_secret(&template, request)?;
+        let (successor, plaintext) = self.mint(&template, generated).await?;
         // Within the Timestamp range, however long an operator lets grace periods be.
         let previous_expire_time = now
             .saturating_add(duration_micros(grace_period))
@@ -683,7 +793,7 @@ impl KeyManager {
                 previous.version,
                 &successor,
                 previous_expire_time,
-                &Mutation::new(audit, None),
+                &Mutation::new(audit, claim),
             )
             .await?;
         let Some(rotation) = rotation else {
@@ -768,9 +878,8 @@ impl KeyManager {
         Ok(Some(at))
     }
 
-    /// A fresh id and secret for `template`, with the secret's argon2id hash.
-    async fn mint(&self, template: &Key) -> Result<(StoredKey, String)> {
-        let generated = GeneratedKey::generate(&self.brand, template.environment);
+    /// `template` with the id and secret of `generated`, and the secret's argon2id hash.
+    async fn mint(&self, template: &Key, generated: GeneratedKey) -> Result<(StoredKey, String)> {
         let secret_hash = self.hashes.hash(generated.plaintext.clone()).await?;
         // A limited key without a budget starts a chain: the budget is named after its first key.
         let budget_id = template

@@ -12,6 +12,7 @@ pub use crate::config::{Config, TlsConfig};
 use crate::error::{Error, Result};
 use crate::key::{HashPool, HashThreads, SecretHasher};
 use crate::keys::KeyManager;
+use crate::keys::idempotency::{Idempotency, IdempotencyConfig, SHARED_SECRET_NAME};
 use crate::keys::page_token::PageTokenCodec;
 use crate::metrics::{Metrics, Sources};
 use crate::store::{self, Store};
@@ -39,6 +40,8 @@ pub struct App {
     pub change_feed: Option<(JoinHandle<()>, ChangeFeedStatus)>,
     /// How long the audit trail is kept.
     pub audit: AuditConfig,
+    /// How long request ids are remembered, and how they are pruned.
+    pub idempotency: IdempotencyConfig,
     /// Writes lockout events behind VerifyKey; ends when the verifier is dropped.
     pub lockout_writer: JoinHandle<()>,
 }
@@ -51,6 +54,11 @@ impl App {
         let threads = HashThreads::new(config.argon2_threads, config.argon2_priority)?;
         let hashes = HashPool::new(hasher, threads).with_unproven_budget(config.argon2_unproven);
         let page_tokens = PageTokenCodec::new(store.shared_secret("page_token_mac").await?);
+        // Kept out of the database when the operator gives a file (README, "Safe retries").
+        let idempotency_key = match &config.idempotency.secret {
+            Some(secret) => secret.clone(),
+            None => store.shared_secret(SHARED_SECRET_NAME).await?,
+        };
         let usage = UsageRecorder::new(store.clone());
         let verifier = Arc::new(Verifier::new(
             store.clone(),
@@ -77,7 +85,8 @@ impl App {
                 config.trial.clone(),
             )
             .with_limits(config.limits)
-            .with_rate_limits(rate_limits.clone()),
+            .with_rate_limits(rate_limits.clone())
+            .with_idempotency(Idempotency::new(idempotency_key, config.idempotency.window)),
         );
         let auth = Arc::new(Authenticator::new(&config.auth, verifier.clone())?);
         // Replicas sharing the database tell each other about key changes; a database that only
@@ -97,6 +106,7 @@ impl App {
             metrics,
             change_feed,
             audit: config.audit,
+            idempotency: config.idempotency.clone(),
             lockout_writer,
             store,
             keys,

@@ -1,6 +1,6 @@
 //! The server's periodic background work: forgetting idle rate-limit entries, sweeping expired
-//! trial keys, pruning the audit trail, and dropping expired cache entries when no traffic does
-//! it.
+//! trial keys, pruning the audit trail and the request ids past their window, and dropping
+//! expired cache entries when no traffic does it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +11,7 @@ use super::App;
 use crate::audit::{self, AuditConfig};
 use crate::auth::RateLimits;
 use crate::keys::KeyManager;
+use crate::keys::idempotency::IdempotencyConfig;
 use crate::store::Store;
 
 /// How often expired cache entries and lockouts are dropped when no traffic does it.
@@ -22,6 +23,7 @@ pub(super) fn spawn(app: &App) -> Vec<JoinHandle<()>> {
         tokio::spawn(forget_idle_limits(app.rate_limits.clone())),
         tokio::spawn(sweep_trial_keys(app.keys.clone())),
         tokio::spawn(prune_audit_trail(app.store.clone(), app.audit)),
+        tokio::spawn(prune_request_ids(app.keys.clone(), app.idempotency.clone())),
         tokio::spawn(
             app.verifier
                 .clone()
@@ -49,6 +51,21 @@ async fn prune_audit_trail(store: Arc<dyn Store>, config: AuditConfig) {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "audit events past their retention deleted"),
             Err(error) => tracing::warn!(%error, "audit pruning failed"),
+        }
+    }
+}
+
+/// Deletes the request ids past their window, in bounded batches: after that, nothing can
+/// derive the secrets of the keys they made. Every replica prunes.
+async fn prune_request_ids(keys: Arc<KeyManager>, config: IdempotencyConfig) {
+    let mut ticker = tokio::time::interval(config.prune_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match keys.prune_requests(config.prune_batch).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "request ids past their window deleted"),
+            Err(error) => tracing::warn!(%error, "request id pruning failed"),
         }
     }
 }
