@@ -10,6 +10,7 @@ mod auth;
 mod binary;
 mod hostile_input;
 mod hot_path;
+mod idempotency;
 mod lifecycle;
 mod listing;
 mod lockout_race;

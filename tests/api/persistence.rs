@@ -106,6 +106,49 @@ async fn no_plaintext_key_reaches_the_database_files(db: TestDb) {
     let to_rotate = key_of(&app.issue("acme", "r").await).key_id.clone();
     let rotated = app.rotate("acme", &to_rotate, None).await.unwrap();
     secrets.push((rotated.secret.clone(), rotated.key.unwrap().prefix));
+    // Keys made by requests with request ids (their secrets derived, so that a retry gets them
+    // again) and their replays: nothing of the secret is stored either.
+    for request_id in [
+        "7d0e4c1a-5b2f-4e8a-9c3d-1f6a2b8e4d70",
+        "2c9a7e1f-8d3b-4a6c-b5e0-9f1d3c7a2e84",
+    ] {
+        let request = pb::IssueKeyRequest {
+            workspace_id: "acme".into(),
+            name: "retried".into(),
+            request_id: request_id.into(),
+            ..Default::default()
+        };
+        let issued = app.issue_with(request.clone()).await;
+        assert_eq!(app.issue_with(request).await.secret, issued.secret);
+        assert!(app.verify_key(&issued.secret, &[]).await.valid);
+        let rotate = pb::RotateKeyRequest {
+            workspace_id: "acme".into(),
+            key_id: key_of(&issued).key_id.clone(),
+            // Another UUID (the version digit changed).
+            request_id: request_id.replace("-4", "-5"),
+            ..Default::default()
+        };
+        let rotated = app
+            .keys
+            .rotate_key(rotate.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        let replayed = app.keys.rotate_key(rotate).await.unwrap().into_inner();
+        assert_eq!(replayed.secret, rotated.secret);
+        secrets.push((issued.secret.clone(), key_of(&issued).prefix.clone()));
+        secrets.push((rotated.secret.clone(), rotated.key.unwrap().prefix));
+    }
+    let trial = app
+        .keys
+        .issue_trial_key(pb::IssueTrialKeyRequest {
+            request_id: "5e3b9d2c-6a1f-4c7e-8b0d-3a9f2e6c1b57".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    secrets.push((trial.secret.clone(), trial.key.unwrap().prefix));
     app.stop().await;
 
     let files = db.data_files().await;
