@@ -1,77 +1,23 @@
 //! Who may call what: admin tokens, dashboard JWTs, API keys; roles, workspaces, rate limits.
 
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use key_authority::auth::JwtConfig;
 use key_authority::pb;
-use serde::Serialize;
 use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::common::{
-    KeysClient, TestApp, TestDb, key_of, keys_as, on_both_databases, reason, test_config,
+    Claims, JWT_SECRET, KeysClient, TestApp, TestDb, claims, hs256, jwt_user, key_of, keys_as, now,
+    on_both_databases, reason, test_config, with_dashboard_jwts,
 };
-
-const JWT_SECRET: &str = "dashboard-signing-secret-for-tests";
-
-#[derive(Serialize)]
-struct Claims<'a> {
-    sub: &'a str,
-    workspace_id: &'a str,
-    role: &'a str,
-    exp: u64,
-    nbf: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    iss: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    aud: Option<&'a str>,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn claims<'a>(workspace_id: &'a str, role: &'a str) -> Claims<'a> {
-    Claims {
-        sub: "user-1",
-        workspace_id,
-        role,
-        exp: now() + 600,
-        nbf: now() - 10,
-        iss: Some("https://dashboard.example"),
-        aud: Some("key-authority"),
-    }
-}
-
-fn hs256(claims: &Claims<'_>) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
-fn jwt_user(workspace_id: &str, role: &str) -> String {
-    hs256(&claims(workspace_id, role))
-}
 
 /// A server that accepts the admin token and HS256 dashboard JWTs, with IssueKey limited to
 /// `issue_limit` per user per hour.
 async fn spawn(db: &TestDb, issue_limit: u32) -> TestApp {
-    let mut config = test_config(db);
-    config.auth.jwt = Some(JwtConfig {
-        secret: Some(JWT_SECRET.to_owned()),
-        issuer: Some("https://dashboard.example".to_owned()),
-        audience: Some("key-authority".to_owned()),
-        leeway: Duration::from_secs(5),
-        ..JwtConfig::default()
-    });
+    let mut config = with_dashboard_jwts(test_config(db));
     config.auth.issue_limit_per_hour = issue_limit;
     TestApp::spawn_with(config).await
 }
