@@ -44,7 +44,7 @@ async fn try_every_rpc(
     workspace: &str,
     target: &str,
     own_key: Option<&str>,
-) -> [Outcome; 6] {
+) -> [Outcome; 8] {
     let code = |result: Result<(), tonic::Status>| result.map_err(|status| status.code());
     let issue = code(
         client
@@ -70,6 +70,32 @@ async fn try_every_rpc(
         client
             .list_keys(pb::ListKeysRequest {
                 workspace_id: workspace.into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+    );
+    let audit = code(
+        client
+            .list_audit_events(pb::ListAuditEventsRequest {
+                workspace_id: workspace.into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+    );
+    let update = code(
+        client
+            .update_key(pb::UpdateKeyRequest {
+                key: Some(pb::Key {
+                    workspace_id: workspace.into(),
+                    key_id: target.into(),
+                    name: "renamed".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["name".into()],
+                }),
                 ..Default::default()
             })
             .await
@@ -109,7 +135,7 @@ async fn try_every_rpc(
         ),
         None => Ok(()),
     };
-    [issue, get, list, rotate, revoke, revoke_self]
+    [issue, get, list, audit, update, rotate, revoke, revoke_self]
 }
 
 async fn role_matrix_for_every_caller_kind(db: TestDb) {
@@ -118,18 +144,21 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
     const DENIED: Outcome = Err(Code::PermissionDenied);
     const UNAUTHENTICATED: Outcome = Err(Code::Unauthenticated);
 
-    // (caller, token, [issue, get, list, rotate other, revoke other, revoke self])
-    let mut rows: Vec<(String, Option<String>, [Outcome; 6])> = vec![
+    // (caller, token, [issue, get, list, audit, update other, rotate other, revoke other,
+    // revoke self])
+    let mut rows: Vec<(String, Option<String>, [Outcome; 8])> = vec![
         (
             "admin".into(),
             Some(crate::common::ADMIN_TOKEN.into()),
-            [OK, OK, OK, OK, OK, OK],
+            [OK, OK, OK, OK, OK, OK, OK, OK],
         ),
         // Callers without a key of their own have no "revoke self" to try: it reads as OK.
         (
             "anonymous".into(),
             None,
             [
+                UNAUTHENTICATED,
+                UNAUTHENTICATED,
                 UNAUTHENTICATED,
                 UNAUTHENTICATED,
                 UNAUTHENTICATED,
@@ -147,30 +176,35 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
                 UNAUTHENTICATED,
                 UNAUTHENTICATED,
                 UNAUTHENTICATED,
+                UNAUTHENTICATED,
+                UNAUTHENTICATED,
                 OK,
             ],
         ),
         (
             "jwt viewer".into(),
             Some(jwt_user("acme", "viewer")),
-            [DENIED, OK, OK, DENIED, DENIED, OK],
+            [DENIED, OK, OK, OK, DENIED, DENIED, DENIED, OK],
         ),
         (
             "jwt developer".into(),
             Some(jwt_user("acme", "developer")),
-            [OK, OK, OK, OK, OK, OK],
+            [OK, OK, OK, OK, OK, OK, OK, OK],
         ),
         (
             "jwt account_admin".into(),
             Some(jwt_user("acme", "account_admin")),
-            [OK, OK, OK, OK, OK, OK],
+            [OK, OK, OK, OK, OK, OK, OK, OK],
         ),
     ];
     let mut own_keys = Vec::new();
     for (role, expected) in [
-        (pb::Role::Viewer, [DENIED, OK, OK, DENIED, DENIED, OK]),
-        (pb::Role::Developer, [DENIED, OK, OK, OK, OK, OK]),
-        (pb::Role::AccountAdmin, [DENIED, OK, OK, OK, OK, OK]),
+        (
+            pb::Role::Viewer,
+            [DENIED, OK, OK, OK, DENIED, DENIED, DENIED, OK],
+        ),
+        (pb::Role::Developer, [DENIED, OK, OK, OK, OK, OK, OK, OK]),
+        (pb::Role::AccountAdmin, [DENIED, OK, OK, OK, OK, OK, OK, OK]),
     ] {
         let key = issue_key_with_role(&mut app, "acme", role).await;
         own_keys.push(Some(key_of(&key).key_id.clone()));
@@ -185,7 +219,7 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
         let outcome = try_every_rpc(&mut client, "acme", &target, own.as_deref()).await;
         assert_eq!(
             outcome, expected,
-            "{caller}: [issue, get, list, rotate, revoke, revoke self]"
+            "{caller}: [issue, get, list, audit, update, rotate, revoke, revoke self]"
         );
     }
     app.stop().await;
