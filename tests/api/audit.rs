@@ -478,14 +478,7 @@ async fn filters_and_pages_are_exact(db: TestDb) {
         },
     ];
     for request in refusals {
-        let status = app
-            .keys
-            .list_audit_events(pb::ListAuditEventsRequest {
-                workspace_id: "acme".into(),
-                ..request
-            })
-            .await
-            .unwrap_err();
+        let status = refusal(&mut app.keys, request).await;
         assert_eq!(status.code(), Code::InvalidArgument);
         assert_eq!(reason(&status), "INVALID_PAGE_TOKEN");
     }
@@ -510,18 +503,22 @@ async fn filters_and_pages_are_exact(db: TestDb) {
         },
     ];
     for request in bad_filters {
-        let status = app
-            .keys
-            .list_audit_events(pb::ListAuditEventsRequest {
-                workspace_id: "acme".into(),
-                ..request
-            })
-            .await
-            .unwrap_err();
+        let status = refusal(&mut app.keys, request).await;
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert_eq!(reason(&status), "INVALID_ARGUMENT");
     }
     app.stop().await;
+}
+
+/// The refusal of a ListAuditEvents of acme's trail.
+async fn refusal(client: &mut KeysClient, request: pb::ListAuditEventsRequest) -> tonic::Status {
+    client
+        .list_audit_events(pb::ListAuditEventsRequest {
+            workspace_id: "acme".into(),
+            ..request
+        })
+        .await
+        .expect_err("refused")
 }
 
 /// Viewers and up read their own workspace's trail, and only it.
