@@ -235,7 +235,7 @@ async fn no_caller_reaches_another_workspace(db: TestDb) {
         let mut client = keys_as(&app.channel, Some(&token));
         // Naming the other workspace is refused outright, on every RPC.
         let outcome = try_every_rpc(&mut client, "beta", &theirs, None).await;
-        assert_eq!(outcome[..5], [Err(Code::PermissionDenied); 5]);
+        assert_eq!(outcome[..7], [Err(Code::PermissionDenied); 7]);
         let status = client
             .get_key(pb::GetKeyRequest {
                 workspace_id: "beta".into(),
@@ -247,8 +247,9 @@ async fn no_caller_reaches_another_workspace(db: TestDb) {
         // Using their key id in one's own workspace finds nothing.
         let outcome = try_every_rpc(&mut client, "", &theirs, None).await;
         assert_eq!(outcome[1], Err(Code::NotFound), "get");
-        assert_eq!(outcome[3], Err(Code::NotFound), "rotate");
-        assert_eq!(outcome[4], Err(Code::NotFound), "revoke");
+        assert_eq!(outcome[4], Err(Code::NotFound), "update");
+        assert_eq!(outcome[5], Err(Code::NotFound), "rotate");
+        assert_eq!(outcome[6], Err(Code::NotFound), "revoke");
         // Their listing is not ours.
         let listed = client
             .list_keys(pb::ListKeysRequest::default())
