@@ -1,59 +1,31 @@
 //! Safe retries: a mutation with a request id (field or `idempotency-key` header) is done once
 //! per caller; its retries get the same answer, the same secret included, and change nothing.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use key_authority::auth::JwtConfig;
 use key_authority::pb;
-use serde::Serialize;
 use sqlx::Connection;
 use tonic::Code;
 
 use crate::common::{
-    Backend, KeysClient, TestApp, TestDb, audit_events, code, key_of, keys_as, on_both_databases,
-    reason, test_config,
+    Backend, Claims, KeysClient, TestApp, TestDb, audit_events, claims, code, hs256, key_of,
+    keys_as, on_both_databases, reason, test_config, with_dashboard_jwts,
 };
 
 const REQUEST_ID: &str = "6f1c2a9e-3b7d-4c55-9a0e-2f4b8d1e7c30";
 const OTHER_REQUEST_ID: &str = "0b8e4f2a-91c3-4d6e-8f17-5a2c9e3d4b61";
-const JWT_SECRET: &str = "idempotency-test-signing-secret";
 
-#[derive(Serialize)]
-struct Claims<'a> {
-    sub: &'a str,
-    workspace_id: &'a str,
-    role: &'a str,
-    exp: u64,
-}
-
-/// A dashboard user's JWT for the server of `spawn`.
-fn user_token(subject: &str, workspace_id: &str, role: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let claims = Claims {
+/// A developer of workspace acme, as a dashboard JWT.
+fn developer(subject: &str) -> String {
+    hs256(&Claims {
         sub: subject,
-        workspace_id,
-        role,
-        exp: now + 600,
-    };
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .unwrap()
+        ..claims("acme", "developer")
+    })
 }
 
 /// A server that also accepts dashboard JWTs, with the given idempotency window.
 async fn spawn_with_window(db: &TestDb, window: Duration) -> TestApp {
-    let mut config = test_config(db);
-    config.auth.jwt = Some(JwtConfig {
-        secret: Some(JWT_SECRET.to_owned()),
-        ..JwtConfig::default()
-    });
+    let mut config = with_dashboard_jwts(test_config(db));
     config.idempotency.window = window;
     TestApp::spawn_with(config).await
 }
@@ -414,10 +386,7 @@ async fn another_caller_has_its_own_request_ids(db: TestDb) {
 
     // A dashboard user sending the same id and parameters makes its own key, and its retry
     // gets that key back.
-    let mut alice = keys_as(
-        &app.channel,
-        Some(&user_token("alice", "acme", "developer")),
-    );
+    let mut alice = keys_as(&app.channel, Some(&developer("alice")));
     let by_alice = alice
         .issue_key(issue_request("ci", REQUEST_ID))
         .await
@@ -432,7 +401,7 @@ async fn another_caller_has_its_own_request_ids(db: TestDb) {
         .into_inner();
     assert_eq!(alice_retry, by_alice);
     // So does another user of the same workspace.
-    let mut bob = keys_as(&app.channel, Some(&user_token("bob", "acme", "developer")));
+    let mut bob = keys_as(&app.channel, Some(&developer("bob")));
     let by_bob = bob
         .issue_key(issue_request("ci", REQUEST_ID))
         .await
@@ -568,7 +537,7 @@ async fn a_failed_request_fails_the_same_way_when_retried(db: TestDb) {
     assert_eq!(key_count(&mut app.keys, "acme").await, 1);
     assert_eq!(audit_events(&db).await.len(), 2, "issue and revoke");
 
-    // A failure that goes away: the retry then runs (the id was never spent).
+    // The id of a failed request was never spent: it is still free for a request of its own.
     let missing = pb::RevokeKeyRequest {
         workspace_id: "globex".into(),
         key_id: "AAAAAAAAAAAA".into(),
