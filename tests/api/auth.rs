@@ -57,13 +57,13 @@ fn hs256(claims: &Claims<'_>) -> String {
     .unwrap()
 }
 
-fn jwt_user(workspace_id: &str, role: &str) -> String {
+pub(crate) fn jwt_user(workspace_id: &str, role: &str) -> String {
     hs256(&claims(workspace_id, role))
 }
 
 /// A server that accepts the admin token and HS256 dashboard JWTs, with IssueKey limited to
 /// `issue_limit` per user per hour.
-async fn spawn(db: &TestDb, issue_limit: u32) -> TestApp {
+pub(crate) async fn spawn(db: &TestDb, issue_limit: u32) -> TestApp {
     let mut config = test_config(db);
     config.auth.jwt = Some(JwtConfig {
         secret: Some(JWT_SECRET.to_owned()),
