@@ -276,6 +276,12 @@ impl prometheus_client::collector::Collector for Sources {
             "Client IP lockouts engaged after repeated failures",
             ip_lockouts as f64,
         )?;
+        counter(
+            e,
+            "audit_lockout_events_dropped",
+            "Lockout audit events dropped because the audit writer was behind",
+            self.verifier.lockouts().audit_events_dropped() as f64,
+        )?;
 
         if let Some(listening) = &self.change_feed {
             let reconnects = listening.borrow().saturating_sub(1);

@@ -51,6 +51,16 @@ buf curl --protocol grpc --http2-prior-knowledge \
   "$url/keyauthority.v1.KeyService/ListKeys" > "$workdir/listed.json"
 buf curl --protocol grpc --http2-prior-knowledge \
   -H "authorization: Bearer $token" \
+  -d "{\"key\": {\"workspace_id\": \"acme\", \"key_id\": \"$key_id\", \"enabled\": false}, \"update_mask\": \"enabled\"}" \
+  "$url/keyauthority.v1.KeyService/UpdateKey" > "$workdir/disabled.json"
+buf curl --protocol grpc --http2-prior-knowledge -d "{\"key\": \"$secret\"}" \
+  "$url/keyauthority.v1.VerifyService/VerifyKey" > "$workdir/verified-disabled.json"
+buf curl --protocol grpc --http2-prior-knowledge \
+  -H "authorization: Bearer $token" \
+  -d "{\"key\": {\"workspace_id\": \"acme\", \"key_id\": \"$key_id\", \"name\": \"billing v2\", \"enabled\": true, \"etag\": \"$(field "$workdir/disabled.json" key.etag)\"}, \"update_mask\": \"name,enabled\"}" \
+  "$url/keyauthority.v1.KeyService/UpdateKey" > "$workdir/enabled.json"
+buf curl --protocol grpc --http2-prior-knowledge \
+  -H "authorization: Bearer $token" \
   -d "{\"workspace_id\": \"acme\", \"key_id\": \"$key_id\", \"grace_period\": \"0s\"}" \
   "$url/keyauthority.v1.KeyService/RotateKey" > "$workdir/rotated.json"
 new_key_id=$(field "$workdir/rotated.json" key.keyId)
@@ -58,11 +68,22 @@ buf curl --protocol grpc --http2-prior-knowledge \
   -H "authorization: Bearer $token" \
   -d "{\"workspace_id\": \"acme\", \"key_id\": \"$new_key_id\"}" \
   "$url/keyauthority.v1.KeyService/RevokeKey" > "$workdir/revoked.json"
+buf curl --protocol grpc --http2-prior-knowledge \
+  -H "authorization: Bearer $token" \
+  -d "{\"workspace_id\": \"acme\", \"key_id\": \"$key_id\", \"action\": \"AUDIT_ACTION_DISABLE\"}" \
+  "$url/keyauthority.v1.KeyService/ListAuditEvents" > "$workdir/audit.json"
 # --- end of README commands ---
 
 grep -qx 'keyauthority.v1.KeyService/IssueKey' "$workdir/methods" || { echo "FAIL: reflection lists no IssueKey" >&2; exit 1; }
 expect "$(field "$workdir/verified.json" code)" VERIFY_CODE_VALID "VerifyKey of a fresh key"
 expect "$(field "$workdir/listed.json" totalSize)" 1 "ListKeys total"
+expect "$(field "$workdir/disabled.json" key.state)" KEY_STATE_DISABLED "UpdateKey disables"
+expect "$(field "$workdir/verified-disabled.json" code)" VERIFY_CODE_DISABLED "VerifyKey of a disabled key"
+expect "$(field "$workdir/enabled.json" key.state)" KEY_STATE_ACTIVE "UpdateKey enables with the etag"
+expect "$(field "$workdir/enabled.json" key.name)" "billing v2" "UpdateKey renames"
+audit=$(python3 -c 'import json,sys; e=json.load(open(sys.argv[1]))["auditEvents"]
+print(len(e), e[0]["action"], e[0]["actor"]["display"], e[0]["changes"][0]["field"])' "$workdir/audit.json")
+expect "$audit" "1 AUDIT_ACTION_DISABLE admin enabled" "ListAuditEvents filtered by key and action"
 expect "$(field "$workdir/rotated.json" previousKey.rotatedToKeyId)" "$new_key_id" "RotateKey successor"
 expect "$(field "$workdir/revoked.json" key.state)" KEY_STATE_REVOKED "RevokeKey state"
 buf curl --protocol grpc --http2-prior-knowledge -d "{\"key\": \"$secret\"}" \
@@ -83,4 +104,4 @@ buf curl --protocol grpc --http2-prior-knowledge -H "authorization: Bearer $toke
 buf curl --protocol grpc --http2-prior-knowledge -H "authorization: Bearer $token" \
   -d '{"workspace_id": "far"}' "$url/keyauthority.v1.KeyService/ListKeys" > "$workdir/far.json"
 expect "$(field "$workdir/far.json" totalSize)" 1 "ListKeys renders a key expiring in 9.98 years"
-echo "lifecycle: 8 passed, 0 failed"
+echo "lifecycle: 13 passed, 0 failed"

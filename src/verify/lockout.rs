@@ -273,6 +273,11 @@ impl Lockouts {
         let _ = self.auditor.set(auditor);
     }
 
+    /// Lockout audit events dropped because the writer was behind, since start.
+    pub fn audit_events_dropped(&self) -> u64 {
+        self.auditor.get().map_or(0, LockoutAuditor::dropped)
+    }
+
     fn key_locked(&self, key_id: &str, ip: Option<ClientIp>) {
         if let Some(auditor) = self.auditor.get() {
             auditor.engaged(key_id, ip);

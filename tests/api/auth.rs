@@ -1,77 +1,23 @@
 //! Who may call what: admin tokens, dashboard JWTs, API keys; roles, workspaces, rate limits.
 
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use key_authority::auth::JwtConfig;
 use key_authority::pb;
-use serde::Serialize;
 use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::common::{
-    KeysClient, TestApp, TestDb, key_of, keys_as, on_both_databases, reason, test_config,
+    Claims, JWT_SECRET, KeysClient, TestApp, TestDb, claims, hs256, jwt_user, key_of, keys_as, now,
+    on_both_databases, reason, test_config, with_dashboard_jwts,
 };
-
-const JWT_SECRET: &str = "dashboard-signing-secret-for-tests";
-
-#[derive(Serialize)]
-struct Claims<'a> {
-    sub: &'a str,
-    workspace_id: &'a str,
-    role: &'a str,
-    exp: u64,
-    nbf: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    iss: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    aud: Option<&'a str>,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn claims<'a>(workspace_id: &'a str, role: &'a str) -> Claims<'a> {
-    Claims {
-        sub: "user-1",
-        workspace_id,
-        role,
-        exp: now() + 600,
-        nbf: now() - 10,
-        iss: Some("https://dashboard.example"),
-        aud: Some("key-authority"),
-    }
-}
-
-fn hs256(claims: &Claims<'_>) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
-pub(crate) fn jwt_user(workspace_id: &str, role: &str) -> String {
-    hs256(&claims(workspace_id, role))
-}
 
 /// A server that accepts the admin token and HS256 dashboard JWTs, with IssueKey limited to
 /// `issue_limit` per user per hour.
-pub(crate) async fn spawn(db: &TestDb, issue_limit: u32) -> TestApp {
-    let mut config = test_config(db);
-    config.auth.jwt = Some(JwtConfig {
-        secret: Some(JWT_SECRET.to_owned()),
-        issuer: Some("https://dashboard.example".to_owned()),
-        audience: Some("key-authority".to_owned()),
-        leeway: Duration::from_secs(5),
-        ..JwtConfig::default()
-    });
+async fn spawn(db: &TestDb, issue_limit: u32) -> TestApp {
+    let mut config = with_dashboard_jwts(test_config(db));
     config.auth.issue_limit_per_hour = issue_limit;
     TestApp::spawn_with(config).await
 }
@@ -98,7 +44,7 @@ async fn try_every_rpc(
     workspace: &str,
     target: &str,
     own_key: Option<&str>,
-) -> [Outcome; 6] {
+) -> [Outcome; 8] {
     let code = |result: Result<(), tonic::Status>| result.map_err(|status| status.code());
     let issue = code(
         client
@@ -124,6 +70,32 @@ async fn try_every_rpc(
         client
             .list_keys(pb::ListKeysRequest {
                 workspace_id: workspace.into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+    );
+    let audit = code(
+        client
+            .list_audit_events(pb::ListAuditEventsRequest {
+                workspace_id: workspace.into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+    );
+    let update = code(
+        client
+            .update_key(pb::UpdateKeyRequest {
+                key: Some(pb::Key {
+                    workspace_id: workspace.into(),
+                    key_id: target.into(),
+                    name: "renamed".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["name".into()],
+                }),
                 ..Default::default()
             })
             .await
@@ -163,7 +135,7 @@ async fn try_every_rpc(
         ),
         None => Ok(()),
     };
-    [issue, get, list, rotate, revoke, revoke_self]
+    [issue, get, list, audit, update, rotate, revoke, revoke_self]
 }
 
 async fn role_matrix_for_every_caller_kind(db: TestDb) {
@@ -172,18 +144,21 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
     const DENIED: Outcome = Err(Code::PermissionDenied);
     const UNAUTHENTICATED: Outcome = Err(Code::Unauthenticated);
 
-    // (caller, token, [issue, get, list, rotate other, revoke other, revoke self])
-    let mut rows: Vec<(String, Option<String>, [Outcome; 6])> = vec![
+    // (caller, token, [issue, get, list, audit, update other, rotate other, revoke other,
+    // revoke self])
+    let mut rows: Vec<(String, Option<String>, [Outcome; 8])> = vec![
         (
             "admin".into(),
             Some(crate::common::ADMIN_TOKEN.into()),
-            [OK, OK, OK, OK, OK, OK],
+            [OK, OK, OK, OK, OK, OK, OK, OK],
         ),
         // Callers without a key of their own have no "revoke self" to try: it reads as OK.
         (
             "anonymous".into(),
             None,
             [
+                UNAUTHENTICATED,
+                UNAUTHENTICATED,
                 UNAUTHENTICATED,
                 UNAUTHENTICATED,
                 UNAUTHENTICATED,
@@ -201,30 +176,35 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
                 UNAUTHENTICATED,
                 UNAUTHENTICATED,
                 UNAUTHENTICATED,
+                UNAUTHENTICATED,
+                UNAUTHENTICATED,
                 OK,
             ],
         ),
         (
             "jwt viewer".into(),
             Some(jwt_user("acme", "viewer")),
-            [DENIED, OK, OK, DENIED, DENIED, OK],
+            [DENIED, OK, OK, OK, DENIED, DENIED, DENIED, OK],
         ),
         (
             "jwt developer".into(),
             Some(jwt_user("acme", "developer")),
-            [OK, OK, OK, OK, OK, OK],
+            [OK, OK, OK, OK, OK, OK, OK, OK],
         ),
         (
             "jwt account_admin".into(),
             Some(jwt_user("acme", "account_admin")),
-            [OK, OK, OK, OK, OK, OK],
+            [OK, OK, OK, OK, OK, OK, OK, OK],
         ),
     ];
     let mut own_keys = Vec::new();
     for (role, expected) in [
-        (pb::Role::Viewer, [DENIED, OK, OK, DENIED, DENIED, OK]),
-        (pb::Role::Developer, [DENIED, OK, OK, OK, OK, OK]),
-        (pb::Role::AccountAdmin, [DENIED, OK, OK, OK, OK, OK]),
+        (
+            pb::Role::Viewer,
+            [DENIED, OK, OK, OK, DENIED, DENIED, DENIED, OK],
+        ),
+        (pb::Role::Developer, [DENIED, OK, OK, OK, OK, OK, OK, OK]),
+        (pb::Role::AccountAdmin, [DENIED, OK, OK, OK, OK, OK, OK, OK]),
     ] {
         let key = issue_key_with_role(&mut app, "acme", role).await;
         own_keys.push(Some(key_of(&key).key_id.clone()));
@@ -239,7 +219,7 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
         let outcome = try_every_rpc(&mut client, "acme", &target, own.as_deref()).await;
         assert_eq!(
             outcome, expected,
-            "{caller}: [issue, get, list, rotate, revoke, revoke self]"
+            "{caller}: [issue, get, list, audit, update, rotate, revoke, revoke self]"
         );
     }
     app.stop().await;
@@ -255,7 +235,7 @@ async fn no_caller_reaches_another_workspace(db: TestDb) {
         let mut client = keys_as(&app.channel, Some(&token));
         // Naming the other workspace is refused outright, on every RPC.
         let outcome = try_every_rpc(&mut client, "beta", &theirs, None).await;
-        assert_eq!(outcome[..5], [Err(Code::PermissionDenied); 5]);
+        assert_eq!(outcome[..7], [Err(Code::PermissionDenied); 7]);
         let status = client
             .get_key(pb::GetKeyRequest {
                 workspace_id: "beta".into(),
@@ -267,8 +247,9 @@ async fn no_caller_reaches_another_workspace(db: TestDb) {
         // Using their key id in one's own workspace finds nothing.
         let outcome = try_every_rpc(&mut client, "", &theirs, None).await;
         assert_eq!(outcome[1], Err(Code::NotFound), "get");
-        assert_eq!(outcome[3], Err(Code::NotFound), "rotate");
-        assert_eq!(outcome[4], Err(Code::NotFound), "revoke");
+        assert_eq!(outcome[4], Err(Code::NotFound), "update");
+        assert_eq!(outcome[5], Err(Code::NotFound), "rotate");
+        assert_eq!(outcome[6], Err(Code::NotFound), "revoke");
         // Their listing is not ours.
         let listed = client
             .list_keys(pb::ListKeysRequest::default())

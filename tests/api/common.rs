@@ -2,7 +2,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::Serialize;
 
 use key_authority::key::HashParams;
 use key_authority::pb;
@@ -363,3 +366,65 @@ macro_rules! on_both_databases {
 }
 
 pub(crate) use on_both_databases;
+
+// Dashboard users: HS256 JWTs signed with a secret the test servers share.
+
+pub const JWT_SECRET: &str = "dashboard-signing-secret-for-tests";
+
+#[derive(Serialize)]
+pub struct Claims<'a> {
+    pub sub: &'a str,
+    pub workspace_id: &'a str,
+    pub role: &'a str,
+    pub exp: u64,
+    pub nbf: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<&'a str>,
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub fn claims<'a>(workspace_id: &'a str, role: &'a str) -> Claims<'a> {
+    Claims {
+        sub: "user-1",
+        workspace_id,
+        role,
+        exp: now() + 600,
+        nbf: now() - 10,
+        iss: Some("https://dashboard.example"),
+        aud: Some("key-authority"),
+    }
+}
+
+pub fn hs256(claims: &Claims<'_>) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A dashboard user's HS256 JWT (subject `user-1`) for `with_dashboard_jwts` servers.
+pub fn jwt_user(workspace_id: &str, role: &str) -> String {
+    hs256(&claims(workspace_id, role))
+}
+
+/// `config` accepting the HS256 dashboard JWTs of `jwt_user`.
+pub fn with_dashboard_jwts(mut config: Config) -> Config {
+    config.auth.jwt = Some(key_authority::auth::JwtConfig {
+        secret: Some(JWT_SECRET.to_owned()),
+        issuer: Some("https://dashboard.example".to_owned()),
+        audience: Some("key-authority".to_owned()),
+        leeway: Duration::from_secs(5),
+        ..key_authority::auth::JwtConfig::default()
+    });
+    config
+}

@@ -6,6 +6,7 @@ mod postgres_cluster;
 
 mod abuse;
 mod argon2_budget;
+mod audit;
 mod auth;
 mod binary;
 mod hostile_input;

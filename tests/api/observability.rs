@@ -292,6 +292,10 @@ async fn metrics_parse_and_move(db: TestDb) {
     assert!(samples.contains_key("key_authority_usage_write_lag_seconds"));
     assert!(samples.contains_key("key_authority_key_lockouts_total"));
     assert_eq!(
+        samples.get("key_authority_audit_lockout_events_dropped_total"),
+        Some(&0.0)
+    );
+    assert_eq!(
         samples.contains_key("key_authority_change_feed_reconnects_total"),
         db.backend == crate::common::Backend::Postgres
     );

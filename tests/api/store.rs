@@ -5,13 +5,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::task::Poll;
 
-use key_authority::audit::{AuditAction, AuditActor, AuditRecord, CallContext};
+use key_authority::audit::{
+    ActorKind, AuditAction, AuditActor, AuditQuery, AuditRecord, CallContext,
+};
 use key_authority::error::Error;
 use key_authority::key::{
     Environment, Key, KeyDescription, KeyId, KeyName, Metadata, Role, Scopes, StoredKey,
     WorkspaceId,
 };
-use key_authority::store::{self, Change, ListQuery, Mutation, Store, StoreKind, UsageDelta};
+use key_authority::store::{
+    self, Change, ListQuery, Mutation, RequestClaim, Store, StoreKind, UsageDelta,
+};
 use key_authority::timestamp::UnixMicros;
 use tokio_stream::StreamExt as _;
 
@@ -682,6 +686,255 @@ async fn changes_follow_the_database(db: TestDb) {
     writer.close().await;
 }
 
+async fn updates_apply_to_the_version_read(db: TestDb) {
+    let store = open(&db).await;
+    let stored = new_key("acme", NOW, 0);
+    insert(&*store, &stored).await;
+    let mut changed = stored.key.clone();
+    changed.name = KeyName::parse("renamed").unwrap();
+    changed.scopes = Scopes::from_stored(vec!["read".to_owned()]);
+    changed.enabled = false;
+    changed.expire_time = Some(NOW + 99 * SECOND);
+
+    let updated = store
+        .update_key(&changed, &audit("disable", "admin", NOW + SECOND))
+        .await
+        .unwrap()
+        .expect("the version read is current");
+    assert_eq!(
+        updated,
+        Key {
+            version: stored.key.version + 1,
+            update_time: Some(NOW + SECOND),
+            ..changed.clone()
+        }
+    );
+    // The same version again is stale now: nothing is written, no event either.
+    let stale = store
+        .update_key(&changed, &audit("update", "admin", NOW + 2 * SECOND))
+        .await
+        .unwrap();
+    assert!(stale.is_none());
+    // A revoked key is final.
+    store
+        .revoke_key(
+            &workspace("acme"),
+            &stored.key.key_id,
+            false,
+            "admin",
+            &audit("revoke", "admin", NOW + 3 * SECOND),
+        )
+        .await
+        .unwrap();
+    let after_revoke = Key {
+        version: stored.key.version + 2,
+        ..changed
+    };
+    assert!(
+        store
+            .update_key(&after_revoke, &audit("update", "admin", NOW + 4 * SECOND))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let actions: Vec<String> = audit_events(&db)
+        .await
+        .into_iter()
+        .map(|(_, action, _)| action)
+        .collect();
+    assert_eq!(actions, ["issue", "disable", "revoke"]);
+    store.close().await;
+}
+
+fn claim(request_id: &str, key_id: &KeyId, create_time: UnixMicros) -> RequestClaim {
+    RequestClaim {
+        scope: "[\"acme\",\"admin\",\"admin\"]".to_owned(),
+        request_id: request_id.to_owned(),
+        operation: "IssueKey",
+        fingerprint: "f1".to_owned(),
+        key_id: key_id.as_str().to_owned(),
+        salt: vec![7; 32],
+        create_time,
+        stale_before: create_time - 3600 * SECOND,
+    }
+}
+
+async fn a_request_id_is_claimed_once(db: TestDb) {
+    let store = open(&db).await;
+    let first = new_key("acme", NOW, 0);
+    let claimed = claim("r1", &first.key.key_id, NOW);
+    let with_claim = |key: &StoredKey, time| Mutation {
+        claim: Some(claim("r1", &key.key.key_id, time)),
+        ..audit("issue", "admin", time)
+    };
+    store
+        .insert_key(&first, &with_claim(&first, NOW))
+        .await
+        .unwrap();
+    let done = store
+        .find_request(&claimed.scope, "r1")
+        .await
+        .unwrap()
+        .expect("the claim committed with the key");
+    assert_eq!(
+        (done.operation.as_str(), done.fingerprint.as_str()),
+        ("IssueKey", "f1")
+    );
+    assert_eq!(done.key_id, first.key.key_id.as_str());
+    assert_eq!((done.salt.clone(), done.create_time), (vec![7; 32], NOW));
+
+    // A second mutation with the same claim writes nothing at all.
+    let second = new_key("acme", NOW + SECOND, 0);
+    let again = store
+        .insert_key(&second, &with_claim(&second, NOW + SECOND))
+        .await;
+    assert!(matches!(again, Err(Error::DuplicateRequest)), "{again:?}");
+    assert!(
+        store
+            .find_key_for_verify(&second.key.key_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(audit_events(&db).await.len(), 1);
+    // Another scope, or the same id once the claim is older than the window, is new.
+    let elsewhere = Mutation {
+        claim: Some(RequestClaim {
+            scope: "other".to_owned(),
+            ..claim("r1", &second.key.key_id, NOW + SECOND)
+        }),
+        ..audit("issue", "admin", NOW + SECOND)
+    };
+    store.insert_key(&second, &elsewhere).await.unwrap();
+    let third = new_key("acme", NOW + 2 * SECOND, 0);
+    let later = NOW + 7200 * SECOND;
+    store
+        .insert_key(&third, &with_claim(&third, later))
+        .await
+        .unwrap();
+    let taken_over = store
+        .find_request(&claimed.scope, "r1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken_over.key_id, third.key.key_id.as_str());
+    // Claims go in bounded batches, oldest first.
+    assert_eq!(store.delete_requests_before(later, 10).await.unwrap(), 1);
+    assert_eq!(
+        store.delete_requests_before(later + 1, 10).await.unwrap(),
+        1
+    );
+    assert!(
+        store
+            .find_request(&claimed.scope, "r1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store.close().await;
+}
+
+async fn audit_events_filter_page_and_prune(db: TestDb) {
+    let store = open(&db).await;
+    let acme = workspace("acme");
+    let key = KeyId::generate();
+    let other_key = KeyId::generate();
+    for (n, (key_id, action, actor)) in [
+        (&key, "issue", "admin"),
+        (&key, "update", "user:ann"),
+        (&other_key, "issue", "user:ann"),
+        (&key, "lockout", "admin"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let record = audit(action, actor, NOW + n as i64 * SECOND).audit;
+        store
+            .insert_audit_event(&acme, key_id, &record)
+            .await
+            .unwrap();
+    }
+    store
+        .insert_audit_event(
+            &workspace("beta"),
+            &key,
+            &audit("issue", "admin", NOW).audit,
+        )
+        .await
+        .unwrap();
+    let query = AuditQuery {
+        workspace_id: "acme".to_owned(),
+        limit: 100,
+        ..AuditQuery::default()
+    };
+    let list = |query: AuditQuery| {
+        let store = store.clone();
+        async move {
+            store
+                .list_audit_events(&query)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|event| (event.key_id, event.record.action.as_str()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let k = key.as_str().to_owned();
+    let o = other_key.as_str().to_owned();
+    assert_eq!(
+        list(query.clone()).await,
+        [
+            (k.clone(), "lockout"),
+            (o.clone(), "issue"),
+            (k.clone(), "update"),
+            (k.clone(), "issue"),
+        ]
+    );
+    let by_key = AuditQuery {
+        key_id: Some(k.clone()),
+        ..query.clone()
+    };
+    assert_eq!(list(by_key).await.len(), 3);
+    let by_user = AuditQuery {
+        actor_kind: Some(ActorKind::User),
+        actor_id: Some("ann".to_owned()),
+        ..query.clone()
+    };
+    assert_eq!(list(by_user).await.len(), 2);
+    let by_action_and_time = AuditQuery {
+        action: Some(AuditAction::Issue),
+        start_time: Some(NOW + SECOND),
+        end_time: Some(NOW + 3 * SECOND),
+        ..query.clone()
+    };
+    assert_eq!(list(by_action_and_time).await, [(o.clone(), "issue")]);
+    let all = store.list_audit_events(&query).await.unwrap();
+    let after_second = AuditQuery {
+        before_event_id: Some(all[1].event_id),
+        limit: 1,
+        ..query.clone()
+    };
+    assert_eq!(list(after_second).await, [(k.clone(), "update")]);
+
+    // Pruning: bounded batches, oldest first, every workspace.
+    assert_eq!(
+        store
+            .delete_audit_events_before(NOW + 2 * SECOND, 1)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .delete_audit_events_before(NOW + 2 * SECOND, 10)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(list(query).await, [(k.clone(), "lockout"), (o, "issue")]);
+    store.close().await;
+}
+
 on_both_databases!(
     the_kind_is_the_database_opened,
     an_inserted_key_reads_back_exactly,
@@ -694,4 +947,7 @@ on_both_databases!(
     usage_batches_add_up,
     ended_trial_keys_go_in_bounded_batches,
     changes_follow_the_database,
+    updates_apply_to_the_version_read,
+    a_request_id_is_claimed_once,
+    audit_events_filter_page_and_prune,
 );

@@ -9,14 +9,19 @@ use key_authority::pb;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::auth::{jwt_user, spawn};
 use crate::common::{
-    KeysClient, TestApp, TestDb, code, key_of, keys_as, on_both_databases, reason,
+    KeysClient, TestApp, TestDb, code, jwt_user, key_of, keys_as, on_both_databases, reason,
+    test_config, with_dashboard_jwts,
 };
 use crate::replicas::replica;
 
 const WORKSPACE: &str = "acme";
 const DAY: i64 = 24 * 60 * 60;
+
+/// A server that accepts the admin token and the dashboard JWTs of `jwt_user`.
+async fn spawn(db: &TestDb) -> TestApp {
+    TestApp::spawn_with(with_dashboard_jwts(test_config(db))).await
+}
 
 /// A timestamp `seconds` from now, in whole seconds (so it round-trips exactly).
 fn from_now(seconds: i64) -> prost_types::Timestamp {
@@ -178,7 +183,7 @@ async fn issue_with_role(
 /// Each mask path changes exactly its field, even when the request's key differs in every
 /// other field too, and gives the key a new etag and update_time.
 async fn each_mask_path_changes_exactly_its_field(db: TestDb) {
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let issued = issue_full(&mut app, "original").await;
     let key_id = key_of(&issued).key_id.clone();
     // Every updatable field differs from the key's.
@@ -245,7 +250,7 @@ async fn each_mask_path_changes_exactly_its_field(db: TestDb) {
 /// Without a mask, every field the key sets to a non-default value (AIP-134); `*` replaces
 /// every updatable field, defaults included.
 async fn implied_mask_and_star(db: TestDb) {
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let issued = issue_full(&mut app, "original").await;
     let key_id = key_of(&issued).key_id.clone();
     let before = key_of(&issued).clone();
@@ -333,7 +338,7 @@ async fn implied_mask_and_star(db: TestDb) {
 
 /// A mask UpdateKey cannot apply is INVALID_ARGUMENT naming the field, and changes nothing.
 async fn bad_masks_are_invalid_arguments(db: TestDb) {
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let issued = issue_full(&mut app, "original").await;
     let key_id = key_of(&issued).key_id.clone();
     let renamed = pb::Key {
@@ -397,7 +402,7 @@ async fn bad_masks_are_invalid_arguments(db: TestDb) {
 /// The current etag updates; a stale one is ABORTED (ETAG_MISMATCH); garbage is
 /// INVALID_ARGUMENT.
 async fn etags_make_updates_optimistic(db: TestDb) {
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let issued = app.issue(WORKSPACE, "original").await;
     let key_id = key_of(&issued).key_id.clone();
     let read = app.get(WORKSPACE, &key_id).await.unwrap();
@@ -484,7 +489,7 @@ async fn etags_make_updates_optimistic(db: TestDb) {
 /// keys never push an expiry later; viewers update nothing. Each refusal changes nothing and
 /// leaves no event.
 async fn escalation_is_refused(db: TestDb) {
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let developer_key = issue_with_role(
         &mut app,
         "developer",
@@ -660,7 +665,7 @@ async fn escalation_is_refused(db: TestDb) {
 /// An API key may narrow itself: fewer scopes, a lower role, an earlier expiry; and a developer
 /// may change what its role allows.
 async fn an_api_key_may_narrow_itself(db: TestDb) {
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let caller = issue_with_role(
         &mut app,
         "caller",
@@ -767,7 +772,7 @@ async fn an_api_key_may_narrow_itself(db: TestDb) {
 /// Expiry rules: the future, within the server's maximum lifetime; an admin may remove it; a
 /// rotated key cannot live longer.
 async fn expiry_rules(db: TestDb) {
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let issued = issue_full(&mut app, "expiring").await;
     let key_id = key_of(&issued).key_id.clone();
     for at in [from_now(-60), from_now(0), from_now(11 * 366 * DAY)] {
@@ -846,7 +851,7 @@ async fn expiry_rules(db: TestDb) {
 
 /// Revoked and expired keys are final: UpdateKey changes neither.
 async fn final_keys_cannot_be_updated(db: TestDb) {
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let revoked = app.issue(WORKSPACE, "revoked").await;
     let revoked_id = key_of(&revoked).key_id.clone();
     app.revoke(WORKSPACE, &revoked_id).await.unwrap();
@@ -917,7 +922,7 @@ async fn final_keys_cannot_be_updated(db: TestDb) {
 
 /// UpdateKey is sealed to the caller's workspace like every other RPC.
 async fn updates_stay_in_their_workspace(db: TestDb) {
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let issued = app.issue(WORKSPACE, "sealed").await;
     let key_id = key_of(&issued).key_id.clone();
     let renamed = |workspace_id: &str| pb::Key {
@@ -963,7 +968,7 @@ async fn updates_stay_in_their_workspace(db: TestDb) {
 /// A disabled key verifies as DISABLED at once, shows DISABLED, leaves ListKeys unless
 /// include_inactive, cannot be rotated and cannot call KeyService; enabled, it is back.
 async fn disable_and_enable(db: TestDb) {
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let issued = issue_with_role(&mut app, "switch", pb::Role::Developer, &[], None).await;
     let key_id = key_of(&issued).key_id.clone();
     let bystander = app.issue(WORKSPACE, "bystander").await;
@@ -1049,7 +1054,7 @@ async fn disable_and_enable(db: TestDb) {
 
 /// Revoking a disabled key works, and revocation stays final: the key cannot be enabled again.
 async fn a_disabled_key_can_be_revoked_for_good(db: TestDb) {
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let issued = app.issue(WORKSPACE, "doomed").await;
     let key_id = key_of(&issued).key_id.clone();
     set_enabled(&mut app, &key_id, false).await;
@@ -1082,7 +1087,7 @@ async fn a_disabled_key_can_be_revoked_for_good(db: TestDb) {
 /// Each update leaves exactly one event: UPDATE, DISABLE or ENABLE, with the fields it changed
 /// (old → new), UNCHANGED when it changed nothing; a refused update leaves none.
 async fn each_update_leaves_one_event(db: TestDb) {
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let issued = issue_full(&mut app, "audited").await;
     let key_id = key_of(&issued).key_id.clone();
     let before = events(&mut app, &key_id).await;
@@ -1241,7 +1246,7 @@ async fn each_update_leaves_one_event(db: TestDb) {
 /// (ETAG_MISMATCH), and only the one leaves an event. Without etags every one applies, in turn.
 async fn concurrent_updates_with_one_etag_apply_once(db: TestDb) {
     const WRITERS: usize = 8;
-    let mut app = spawn(&db, 0).await;
+    let mut app = spawn(&db).await;
     let issued = app.issue(WORKSPACE, "contended").await;
     let key_id = key_of(&issued).key_id.clone();
     let etag = key_of(&issued).etag.clone();
