@@ -479,16 +479,14 @@ impl KeyManager {
         let actor = caller.actor();
         for _ in 0..UPDATE_ATTEMPTS {
             let before = self.find(&workspace_id, key_id).await?;
-            let now = now_micros();
-            // A final state before a stale etag: revoking bumps the version too, and a caller
-            // told ETAG_MISMATCH would re-read and retry only to learn the key is revoked.
-            ensure_updatable(&before, now)?;
             if command
                 .expected_version
                 .is_some_and(|expected| expected != before.version)
             {
                 return Err(Error::EtagMismatch);
             }
+            let now = now_micros();
+            ensure_updatable(&before, now)?;
             let after = self.updated(&before, &command.changes, now)?;
             policy::check_update(caller, &before, &after)?;
             let changes = audit::differences(&before, &after);

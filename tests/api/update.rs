@@ -466,13 +466,15 @@ async fn etags_make_updates_optimistic(db: TestDb) {
     }
     assert_eq!(app.get(WORKSPACE, &key_id).await.unwrap().name, "first");
 
-    // Revoking makes the etag stale too, but what the caller learns is that the key is final.
+    // A revoked key is final, whatever the etag (revoking changes the etag too).
     app.revoke(WORKSPACE, &key_id).await.unwrap();
+    let revoked = app.get(WORKSPACE, &key_id).await.unwrap();
+    assert_ne!(revoked.etag, first.etag, "revoking is a new version");
     let status = update(
         &mut app.keys,
         pb::Key {
             name: "after revoke".into(),
-            etag: first.etag.clone(),
+            etag: revoked.etag,
             ..target(&key_id)
         },
         Some(&["name"]),
