@@ -568,14 +568,16 @@ impl KeyManager {
         let actor = caller.actor();
         for _ in 0..UPDATE_ATTEMPTS {
             let before = self.find(workspace_id, key_id).await?;
+            let now = now_micros();
+            // A final state first: an etag read before a revocation would only send the caller
+            // round again to learn that the key is revoked.
+            ensure_updatable(&before, now)?;
             if command
                 .expected_version
                 .is_some_and(|expected| expected != before.version)
             {
                 return Err(Error::EtagMismatch);
             }
-            let now = now_micros();
-            ensure_updatable(&before, now)?;
             let after = self.updated(&before, &command.changes, now)?;
             policy::check_update(caller, &before, &after)?;
             let changes = audit::differences(&before, &after);

@@ -635,4 +635,132 @@ mod tests {
             Some(API_KEY_MAX_ROTATION_GRACE)
         );
     }
+
+    /// A key of the test workspace: `SELFSELFSELF` is the key `api_key` callers are.
+    fn key(key_id: &str, role: Role, scopes: &[&str], expire_time: Option<UnixMicros>) -> Key {
+        use crate::key::{KeyDescription, KeyId, KeyName, Metadata, Scopes};
+        Key {
+            key_id: KeyId::parse(key_id).unwrap(),
+            workspace_id: workspace(),
+            name: KeyName::parse("a key").unwrap(),
+            description: KeyDescription::default(),
+            prefix: format!("ka_live_{key_id}"),
+            scopes: Scopes::parse(scopes).unwrap(),
+            role,
+            environment: Environment::Live,
+            create_time: 0,
+            expire_time,
+            revoke_time: None,
+            last_used_time: None,
+            total_requests: 0,
+            metadata: Metadata::default(),
+            rotated_from_key_id: None,
+            rotated_to_key_id: None,
+            created_by: "admin".into(),
+            revoked_by: None,
+            usage_limit: 0,
+            usage_remaining: 0,
+            budget_id: None,
+            enabled: true,
+            version: 1,
+            update_time: None,
+        }
+    }
+
+    /// What `check_update` answers, by kind.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Outcome {
+        Allowed,
+        /// PERMISSION_DENIED, INSUFFICIENT_ROLE.
+        Denied,
+        /// INVALID_ARGUMENT naming `key.role` or `key.expire_time`.
+        Invalid(&'static str),
+    }
+
+    fn outcome(result: Result<()>) -> Outcome {
+        match result {
+            Ok(()) => Outcome::Allowed,
+            Err(Error::InsufficientRole(_)) => Outcome::Denied,
+            Err(Error::InvalidArgument { field, .. }) => Outcome::Invalid(field),
+            Err(other) => panic!("unexpected refusal {other:?}"),
+        }
+    }
+
+    #[test]
+    fn check_update_table() {
+        use Outcome::*;
+        use Role::*;
+        const SELF: &str = "SELFSELFSELF";
+        const OTHER: &str = "OTHEROTHEROT";
+        const DAY: UnixMicros = 86_400_000_000;
+        let (soon, later) = (Some(10 * DAY), Some(20 * DAY));
+        let base = |role, scopes: &[&str], expiry| key(OTHER, role, scopes, expiry);
+        let own = |role, scopes: &[&str], expiry| key(SELF, role, scopes, expiry);
+        let rotated = |expiry| Key {
+            rotated_to_key_id: crate::key::KeyId::parse("NEXTNEXTNEXT"),
+            ..base(Developer, &[], expiry)
+        };
+        let disabled = |key: Key| Key {
+            enabled: false,
+            ..key
+        };
+        let renamed = |key: Key| Key {
+            name: crate::key::KeyName::parse("renamed").unwrap(),
+            ..key
+        };
+        // (what, caller, before, after, outcome)
+        #[rustfmt::skip]
+        let table = [
+            // Roles: nobody gives or touches a role above their own.
+            ("admin grants account_admin", Caller::Admin, base(Developer, &[], None), base(AccountAdmin, &[], None), Allowed),
+            ("account_admin grants account_admin", user(AccountAdmin), base(Developer, &[], None), base(AccountAdmin, &[], None), Allowed),
+            ("developer grants account_admin", user(Developer), base(Developer, &[], None), base(AccountAdmin, &[], None), Denied),
+            ("developer lowers an account_admin", user(Developer), base(AccountAdmin, &[], None), base(Viewer, &[], None), Denied),
+            ("developer renames an account_admin", user(Developer), base(AccountAdmin, &[], None), renamed(base(AccountAdmin, &[], None)), Denied),
+            ("developer disables an account_admin", user(Developer), base(AccountAdmin, &[], None), disabled(base(AccountAdmin, &[], None)), Denied),
+            ("developer lowers a developer", user(Developer), base(Developer, &[], None), base(Viewer, &[], None), Allowed),
+            ("developer raises a viewer to developer", user(Developer), base(Viewer, &[], None), base(Developer, &[], None), Allowed),
+            ("developer key grants account_admin", api_key(Developer), base(Developer, &[], None), base(AccountAdmin, &[], None), Denied),
+            ("developer key disables a developer", api_key(Developer), base(Developer, &[], None), disabled(base(Developer, &[], None)), Allowed),
+            // The trial role is neither given nor taken away, even by an admin.
+            ("admin gives the trial role", Caller::Admin, base(Viewer, &[], None), base(Trial, &[], None), Invalid("key.role")),
+            ("admin takes the trial role", Caller::Admin, base(Trial, &[], soon), base(Viewer, &[], soon), Invalid("key.role")),
+            ("a key lowers itself to trial", api_key(Viewer), own(Viewer, &[], None), own(Trial, &[], None), Invalid("key.role")),
+            ("admin renames a trial key", Caller::Admin, base(Trial, &[], soon), renamed(base(Trial, &[], soon)), Allowed),
+            // Lifetimes: only callers that may issue keys make a key live longer.
+            ("admin extends", Caller::Admin, base(Developer, &[], soon), base(Developer, &[], later), Allowed),
+            ("admin removes an expiry", Caller::Admin, base(Developer, &[], soon), base(Developer, &[], None), Allowed),
+            ("developer extends", user(Developer), base(Developer, &[], soon), base(Developer, &[], later), Allowed),
+            ("developer key extends another key", api_key(Developer), base(Developer, &[], soon), base(Developer, &[], later), Denied),
+            ("developer key removes another key's expiry", api_key(Developer), base(Developer, &[], soon), base(Developer, &[], None), Denied),
+            ("developer key shortens another key", api_key(Developer), base(Developer, &[], later), base(Developer, &[], soon), Allowed),
+            ("developer key gives an unending key an expiry", api_key(Developer), base(Developer, &[], None), base(Developer, &[], soon), Allowed),
+            ("admin extends a rotated key", Caller::Admin, rotated(soon), rotated(later), Invalid("key.expire_time")),
+            ("admin removes a rotated key's expiry", Caller::Admin, rotated(soon), rotated(None), Invalid("key.expire_time")),
+            ("admin shortens a rotated key", Caller::Admin, rotated(later), rotated(soon), Allowed),
+            // A key on itself: narrower, never wider.
+            ("a key narrows its scopes", api_key(Developer), own(Developer, &["read", "write"], None), own(Developer, &["read"], None), Allowed),
+            ("a key keeps its scopes", api_key(Developer), own(Developer, &["read"], None), renamed(own(Developer, &["read"], None)), Allowed),
+            ("a full-access key narrows to a scope", api_key(Developer), own(Developer, &[], None), own(Developer, &["read"], None), Allowed),
+            ("a key widens its scopes", api_key(Developer), own(Developer, &["read"], None), own(Developer, &["read", "write"], None), Denied),
+            ("a key swaps its scopes", api_key(Developer), own(Developer, &["read"], None), own(Developer, &["write"], None), Denied),
+            ("a key widens to full access", api_key(Developer), own(Developer, &["read"], None), own(Developer, &[], None), Denied),
+            ("a key widens to full_access", api_key(Developer), own(Developer, &["read"], None), own(Developer, &["full_access"], None), Denied),
+            ("a key lowers its role", api_key(Developer), own(Developer, &[], None), own(Viewer, &[], None), Allowed),
+            ("a viewer key raises its role", api_key(Viewer), own(Viewer, &[], None), own(Developer, &[], None), Denied),
+            ("a key shortens itself", api_key(Viewer), own(Viewer, &[], later), own(Viewer, &[], soon), Allowed),
+            ("a key extends itself", api_key(AccountAdmin), own(AccountAdmin, &[], soon), own(AccountAdmin, &[], later), Denied),
+            ("a key removes its expiry", api_key(AccountAdmin), own(AccountAdmin, &[], soon), own(AccountAdmin, &[], None), Denied),
+            ("a key disables itself", api_key(Viewer), own(Viewer, &["read"], soon), disabled(own(Viewer, &["read"], soon)), Allowed),
+            // Widening another key is not widening itself (the table in the header).
+            ("developer key widens another key's scopes", api_key(Developer), base(Developer, &["read"], None), base(Developer, &[], None), Allowed),
+        ];
+        for (what, caller, before, after, expected) in table {
+            assert_eq!(
+                outcome(check_update(&caller, &before, &after)),
+                expected,
+                "{what}"
+            );
+        }
+    }
 }

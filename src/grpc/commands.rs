@@ -144,14 +144,17 @@ impl TryFrom<pb::UpdateKeyRequest> for UpdateKey {
         let key = request
             .key
             .ok_or_else(|| Error::invalid("key", "is required"))?;
+        // The id is inside `key` here: name the field where the caller will look for it.
+        if key.key_id.is_empty() {
+            return Err(Error::invalid("key.key_id", "is required"));
+        }
         let key_id = require_key_id(&key.key_id)?;
-        let expected_version =
-            match key.etag.as_str() {
-                "" => None,
-                etag => Some(etag.parse::<i64>().map_err(|_| {
-                    Error::invalid("key.etag", "is not an etag this service returned")
-                })?),
-            };
+        let expected_version = match key.etag.as_str() {
+            "" => None,
+            etag => Some(parse_etag(etag).ok_or_else(|| {
+                Error::invalid("key.etag", "is not an etag this service returned")
+            })?),
+        };
         let paths = update_paths(request.update_mask, &key)?;
         let mut changes = KeyChanges::default();
         for path in paths {
@@ -181,7 +184,9 @@ impl TryFrom<pb::UpdateKeyRequest> for UpdateKey {
                             "must be set when update_mask names it",
                         ));
                     }
-                    changes.role = Some(role_from_proto(key.role)?);
+                    changes.role = Some(role_from_proto(key.role).map_err(|_| {
+                        Error::invalid("key.role", format!("unknown value {}", key.role))
+                    })?);
                 }
                 "metadata" => {
                     changes.metadata = Some(
@@ -208,6 +213,15 @@ impl TryFrom<pb::UpdateKeyRequest> for UpdateKey {
             changes,
         })
     }
+}
+
+/// The version an etag names. Etags are versions in their canonical decimal form, from 1 on;
+/// anything else (`0`, `-1`, `+1`, `01`) was never returned, so it is a bad request rather than
+/// a stale etag.
+fn parse_etag(etag: &str) -> Option<i64> {
+    etag.parse::<i64>()
+        .ok()
+        .filter(|version| *version > 0 && version.to_string() == etag)
 }
 
 /// The settings an update names: the mask's paths (`*` for all), or without a mask every

@@ -439,6 +439,39 @@ mod tests {
     }
 
     #[test]
+    fn scopes_within() {
+        // (these, other, these are within other)
+        let table: [(&[&str], &[&str], bool); 14] = [
+            (&["read"], &["read", "write"], true),
+            (&["read", "write"], &["read", "write"], true),
+            (&["write", "read", "read"], &["read", "write"], true),
+            (&["read", "write"], &["read"], false),
+            (&["admin"], &["read"], false),
+            (&["read:*"], &["read:keys"], false),
+            (&["read:keys"], &["read:*"], false),
+            // Empty and `full_access` grant everything: within only each other.
+            (&["read"], &[], true),
+            (&["read"], &["full_access"], true),
+            (&[], &[], true),
+            (&["full_access"], &[], true),
+            (&[], &["full_access", "read"], true),
+            (&[], &["read"], false),
+            (&["full_access"], &["read", "write"], false),
+        ];
+        for (these, other, within) in table {
+            let (these_scopes, other_scopes) =
+                (Scopes::parse(these).unwrap(), Scopes::parse(other).unwrap());
+            assert_eq!(
+                these_scopes.within(&other_scopes),
+                within,
+                "{these:?} within {other:?}"
+            );
+        }
+        let one = Scopes::parse(&["read", "full_access"]).unwrap();
+        assert!(!one.within(&Scopes::parse(&["read"]).unwrap()));
+    }
+
+    #[test]
     fn bad_scopes() {
         assert!(Scopes::parse(&[""]).is_err());
         assert!(Scopes::parse(&["has space"]).is_err());
@@ -543,5 +576,44 @@ mod properties {
                 prop_assert!(!has_control(&key) && !has_control_but_line_breaks(&value));
             }
         }
+
+        /// `within` means what UpdateKey relies on: scopes within others grant nothing the
+        /// others do not, whatever a VerifyKey call requires.
+        #[test]
+        fn scopes_within_grant_nothing_more(
+            these in scope_set(),
+            other in scope_set(),
+            required in scope_set(),
+        ) {
+            let (these, other) = (Scopes::parse(&these).unwrap(), Scopes::parse(&other).unwrap());
+            if these.within(&other) {
+                prop_assert!(!these.grant_all(&required) || other.grant_all(&required));
+            } else {
+                // And when they are not within, some requirement proves it ("e" is held by no
+                // set here, so only full access grants it).
+                let witness = if these.is_full_access() {
+                    vec!["e".to_owned()]
+                } else {
+                    these.as_slice().to_vec()
+                };
+                prop_assert!(these.grant_all(&witness) && !other.grant_all(&witness));
+            }
+            prop_assert!(these.within(&these));
+        }
+    }
+
+    /// A few scopes from a small alphabet, `full_access` among them, so that sets overlap.
+    fn scope_set() -> impl Strategy<Value = Vec<String>> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just("full_access"),
+                Just("a"),
+                Just("b"),
+                Just("c"),
+                Just("d")
+            ]
+            .prop_map(str::to_owned),
+            0..4,
+        )
     }
 }

@@ -188,14 +188,15 @@ async fn every_mutation_leaves_exactly_one_event(db: TestDb) {
         assert_eq!(event.request_id, "", "no request id was sent");
     }
 
-    // Failed mutations leave nothing: a stale etag, a revoked key, bad input, a missing right.
+    // Failed mutations leave nothing: a stale etag (the original key's, read before its
+    // rotation), a revoked key, bad input, a missing right.
     let stale = app
         .keys
         .update_key(update(
-            &successor,
+            &key_id,
             pb::Key {
                 name: "late".into(),
-                etag: renamed.etag,
+                etag: key_of(&issued).etag.clone(),
                 ..Default::default()
             },
             &["name"],
@@ -203,8 +204,24 @@ async fn every_mutation_leaves_exactly_one_event(db: TestDb) {
         .await
         .unwrap_err();
     assert_eq!(stale.code(), Code::Aborted);
-    let revoked = app.rotate("acme", &successor, None).await.unwrap_err();
-    assert_eq!(revoked.code(), Code::FailedPrecondition);
+    for revoked in [
+        app.rotate("acme", &successor, None).await.unwrap_err(),
+        app.keys
+            .update_key(update(
+                &successor,
+                pb::Key {
+                    name: "late".into(),
+                    etag: renamed.etag,
+                    ..Default::default()
+                },
+                &["name"],
+            ))
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(revoked.code(), Code::FailedPrecondition);
+        assert_eq!(reason(&revoked), "KEY_REVOKED");
+    }
     let invalid = app
         .keys
         .issue_key(pb::IssueKeyRequest {

@@ -25,5 +25,6 @@ mod slow_database;
 mod store;
 mod transport;
 mod trial;
+mod update;
 mod validation;
 mod verify;

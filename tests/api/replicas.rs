@@ -11,7 +11,7 @@ use crate::common::{TestApp, TestDb, code, key_of, test_config};
 
 /// A replica whose state cache would trust a stale entry for an hour: whatever it learns in these
 /// tests, it learns from notifications, not from the TTL.
-async fn replica(db: &TestDb) -> TestApp {
+pub(crate) async fn replica(db: &TestDb) -> TestApp {
     let mut config = test_config(db);
     config.verify.state_ttl = Duration::from_secs(3600);
     // spawn_with returns once the change feed listens.
