@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::audit::AuditConfig;
 use crate::auth::{AuthConfig, JwtConfig};
 use crate::key::format::random_base62;
 use crate::key::{Brand, HashParams, HashPriority, UnprovenBudget, WorkspaceId};
@@ -46,6 +47,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Calls in progress at once, and HTTP/2 streams per connection.
     pub overload: OverloadConfig,
+    /// How long the audit trail is kept.
+    pub audit: AuditConfig,
 }
 
 /// PEM material for TLS, already read from disk.
@@ -88,6 +91,7 @@ impl Default for Config {
             health_check_interval: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
             overload: OverloadConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -341,6 +345,14 @@ pub struct ServeArgs {
     #[arg(long, env = "KEY_AUTHORITY_TRIAL_SWEEP_INTERVAL", default_value_t = shown(defaults().trial.sweep_interval))]
     pub trial_sweep_interval: humantime::Duration,
 
+    /// How long audit events are kept before the background pruning deletes them.
+    #[arg(long, env = "KEY_AUTHORITY_AUDIT_RETENTION", default_value_t = shown(defaults().audit.retention))]
+    pub audit_retention: humantime::Duration,
+
+    /// How often audit events past the retention are deleted (in batches of 1000).
+    #[arg(long, env = "KEY_AUTHORITY_AUDIT_PRUNE_INTERVAL", default_value_t = shown(defaults().audit.prune_interval))]
+    pub audit_prune_interval: humantime::Duration,
+
     /// Serve Prometheus metrics at http://ADDRESS/metrics.
     #[arg(long, env = "KEY_AUTHORITY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -449,6 +461,12 @@ impl ServeArgs {
                 max_key_lifetime: (!Duration::from(self.max_key_lifetime).is_zero())
                     .then_some(Duration::from(self.max_key_lifetime)),
                 max_rotation_grace: Duration::from(self.max_rotation_grace),
+            },
+            audit: AuditConfig {
+                retention: Duration::from(self.audit_retention),
+                prune_interval: Duration::from(self.audit_prune_interval)
+                    .max(Duration::from_millis(10)),
+                ..AuditConfig::default()
             },
             tls,
             metrics_listen: self.metrics_listen,

@@ -41,6 +41,19 @@ pub enum Error {
     /// The key is expired, so the operation cannot apply.
     #[error("key {0} is expired")]
     KeyExpired(String),
+    /// The key is disabled, so the operation cannot apply until it is enabled again.
+    #[error("key {0} is disabled")]
+    KeyDisabled(String),
+    /// UpdateKey's etag names a version of the key that is no longer current.
+    #[error("the key changed since the etag was read: read it again and retry")]
+    EtagMismatch,
+    /// A request id already used, within the idempotency window, for a different request.
+    #[error("request id {} was already used for a different request ({})", excerpt(.0), .1)]
+    IdempotencyKeyReused(String, &'static str),
+    /// A mutation found its request id claimed by one that committed first: the caller answers
+    /// with that request's result. Never leaves the service.
+    #[error("the request id was claimed by a concurrent request")]
+    DuplicateRequest,
     /// The key was already rotated; rotate its successor instead.
     #[error("key {key_id} was already rotated to {successor}")]
     KeyAlreadyRotated { key_id: String, successor: String },
@@ -128,6 +141,10 @@ impl Error {
             Self::KeyRevoked(_) => "KEY_REVOKED",
             Self::KeyExpired(_) => "KEY_EXPIRED",
             Self::KeyAlreadyRotated { .. } => "KEY_ALREADY_ROTATED",
+            Self::KeyDisabled(_) => "KEY_DISABLED",
+            Self::EtagMismatch => "ETAG_MISMATCH",
+            Self::IdempotencyKeyReused(..) => "IDEMPOTENCY_KEY_REUSED",
+            Self::DuplicateRequest => "DUPLICATE_REQUEST",
             Self::MissingCredentials => "MISSING_AUTH_HEADER",
             Self::InvalidCredentials(_) => "INVALID_CREDENTIALS",
             Self::InsufficientRole(_) => "INSUFFICIENT_ROLE",
@@ -151,9 +168,12 @@ impl Error {
             | Self::InvalidArgument { .. }
             | Self::InvalidPageToken(_) => Code::InvalidArgument,
             Self::KeyNotFound => Code::NotFound,
-            Self::KeyRevoked(_) | Self::KeyExpired(_) | Self::KeyAlreadyRotated { .. } => {
-                Code::FailedPrecondition
-            }
+            Self::KeyRevoked(_)
+            | Self::KeyExpired(_)
+            | Self::KeyAlreadyRotated { .. }
+            | Self::KeyDisabled(_)
+            | Self::IdempotencyKeyReused(..) => Code::FailedPrecondition,
+            Self::EtagMismatch | Self::DuplicateRequest => Code::Aborted,
             Self::MissingCredentials | Self::InvalidCredentials(_) => Code::Unauthenticated,
             Self::InsufficientRole(_) | Self::WorkspaceMismatch(_) => Code::PermissionDenied,
             Self::RateLimited(_)

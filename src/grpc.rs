@@ -1,5 +1,6 @@
 //! The gRPC layer: translates protobuf to domain types and back, and owns nothing else.
 
+mod audit;
 mod codec;
 mod commands;
 mod convert;

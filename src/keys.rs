@@ -3,6 +3,7 @@
 //! database transaction with its audit record; every read and write is scoped to a workspace.
 
 pub mod commands;
+pub mod idempotency;
 pub mod page_token;
 
 use std::sync::Arc;
@@ -10,10 +11,13 @@ use std::time::Duration;
 
 pub use crate::auth::policy::{API_KEY_MAX_ROTATION_GRACE, Actor, RotationRights};
 pub use commands::{
-    Expiration, GetKey, IssueKey, IssueTrialKey, KeySpec, ListKeys, RevokeKey, RevokeTrialKey,
-    RotateKey,
+    Expiration, GetKey, IssueKey, IssueTrialKey, KeyChanges, KeySpec, ListAuditEvents, ListKeys,
+    RevokeKey, RevokeTrialKey, RotateKey, UpdateKey,
 };
 
+use crate::audit::{
+    self, ActorKind, AuditAction, AuditEvent, AuditOutcome, AuditQuery, AuditRecord, CallContext,
+};
 use crate::auth::RateLimits;
 use crate::auth::policy::{self, Action, Caller, Origin};
 use crate::error::{Error, Result};
@@ -22,7 +26,7 @@ use crate::key::{
     Brand, Environment, GeneratedKey, HashPool, Key, KeyDescription, KeyId, KeyName, KeyState,
     Metadata, Role, Scopes, StoredKey, WorkspaceId,
 };
-use crate::store::{AuditRecord, ListQuery, Store};
+use crate::store::{ListQuery, Mutation, Store};
 use crate::timestamp::{self, UnixMicros, duration_micros, now_micros};
 use crate::verify::Invalidator;
 use page_token::PageTokenCodec;
@@ -33,6 +37,9 @@ pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(24 * 60 * 60);
 /// How often a freshly generated key id may collide before issuing gives up (71 random bits:
 /// even one collision is practically impossible).
 const KEY_ID_ATTEMPTS: usize = 3;
+/// How often UpdateKey without an etag re-reads a key that changed under it before giving up
+/// with a conflict (each round is two fast statements).
+const UPDATE_ATTEMPTS: usize = 5;
 
 /// What IssueTrialKey makes, and whether it makes anything.
 #[derive(Debug, Clone)]
@@ -97,6 +104,13 @@ pub struct Revoked {
 pub struct IssuedKey {
     pub key: Key,
     pub plaintext: String,
+}
+
+/// One page of ListAuditEvents.
+#[derive(Debug)]
+pub struct AuditPage {
+    pub events: Vec<AuditEvent>,
+    pub next_page_token: Option<String>,
 }
 
 /// One page of ListKeys.
@@ -176,9 +190,15 @@ impl KeyManager {
 
     /// IssueTrialKey: a key with environment and role TRIAL, a short TTL and a usage limit,
     /// for an anonymous caller, within the per-address rate limit.
-    pub async fn issue_trial(&self, origin: &Origin, command: IssueTrialKey) -> Result<IssuedKey> {
+    pub async fn issue_trial(
+        &self,
+        origin: &Origin,
+        context: &CallContext,
+        command: IssueTrialKey,
+    ) -> Result<IssuedKey> {
         self.ensure_trial_enabled()?;
         let client_ip = origin.end_user_ip(&command.client_ip)?;
+        let context = &end_user_context(origin, context, &command.client_ip);
         let name = match command.name.as_str() {
             "" => "trial",
             name => name,
@@ -195,16 +215,24 @@ impl KeyManager {
             metadata: Metadata::default(),
             usage_limit: self.trial.usage_limit,
         };
-        self.create(self.trial.workspace_id.clone(), trial, &trial_actor())
+        let actor = Actor::trial(&context.client_ip);
+        let audit = self.audit(AuditAction::IssueTrial, &actor, now_micros(), context);
+        self.create(self.trial.workspace_id.clone(), trial, &actor, audit)
             .await
     }
 
     /// RevokeTrialKey: revokes the trial key named by its public prefix (or its whole text),
     /// within the per-address rate limit. Any other key is simply not found: this path can
     /// revoke nothing but trial keys.
-    pub async fn revoke_trial(&self, origin: &Origin, command: RevokeTrialKey) -> Result<Key> {
+    pub async fn revoke_trial(
+        &self,
+        origin: &Origin,
+        context: &CallContext,
+        command: RevokeTrialKey,
+    ) -> Result<Key> {
         self.ensure_trial_enabled()?;
         let client_ip = origin.end_user_ip(&command.client_ip)?;
+        let context = &end_user_context(origin, context, &command.client_ip);
         self.rate_limits.trial_revoke.check(&client_ip)?;
         let key_id = trial_key_id(&command.prefix)?;
         let Some(stored) = self.store.find_key_for_verify(&key_id).await? else {
@@ -213,8 +241,10 @@ impl KeyManager {
         if stored.key.environment != Environment::Trial {
             return Err(Error::KeyNotFound);
         }
+        let actor = Actor::trial(&context.client_ip);
+        let audit = self.audit(AuditAction::RevokeTrial, &actor, now_micros(), context);
         Ok(self
-            .revoke_in(&stored.key.workspace_id, &key_id, false, &trial_actor())
+            .revoke_in(&stored.key.workspace_id, &key_id, false, &actor, audit)
             .await?
             .key)
     }
@@ -230,7 +260,12 @@ impl KeyManager {
 
     /// IssueKey: a new key in the caller's workspace (an admin's: the one it names), with a role
     /// no higher than the caller's, within the caller's rate limit.
-    pub async fn issue(&self, caller: &Caller, command: IssueKey) -> Result<IssuedKey> {
+    pub async fn issue(
+        &self,
+        caller: &Caller,
+        context: &CallContext,
+        command: IssueKey,
+    ) -> Result<IssuedKey> {
         let workspace_id = caller.workspace_for(&command.workspace_id)?;
         let key = command.key;
         policy::check_issuable(key.role, key.environment)?;
@@ -241,18 +276,22 @@ impl KeyManager {
                 .check(&limit_key)
                 .map_err(Error::RateLimited)?;
         }
-        self.create(workspace_id, key, &caller.actor()).await
+        let actor = caller.actor();
+        let audit = self.audit(AuditAction::Issue, &actor, now_micros(), context);
+        self.create(workspace_id, key, &actor, audit).await
     }
 
-    /// Creates a key that was decided on. Also for tests and tools that act as the service.
+    /// Creates a key that was decided on, with its audit event (`audit`, to which the new key's
+    /// settings are added). Also for tests and tools that act as the service.
     #[tracing::instrument(name = "keys.issue", skip_all, fields(workspace_id = %workspace_id.as_str()))]
     pub async fn create(
         &self,
         workspace_id: WorkspaceId,
         new: KeySpec,
         actor: &Actor,
+        audit: AuditRecord,
     ) -> Result<IssuedKey> {
-        let now = now_micros();
+        let now = audit.occur_time;
         let expire_time = self.expire_time(new.expiration, now)?;
         let template = Key {
             key_id: KeyId::generate(),
@@ -277,11 +316,14 @@ impl KeyManager {
             usage_remaining: new.usage_limit,
             // A limited key starts a chain with its own budget (see `mint`).
             budget_id: None,
+            enabled: true,
+            version: 1,
+            update_time: None,
         };
-        let audit = self.audit("issue", actor, now);
+        let mutation = Mutation::new(audit.with_changes(audit::issued(&template)), None);
         for _ in 0..KEY_ID_ATTEMPTS {
             let (stored, plaintext) = self.mint(&template).await?;
-            match self.store.insert_key(&stored, &audit).await {
+            match self.store.insert_key(&stored, &mutation).await {
                 Ok(()) => {
                     tracing::info!(key_prefix = %stored.key.prefix, "key issued");
                     return Ok(IssuedKey {
@@ -297,7 +339,7 @@ impl KeyManager {
     }
 
     /// GetKey: a key of the caller's workspace.
-    pub async fn get(&self, caller: &Caller, command: GetKey) -> Result<Key> {
+    pub async fn get(&self, caller: &Caller, _: &CallContext, command: GetKey) -> Result<Key> {
         let workspace_id = caller.workspace_for(&command.workspace_id)?;
         caller.authorize(Action::Read)?;
         self.find(&workspace_id, &command.key_id).await
@@ -312,7 +354,12 @@ impl KeyManager {
 
     /// ListKeys: a page of the caller's workspace's keys, newest first.
     #[tracing::instrument(name = "keys.list", skip_all)]
-    pub async fn list(&self, caller: &Caller, request: ListKeys) -> Result<KeyPage> {
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        _: &CallContext,
+        request: ListKeys,
+    ) -> Result<KeyPage> {
         let workspace_id = caller.workspace_for(&request.workspace_id)?;
         caller.authorize(Action::Read)?;
         let after = if request.page_token.is_empty() {
@@ -356,7 +403,12 @@ impl KeyManager {
 
     /// RevokeKey: revokes a key of the caller's workspace (an API key may always revoke itself)
     /// and, when asked by a caller that may revoke other keys, every key its rotations led to.
-    pub async fn revoke(&self, caller: &Caller, command: RevokeKey) -> Result<Revoked> {
+    pub async fn revoke(
+        &self,
+        caller: &Caller,
+        context: &CallContext,
+        command: RevokeKey,
+    ) -> Result<Revoked> {
         let workspace_id = caller.workspace_for(&command.workspace_id)?;
         caller.authorize(Action::Revoke {
             key_id: command.key_id.as_str(),
@@ -364,17 +416,20 @@ impl KeyManager {
         if command.revoke_successors {
             caller.authorize(Action::RevokeWithSuccessors)?;
         }
+        let actor = caller.actor();
+        let audit = self.audit(AuditAction::Revoke, &actor, now_micros(), context);
         self.revoke_in(
             &workspace_id,
             &command.key_id,
             command.revoke_successors,
-            &caller.actor(),
+            &actor,
+            audit,
         )
         .await
     }
 
     /// Revokes a key and, with `successors`, every key its rotations led to, in one
-    /// transaction.
+    /// transaction with their audit events (`audit`, to which the store adds what changed).
     #[tracing::instrument(name = "keys.revoke", skip_all, fields(key_id = %key_id, successors))]
     pub async fn revoke_in(
         &self,
@@ -382,11 +437,12 @@ impl KeyManager {
         key_id: &KeyId,
         successors: bool,
         actor: &Actor,
+        audit: AuditRecord,
     ) -> Result<Revoked> {
-        let audit = self.audit("revoke", actor, now_micros());
+        let mutation = Mutation::new(audit, None);
         let revocation = self
             .store
-            .revoke_key(workspace_id, key_id, successors, &audit)
+            .revoke_key(workspace_id, key_id, successors, actor.as_str(), &mutation)
             .await?
             .ok_or(Error::KeyNotFound)?;
         // Read your writes: this replica's next VerifyKey must see every revocation.
@@ -404,11 +460,166 @@ impl KeyManager {
         })
     }
 
+    /// UpdateKey: changes the settings the command names, if the caller may (`Action::Update`,
+    /// then `policy::check_update` on the key before and after). Optimistic: the write applies
+    /// only to the version read, so a concurrent change is either reported (the caller's etag
+    /// no longer matches) or read again and decided anew.
+    #[tracing::instrument(name = "keys.update", skip_all, fields(key_id = %command.key_id))]
+    pub async fn update(
+        &self,
+        caller: &Caller,
+        context: &CallContext,
+        command: UpdateKey,
+    ) -> Result<Key> {
+        let workspace_id = caller.workspace_for(&command.workspace_id)?;
+        let key_id = &command.key_id;
+        caller.authorize(Action::Update {
+            key_id: key_id.as_str(),
+        })?;
+        let actor = caller.actor();
+        for _ in 0..UPDATE_ATTEMPTS {
+            let before = self.find(&workspace_id, key_id).await?;
+            if command
+                .expected_version
+                .is_some_and(|expected| expected != before.version)
+            {
+                return Err(Error::EtagMismatch);
+            }
+            let now = now_micros();
+            ensure_updatable(&before, now)?;
+            let after = self.updated(&before, &command.changes, now)?;
+            policy::check_update(caller, &before, &after)?;
+            let changes = audit::differences(&before, &after);
+            let action = match (before.enabled, after.enabled) {
+                (true, false) => AuditAction::Disable,
+                (false, true) => AuditAction::Enable,
+                _ => AuditAction::Update,
+            };
+            let audit = self.audit(action, &actor, now, context);
+            if changes.is_empty() {
+                // Nothing to write, but the call still leaves its one event.
+                let unchanged = AuditRecord {
+                    outcome: AuditOutcome::Unchanged,
+                    ..audit
+                };
+                self.store
+                    .insert_audit_event(&workspace_id, key_id, &unchanged)
+                    .await?;
+                return Ok(before);
+            }
+            let mutation = Mutation::new(audit.with_changes(changes), None);
+            if let Some(updated) = self.store.update_key(&after, &mutation).await? {
+                // Read your writes: this replica's next VerifyKey sees the change.
+                self.invalidator.key_changed(key_id.as_str()).await;
+                tracing::info!(key_prefix = %updated.prefix, action = action.as_str(), "key updated");
+                return Ok(updated);
+            }
+            // The key changed since it was read: read it again (and report a stale etag).
+        }
+        Err(Error::Conflict)
+    }
+
+    /// `before` with the changes applied, each checked as IssueKey checks it.
+    fn updated(&self, before: &Key, changes: &KeyChanges, now: UnixMicros) -> Result<Key> {
+        let mut after = before.clone();
+        if let Some(name) = &changes.name {
+            after.name = name.clone();
+        }
+        if let Some(description) = &changes.description {
+            after.description = description.clone();
+        }
+        if let Some(scopes) = &changes.scopes {
+            after.scopes = scopes.clone();
+        }
+        if let Some(role) = changes.role {
+            after.role = role;
+        }
+        if let Some(metadata) = &changes.metadata {
+            after.metadata = metadata.clone();
+        }
+        if let Some(expire_time) = changes.expire_time {
+            after.expire_time = match expire_time {
+                // An expiry the key already has stands, even if it is nearer than a new one
+                // could be; any other must be one IssueKey would accept.
+                Some(at) if Some(at) == before.expire_time => Some(at),
+                Some(at) => self.expire_time(Expiration::At(at), now).map_err(|_| {
+                    Error::invalid(
+                        "key.expire_time",
+                        "must be in the future and within the server's maximum key lifetime",
+                    )
+                })?,
+                None => None,
+            };
+        }
+        if let Some(enabled) = changes.enabled {
+            after.enabled = enabled;
+        }
+        Ok(after)
+    }
+
+    /// ListAuditEvents: a page of the caller's workspace's audit events, newest first.
+    #[tracing::instrument(name = "keys.list_audit_events", skip_all)]
+    pub async fn list_audit_events(
+        &self,
+        caller: &Caller,
+        _: &CallContext,
+        request: ListAuditEvents,
+    ) -> Result<AuditPage> {
+        let workspace_id = caller.workspace_for(&request.workspace_id)?;
+        caller.authorize(Action::ReadAudit)?;
+        // What a page token is bound to: the workspace and every filter, unambiguously.
+        let listing = serde_json::json!([
+            workspace_id.as_str(),
+            request.key_id.as_ref().map(KeyId::as_str),
+            request.actor_kind.map(ActorKind::as_str),
+            request.actor_id,
+            request.action.map(AuditAction::as_str),
+            request.start_time,
+            request.end_time,
+        ])
+        .to_string();
+        let before_event_id = match request.page_token.as_str() {
+            "" => None,
+            token => Some(self.page_tokens.decode_audit(token, &listing)?),
+        };
+        let limit = request.page_size.clamp(1, MAX_PAGE_SIZE);
+        let query = AuditQuery {
+            workspace_id: workspace_id.as_str().to_owned(),
+            key_id: request.key_id.map(|id| id.as_str().to_owned()),
+            actor_kind: request.actor_kind,
+            actor_id: request.actor_id,
+            action: request.action,
+            start_time: request.start_time,
+            end_time: request.end_time,
+            before_event_id,
+            // One extra row tells whether another page follows.
+            limit: limit + 1,
+        };
+        let mut events = self.store.list_audit_events(&query).await?;
+        let next_page_token = if events.len() > limit as usize {
+            events.truncate(limit as usize);
+            events
+                .last()
+                .map(|last| self.page_tokens.encode_audit(&listing, last.event_id))
+        } else {
+            None
+        };
+        Ok(AuditPage {
+            events,
+            next_page_token,
+        })
+    }
+
     /// RotateKey: replaces a key with a successor that has a new secret and, unless a caller
     /// who may issue keys says otherwise, everything else of the old key: its expiry and its
     /// usage budget.
     #[tracing::instrument(name = "keys.rotate", skip_all, fields(key_id = %command.key_id))]
-    pub async fn rotate(&self, caller: &Caller, command: RotateKey) -> Result<(IssuedKey, Key)> {
+    pub async fn rotate(
+        &self,
+        caller: &Caller,
+        context: &CallContext,
+        command: RotateKey,
+    ) -> Result<(IssuedKey, Key)> {
         let workspace_id = &caller.workspace_for(&command.workspace_id)?;
         let key_id = &command.key_id;
         caller.authorize(Action::Rotate {
@@ -447,15 +658,32 @@ impl KeyManager {
         let previous_expire_time = now
             .saturating_add(duration_micros(grace_period))
             .min(timestamp::MAX_PROTO_MICROS);
-        let audit = self.audit("rotate", actor, now);
+        let capped_expire_time = previous.expire_time.map_or(previous_expire_time, |expiry| {
+            expiry.min(previous_expire_time)
+        });
+        let audit = self
+            .audit(AuditAction::Rotate, actor, now, context)
+            .with_changes(vec![
+                audit::change(
+                    "rotated_to_key_id",
+                    serde_json::Value::Null,
+                    audit::key_id_value(Some(&successor.key.key_id)),
+                ),
+                audit::change(
+                    "expire_time",
+                    audit::time_value(previous.expire_time),
+                    audit::time_value(Some(capped_expire_time)),
+                ),
+            ]);
         let rotation = self
             .store
             .rotate_key(
                 workspace_id,
                 key_id,
+                previous.version,
                 &successor,
                 previous_expire_time,
-                &audit,
+                &Mutation::new(audit, None),
             )
             .await?;
         let Some(rotation) = rotation else {
@@ -558,23 +786,29 @@ impl KeyManager {
         Ok((StoredKey { key, secret_hash }, generated.plaintext))
     }
 
-    fn audit(&self, action: &'static str, actor: &Actor, now: UnixMicros) -> AuditRecord {
-        AuditRecord {
-            action,
-            actor: actor.as_str().to_owned(),
-            occur_time: now,
-            detail: "{}".to_owned(),
-        }
+    /// The audit event of a change by `actor` in the call described by `context`.
+    fn audit(
+        &self,
+        action: AuditAction,
+        actor: &Actor,
+        now: UnixMicros,
+        context: &CallContext,
+    ) -> AuditRecord {
+        AuditRecord::new(action, actor.audit().clone(), now, context.clone())
+    }
+}
+
+/// A trial call's context, with the end user's address (as a trusted front end claims it) in
+/// place of the connection's.
+fn end_user_context(origin: &Origin, context: &CallContext, claimed: &str) -> CallContext {
+    CallContext {
+        client_ip: origin.end_user_text(claimed, &context.client_ip).to_owned(),
+        ..context.clone()
     }
 }
 
 /// The key id inside a trial key's prefix: `<brand>_trial_<12-character id>`, at least 16
 /// characters, possibly followed by the rest of the key.
-/// How anonymous trial calls are recorded.
-fn trial_actor() -> Actor {
-    Actor::new("trial".to_owned())
-}
-
 fn trial_key_id(prefix: &str) -> Result<KeyId> {
     const MIN_PREFIX_LEN: usize = 16;
     if prefix.len() < MIN_PREFIX_LEN {
@@ -598,10 +832,21 @@ fn trial_key_id(prefix: &str) -> Result<KeyId> {
     Ok(id)
 }
 
+/// Revoked and expired keys are final: UpdateKey changes neither (a disabled key may be).
+fn ensure_updatable(key: &Key, now: UnixMicros) -> Result<()> {
+    match key.state_at(now) {
+        KeyState::Revoked => Err(Error::KeyRevoked(key.key_id.to_string())),
+        KeyState::Expired => Err(Error::KeyExpired(key.key_id.to_string())),
+        KeyState::Disabled | KeyState::Active => Ok(()),
+    }
+}
+
 fn ensure_rotatable(key: &Key, now: UnixMicros) -> Result<()> {
     match key.state_at(now) {
         KeyState::Revoked => return Err(Error::KeyRevoked(key.key_id.to_string())),
         KeyState::Expired => return Err(Error::KeyExpired(key.key_id.to_string())),
+        // A successor would verify: disabling a key must not be undone by rotating it.
+        KeyState::Disabled => return Err(Error::KeyDisabled(key.key_id.to_string())),
         KeyState::Active => {}
     }
     if let Some(successor) = &key.rotated_to_key_id {

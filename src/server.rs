@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
+use crate::audit::{AuditConfig, LockoutAuditor, write_lockouts};
 use crate::auth::{Authenticator, RateLimits};
 pub use crate::config::{Config, TlsConfig};
 use crate::error::{Error, Result};
@@ -36,6 +37,10 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// The cross-replica change feed (on a shared database) and what it has done.
     pub change_feed: Option<(JoinHandle<()>, ChangeFeedStatus)>,
+    /// How long the audit trail is kept.
+    pub audit: AuditConfig,
+    /// Writes lockout events behind VerifyKey; ends when the verifier is dropped.
+    pub lockout_writer: JoinHandle<()>,
 }
 
 impl App {
@@ -53,6 +58,10 @@ impl App {
             usage.clone(),
             &config.verify,
         ));
+        // Lockouts reach the audit trail through a bounded queue, never slowing VerifyKey.
+        let (lockout_auditor, lockouts) = LockoutAuditor::channel();
+        verifier.lockouts().report_to(lockout_auditor);
+        let lockout_writer = tokio::spawn(write_lockouts(store.clone(), lockouts));
         let rate_limits = RateLimits::new(
             config.auth.issue_limit_per_hour,
             config.auth.trial_limit_per_minute,
@@ -87,6 +96,8 @@ impl App {
         Ok(Self {
             metrics,
             change_feed,
+            audit: config.audit,
+            lockout_writer,
             store,
             keys,
             verifier,

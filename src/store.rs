@@ -17,20 +17,55 @@ use tokio_stream::Stream;
 pub use postgres::{KEY_CHANGED_CHANNEL, LISTENER_APPLICATION_NAME, PostgresStore};
 pub use sqlite::SqliteStore;
 
+pub use crate::audit::AuditRecord;
+use crate::audit::{AuditEvent, AuditQuery};
 use crate::error::{Error, Result};
 use crate::key::{Key, KeyId, StoredKey, WorkspaceId};
 use crate::timestamp::UnixMicros;
 
-/// A mutation's audit record, written in the same transaction as the mutation.
+/// What a mutation writes besides its change: its audit event and, for a request with a request
+/// id, the claim that makes a retry find it instead of repeating it.
 #[derive(Debug, Clone)]
-pub struct AuditRecord {
-    /// What happened: `issue`, `revoke`, `rotate`.
-    pub action: &'static str,
-    /// Who did it, as authenticated (`admin`, `user:<sub>`, `key:<prefix>`), or `anonymous`.
-    pub actor: String,
-    pub occur_time: UnixMicros,
-    /// A small JSON object with details worth keeping (never a secret).
-    pub detail: String,
+pub struct Mutation {
+    pub audit: AuditRecord,
+    pub claim: Option<RequestClaim>,
+}
+
+impl Mutation {
+    pub fn new(audit: AuditRecord, claim: Option<RequestClaim>) -> Self {
+        Self { audit, claim }
+    }
+}
+
+/// A request id, claimed first in the mutation's transaction. A concurrent duplicate's claim
+/// waits for that transaction: if it commits, the duplicate fails with
+/// `Error::DuplicateRequest` and reads the claim (`Store::find_request`); if it rolls back,
+/// the duplicate goes ahead. A claim older than `stale_before` is replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestClaim {
+    /// The caller's namespace of request ids: workspace and caller.
+    pub scope: String,
+    pub request_id: String,
+    /// The RPC, such as `IssueKey`.
+    pub operation: &'static str,
+    /// SHA-256 (hex) of the request's parameters.
+    pub fingerprint: String,
+    /// The key the request makes or changes.
+    pub key_id: String,
+    /// Re-derives the secret of a key the request made (with the server's idempotency key).
+    pub salt: Vec<u8>,
+    pub create_time: UnixMicros,
+    pub stale_before: UnixMicros,
+}
+
+/// A request id that a committed mutation claimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoneRequest {
+    pub operation: String,
+    pub fingerprint: String,
+    pub key_id: String,
+    pub salt: Vec<u8>,
+    pub create_time: UnixMicros,
 }
 
 /// One page of a workspace's keys, newest first.
@@ -122,8 +157,9 @@ pub type Changes = Pin<Box<dyn Stream<Item = Change> + Send>>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Inserts a new key and its audit record. A key id collision is `Error::Conflict`.
-    async fn insert_key(&self, key: &StoredKey, audit: &AuditRecord) -> Result<()>;
+    /// Inserts a new key and its audit record. A key id collision is `Error::Conflict`; a
+    /// request id claimed already is `Error::DuplicateRequest`.
+    async fn insert_key(&self, key: &StoredKey, mutation: &Mutation) -> Result<()>;
 
     async fn get_key(&self, workspace_id: &WorkspaceId, key_id: &KeyId) -> Result<Option<Key>>;
 
@@ -133,29 +169,60 @@ pub trait Store: Send + Sync + 'static {
     /// One page of keys and the number of keys matching the query across all pages.
     async fn list_keys(&self, query: &ListQuery) -> Result<(Vec<Key>, i64)>;
 
-    /// Sets the key's revoke time unless it is already revoked (then nothing changes), and
-    /// returns the key as it is now. With `successors`, does the same in the same transaction
-    /// for every key the rotation chain leads to from it, each with its audit record and change
-    /// notification. `None` if no such key exists in the workspace.
+    /// Sets the key's revoke time (and `revoked_by`) unless it is already revoked (then nothing
+    /// changes and its event says UNCHANGED), and returns the key as it is now. With
+    /// `successors`, does the same in the same transaction for every key the rotation chain
+    /// leads to from it, each newly revoked one with its own event and change notification.
+    /// `None` if no such key exists in the workspace.
     async fn revoke_key(
         &self,
         workspace_id: &WorkspaceId,
         key_id: &KeyId,
         successors: bool,
-        audit: &AuditRecord,
+        revoked_by: &str,
+        mutation: &Mutation,
     ) -> Result<Option<Revocation>>;
 
-    /// Atomically marks `key_id` as rotated to `successor` (only if it is active and not rotated
-    /// yet), caps its expiry at `previous_expire_time`, and inserts the successor. `None` when
-    /// the key was not in a rotatable state at that moment: the caller re-reads to say why.
+    /// Atomically marks `key_id` as rotated to `successor` (only if it is active, enabled, not
+    /// rotated yet and still at `version`), caps its expiry at `previous_expire_time`, and
+    /// inserts the successor. `None` when the key was not in that state at that moment: the
+    /// caller re-reads to say why.
     async fn rotate_key(
         &self,
         workspace_id: &WorkspaceId,
         key_id: &KeyId,
+        version: i64,
         successor: &StoredKey,
         previous_expire_time: UnixMicros,
-        audit: &AuditRecord,
+        mutation: &Mutation,
     ) -> Result<Option<Rotation>>;
+
+    /// Writes `key`'s settings (name, description, scopes, role, metadata, expire_time,
+    /// enabled) over the stored key of the same workspace and id, if that is still at
+    /// `key.version` and not revoked; bumps the version, sets `update_time` to the event's time,
+    /// notifies the other replicas, and returns the key as it is now. `None` if the key moved
+    /// on (or does not exist): the caller re-reads to say why.
+    async fn update_key(&self, key: &Key, mutation: &Mutation) -> Result<Option<Key>>;
+
+    /// The request id `request_id` of `scope`, if a committed mutation claimed it.
+    async fn find_request(&self, scope: &str, request_id: &str) -> Result<Option<DoneRequest>>;
+
+    /// Deletes up to `limit` request claims made before `before`; returns how many.
+    async fn delete_requests_before(&self, before: UnixMicros, limit: u32) -> Result<u64>;
+
+    /// Writes one audit event on its own (a lockout, written behind).
+    async fn insert_audit_event(
+        &self,
+        workspace_id: &WorkspaceId,
+        key_id: &KeyId,
+        record: &AuditRecord,
+    ) -> Result<()>;
+
+    /// A page of a workspace's audit events, newest first.
+    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>>;
+
+    /// Deletes up to `limit` audit events that happened before `before`; returns how many.
+    async fn delete_audit_events_before(&self, before: UnixMicros, limit: u32) -> Result<u64>;
 
     /// Adds a batch of usage to the keys' counters in one transaction.
     async fn record_usage(&self, deltas: &[UsageDelta]) -> Result<()>;

@@ -46,6 +46,11 @@ pub fn from_proto(timestamp: &prost_types::Timestamp) -> Option<UnixMicros> {
         .checked_add(i64::from(timestamp.nanos / 1_000))
 }
 
+/// A time as RFC 3339 text (`2026-11-24T01:30:00.123456Z`).
+pub fn rfc3339(micros: UnixMicros) -> String {
+    to_proto(micros).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

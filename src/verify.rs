@@ -62,6 +62,8 @@ pub enum Verdict {
     NotFound,
     Revoked(Arc<StateEntry>),
     Expired(Arc<StateEntry>),
+    /// Disabled through UpdateKey: refused until enabled again.
+    Disabled(Arc<StateEntry>),
     InsufficientScope(Arc<StateEntry>),
     /// The key or the client IP is locked after too many failures: retry after this long.
     Locked(Duration),
@@ -149,6 +151,7 @@ impl Verdict {
             Self::Valid(entry, _)
             | Self::Revoked(entry)
             | Self::Expired(entry)
+            | Self::Disabled(entry)
             | Self::InsufficientScope(entry)
             | Self::UsageExhausted(entry) => Some(entry),
             Self::Malformed | Self::NotFound | Self::Locked(_) => None,
@@ -340,6 +343,7 @@ impl Verifier {
         match stored.key.state_at(now) {
             KeyState::Revoked => return Ok(Verdict::Revoked(entry)),
             KeyState::Expired => return Ok(Verdict::Expired(entry)),
+            KeyState::Disabled => return Ok(Verdict::Disabled(entry)),
             KeyState::Active => {}
         }
         if !stored.key.scopes.grant_all(request.required_scopes) {

@@ -5,13 +5,17 @@
 //! | | admin | viewer | developer | account_admin | API key |
 //! |---|---|---|---|---|---|
 //! | IssueKey | yes | no | yes | yes | never |
-//! | GetKey, ListKeys | yes | yes | yes | yes | viewer and up |
+//! | GetKey, ListKeys, ListAuditEvents | yes | yes | yes | yes | viewer and up |
 //! | RevokeKey, RotateKey | yes | no | yes | yes | developer and up, or itself |
 //! | RevokeKey with revoke_successors | yes | no | yes | yes | developer and up |
 //! | RotateKey: set the successor's expiry | yes | no | yes | yes | never |
 //! | RotateKey: longest grace period | server cap | - | server cap | server cap | 24 h |
+//! | UpdateKey | yes | no | yes | yes | developer and up, or itself |
+//! | UpdateKey: make a key live longer | yes | no | yes | yes | never |
+//! | UpdateKey: widen itself (scopes, role) | - | - | - | - | never |
 //!
-//! Nobody grants a role above their own. IssueKey never makes trial keys; a dashboard JWT never
+//! Nobody grants a role above their own, nor changes (rotates, updates) a key whose role is above
+//! their own. IssueKey never makes trial keys; a dashboard JWT never
 //! carries the trial role; a trial key may not call KeyService at all. A usage-limited API key that
 //! has used up its verifications may still manage keys (the limit meters VerifyKey). The end
 //! user's address in IssueTrialKey / RevokeTrialKey is taken from the request only from a trusted
@@ -19,25 +23,46 @@
 
 use std::time::Duration;
 
+use crate::audit::AuditActor;
 use crate::error::{Error, Result};
-use crate::key::{Environment, Role, WorkspaceId};
+use crate::key::{Environment, Key, Role, WorkspaceId};
+use crate::timestamp::UnixMicros;
 use crate::verify::{ClientIp, Verdict};
 
 /// The longest an API key may keep the key it rotates working: whoever holds a key can renew
 /// its secret, never stretch how long the old one lives.
 pub const API_KEY_MAX_ROTATION_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Who asked for a change, as recorded in the audit trail.
+/// Who asked for a change: the text kept in a key's `created_by` / `revoked_by`, and the actor
+/// of its audit event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Actor(String);
+pub struct Actor {
+    text: String,
+    audit: AuditActor,
+}
 
 impl Actor {
-    pub fn new(description: String) -> Self {
-        Self(description)
+    pub fn new(text: String, audit: AuditActor) -> Self {
+        Self { text, audit }
     }
 
+    /// The platform admin.
+    pub fn admin() -> Self {
+        Self::new("admin".to_owned(), AuditActor::admin())
+    }
+
+    /// An anonymous caller of the trial RPCs, known by the end user's address.
+    pub fn trial(client_ip: &str) -> Self {
+        Self::new("trial".to_owned(), AuditActor::anonymous(client_ip))
+    }
+
+    /// `admin`, `user:<sub>`, `key:<prefix> (<name>)` or `trial`.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
+    }
+
+    pub fn audit(&self) -> &AuditActor {
+        &self.audit
     }
 }
 
@@ -120,6 +145,7 @@ pub fn api_key_caller(verdict: &Verdict) -> Result<Caller> {
         }
         Verdict::Revoked(_) => Err(Error::InvalidCredentials("the API key is revoked")),
         Verdict::Expired(_) => Err(Error::InvalidCredentials("the API key is expired")),
+        Verdict::Disabled(_) => Err(Error::InvalidCredentials("the API key is disabled")),
         Verdict::Locked(_) => Err(Error::InvalidCredentials(
             "the API key or the caller's address is locked after too many failed verifications",
         )),
@@ -148,6 +174,16 @@ impl Origin {
         }
         self.peer
             .ok_or_else(|| Error::Internal("no peer address".to_owned()))
+    }
+
+    /// The end user's address as text for the audit trail, by the rule of `end_user_ip`:
+    /// `claimed` from a trusted front end, otherwise `peer` (the connection's exact address).
+    pub fn end_user_text<'a>(&self, claimed: &'a str, peer: &'a str) -> &'a str {
+        if !claimed.is_empty() && self.trusted_front_end {
+            claimed
+        } else {
+            peer
+        }
     }
 }
 
@@ -191,6 +227,12 @@ pub enum Action<'a> {
     Rotate {
         key_id: &'a str,
     },
+    /// UpdateKey; what the update may change is `check_update`'s to decide.
+    Update {
+        key_id: &'a str,
+    },
+    /// ListAuditEvents.
+    ReadAudit,
 }
 
 impl Caller {
@@ -260,28 +302,39 @@ impl Caller {
                 }
                 Ok(())
             }
-            (Self::User { .. } | Self::ApiKey { .. }, Action::Read) => Ok(()),
+            (Self::User { .. } | Self::ApiKey { .. }, Action::Read | Action::ReadAudit) => Ok(()),
             (
                 Self::ApiKey { key_id: own, .. },
-                Action::Revoke { key_id } | Action::Rotate { key_id },
+                Action::Revoke { key_id } | Action::Rotate { key_id } | Action::Update { key_id },
             ) if own == key_id => Ok(()),
             (
                 Self::User { role, .. } | Self::ApiKey { role, .. },
                 Action::Revoke { .. } | Action::Rotate { .. } | Action::RevokeWithSuccessors,
             ) => require(*role, Role::Developer, "revoke or rotate keys"),
+            (Self::User { role, .. } | Self::ApiKey { role, .. }, Action::Update { .. }) => {
+                require(*role, Role::Developer, "update keys")
+            }
         }
     }
 
     /// How the caller is recorded in the audit trail and in `created_by` / `revoked_by`.
     pub fn actor(&self) -> Actor {
         match self {
-            Self::Admin => Actor::new("admin".to_owned()),
+            Self::Admin => Actor::admin(),
             Self::User {
                 subject,
                 workspace_id: _,
                 role: _,
-            } => Actor::new(format!("user:{subject}")),
-            Self::ApiKey { prefix, name, .. } => Actor::new(format!("key:{prefix} ({name})")),
+            } => Actor::new(format!("user:{subject}"), AuditActor::user(subject)),
+            Self::ApiKey {
+                key_id,
+                prefix,
+                name,
+                ..
+            } => Actor::new(
+                format!("key:{prefix} ({name})"),
+                AuditActor::api_key(key_id, prefix, name),
+            ),
         }
     }
 
@@ -296,6 +349,69 @@ impl Caller {
             } => Some(format!("user:{}:{subject}", workspace_id.as_str())),
             Self::ApiKey { key_id, .. } => Some(format!("key:{key_id}")),
         }
+    }
+}
+
+/// Whether `caller` may turn the key `before` into `after` (UpdateKey), beyond being allowed to
+/// update it at all (`Action::Update`). The rules of IssueKey and RotateKey hold: nobody gives
+/// a role above their own or touches a key whose role is above their own, and only callers that
+/// may issue keys may make a key live longer. A key updating itself may narrow itself (fewer
+/// scopes, a lower role, an earlier expiry, disabled) but never widen itself.
+pub fn check_update(caller: &Caller, before: &Key, after: &Key) -> Result<()> {
+    let rights = caller.rotation_rights();
+    if let Some(ceiling) = rights.role_ceiling {
+        for role in [before.role, after.role] {
+            if role > ceiling {
+                return Err(Error::InsufficientRole(format!(
+                    "a {} cannot update a key to or from the role {}",
+                    ceiling.as_str(),
+                    role.as_str()
+                )));
+            }
+        }
+    }
+    if after.role != before.role && (before.role == Role::Trial || after.role == Role::Trial) {
+        return Err(Error::invalid(
+            "key.role",
+            "trial keys keep the trial role, and no other key can take it",
+        ));
+    }
+    if lives_longer(after.expire_time, before.expire_time) {
+        if !rights.may_set_expiry {
+            return Err(Error::InsufficientRole(
+                "only a caller that may issue keys can make a key live longer".to_owned(),
+            ));
+        }
+        if before.rotated_to_key_id.is_some() {
+            return Err(Error::invalid(
+                "key.expire_time",
+                "a rotated key ends with its grace period and cannot live longer",
+            ));
+        }
+    }
+    let is_itself =
+        matches!(caller, Caller::ApiKey { key_id, .. } if *key_id == before.key_id.as_str());
+    if is_itself {
+        if after.role > before.role {
+            return Err(Error::InsufficientRole(
+                "an API key cannot raise its own role".to_owned(),
+            ));
+        }
+        if !after.scopes.within(&before.scopes) {
+            return Err(Error::InsufficientRole(
+                "an API key cannot widen its own scopes".to_owned(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// True when an expiry of `after` ends later than `before` (never ending is the latest).
+fn lives_longer(after: Option<UnixMicros>, before: Option<UnixMicros>) -> bool {
+    match (after, before) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(after), Some(before)) => after > before,
     }
 }
 

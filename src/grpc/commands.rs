@@ -7,8 +7,8 @@ use super::convert::{
 use crate::error::Error;
 use crate::key::{KeyDescription, KeyName, Metadata, Scopes};
 use crate::keys::{
-    DEFAULT_PAGE_SIZE, Expiration, GetKey, IssueKey, IssueTrialKey, IssuedKey, KeyPage, KeySpec,
-    ListKeys, MAX_PAGE_SIZE, RevokeKey, RevokeTrialKey, Revoked, RotateKey,
+    DEFAULT_PAGE_SIZE, Expiration, GetKey, IssueKey, IssueTrialKey, IssuedKey, KeyChanges, KeyPage,
+    KeySpec, ListKeys, MAX_PAGE_SIZE, RevokeKey, RevokeTrialKey, Revoked, RotateKey, UpdateKey,
 };
 use crate::pb;
 use crate::pb::issue_key_request::Expiration as PbExpiration;
@@ -65,18 +65,22 @@ impl TryFrom<pb::GetKeyRequest> for GetKey {
     }
 }
 
+/// A listing's page size: 0 means the default, anything above the maximum means the maximum.
+pub(super) fn page_size(requested: i32) -> Result<u32, Error> {
+    match requested {
+        size if size < 0 => Err(Error::invalid("page_size", "must not be negative")),
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        size => Ok((size as u32).min(MAX_PAGE_SIZE)),
+    }
+}
+
 impl TryFrom<pb::ListKeysRequest> for ListKeys {
     type Error = Error;
 
     fn try_from(request: pb::ListKeysRequest) -> Result<Self, Error> {
-        let page_size = match request.page_size {
-            size if size < 0 => return Err(Error::invalid("page_size", "must not be negative")),
-            0 => DEFAULT_PAGE_SIZE,
-            size => (size as u32).min(MAX_PAGE_SIZE),
-        };
         Ok(Self {
             workspace_id: request.workspace_id,
-            page_size,
+            page_size: page_size(request.page_size)?,
             page_token: request.page_token,
             include_inactive: request.include_inactive,
         })
@@ -120,6 +124,151 @@ impl TryFrom<pb::RotateKeyRequest> for RotateKey {
             expiration,
         })
     }
+}
+
+/// The settings UpdateKey may change, by their field names in `Key` (and in `update_mask`).
+const UPDATABLE: [&str; 7] = [
+    "name",
+    "description",
+    "scopes",
+    "role",
+    "metadata",
+    "expire_time",
+    "enabled",
+];
+
+impl TryFrom<pb::UpdateKeyRequest> for UpdateKey {
+    type Error = Error;
+
+    fn try_from(request: pb::UpdateKeyRequest) -> Result<Self, Error> {
+        let key = request
+            .key
+            .ok_or_else(|| Error::invalid("key", "is required"))?;
+        let key_id = require_key_id(&key.key_id)?;
+        let expected_version =
+            match key.etag.as_str() {
+                "" => None,
+                etag => Some(etag.parse::<i64>().map_err(|_| {
+                    Error::invalid("key.etag", "is not an etag this service returned")
+                })?),
+            };
+        let paths = update_paths(request.update_mask, &key)?;
+        let mut changes = KeyChanges::default();
+        for path in paths {
+            match path {
+                "name" => {
+                    changes.name = Some(
+                        KeyName::parse(&key.name)
+                            .map_err(|reason| Error::invalid("key.name", reason))?,
+                    );
+                }
+                "description" => {
+                    changes.description = Some(
+                        KeyDescription::parse(&key.description)
+                            .map_err(|reason| Error::invalid("key.description", reason))?,
+                    );
+                }
+                "scopes" => {
+                    changes.scopes = Some(
+                        Scopes::parse(&key.scopes)
+                            .map_err(|reason| Error::invalid("key.scopes", reason))?,
+                    );
+                }
+                "role" => {
+                    if key.role == pb::Role::Unspecified as i32 {
+                        return Err(Error::invalid(
+                            "key.role",
+                            "must be set when update_mask names it",
+                        ));
+                    }
+                    changes.role = Some(role_from_proto(key.role)?);
+                }
+                "metadata" => {
+                    changes.metadata = Some(
+                        Metadata::parse(&key.metadata)
+                            .map_err(|reason| Error::invalid("key.metadata", reason))?,
+                    );
+                }
+                "expire_time" => {
+                    changes.expire_time =
+                        Some(match &key.expire_time {
+                            None => None,
+                            Some(at) => Some(timestamp::from_proto(at).ok_or_else(|| {
+                                Error::invalid("key.expire_time", "is out of range")
+                            })?),
+                        });
+                }
+                _ => changes.enabled = Some(key.enabled),
+            }
+        }
+        Ok(Self {
+            workspace_id: key.workspace_id,
+            key_id,
+            expected_version,
+            changes,
+        })
+    }
+}
+
+/// The settings an update names: the mask's paths (`*` for all), or without a mask every
+/// setting `key` gives a value other than its default (AIP-134).
+fn update_paths(
+    mask: Option<prost_types::FieldMask>,
+    key: &pb::Key,
+) -> Result<Vec<&'static str>, Error> {
+    let paths = mask.map(|mask| mask.paths).unwrap_or_default();
+    if paths.is_empty() {
+        let given = [
+            !key.name.is_empty(),
+            !key.description.is_empty(),
+            !key.scopes.is_empty(),
+            key.role != pb::Role::Unspecified as i32,
+            !key.metadata.is_empty(),
+            key.expire_time.is_some(),
+            key.enabled,
+        ];
+        let implied: Vec<_> = UPDATABLE
+            .into_iter()
+            .zip(given)
+            .filter_map(|(path, given)| given.then_some(path))
+            .collect();
+        if implied.is_empty() {
+            return Err(Error::invalid(
+                "update_mask",
+                "names no field, and the key sets none to update",
+            ));
+        }
+        return Ok(implied);
+    }
+    if paths.iter().any(|path| path == "*") {
+        if paths.len() > 1 {
+            return Err(Error::invalid(
+                "update_mask",
+                "\"*\" must be the only path when given",
+            ));
+        }
+        return Ok(UPDATABLE.to_vec());
+    }
+    let mut named = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let known = UPDATABLE
+            .into_iter()
+            .find(|field| field == path)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "update_mask",
+                    format!(
+                        "{} is not a field UpdateKey changes (one of {})",
+                        crate::error::excerpt(path),
+                        UPDATABLE.join(", ")
+                    ),
+                )
+            })?;
+        if !named.contains(&known) {
+            named.push(known);
+        }
+    }
+    Ok(named)
 }
 
 impl From<pb::IssueTrialKeyRequest> for IssueTrialKey {
@@ -189,6 +338,14 @@ impl From<Revoked> for pb::RevokeKeyResponse {
         Self {
             key: Some(key_to_proto(&revoked.key)),
             successors: revoked.successors.iter().map(key_to_proto).collect(),
+        }
+    }
+}
+
+impl From<crate::key::Key> for pb::UpdateKeyResponse {
+    fn from(key: crate::key::Key) -> Self {
+        Self {
+            key: Some(key_to_proto(&key)),
         }
     }
 }

@@ -43,6 +43,11 @@ pub fn key_to_proto(key: &Key) -> pb::Key {
         revoked_by: key.revoked_by.clone().unwrap_or_default(),
         usage_limit: key.usage_limit,
         usage_remaining: key.usage_remaining,
+        enabled: key.enabled,
+        etag: key.etag(),
+        update_time: Some(timestamp::to_proto(
+            key.update_time.unwrap_or(key.create_time),
+        )),
     }
 }
 
@@ -69,6 +74,7 @@ fn state_to_proto(state: KeyState) -> pb::KeyState {
         KeyState::Active => pb::KeyState::Active,
         KeyState::Revoked => pb::KeyState::Revoked,
         KeyState::Expired => pb::KeyState::Expired,
+        KeyState::Disabled => pb::KeyState::Disabled,
     }
 }
 

@@ -1,16 +1,23 @@
 //! KeyService: each RPC authenticates its caller (one call), turns the request into a command,
-//! hands both to the key manager, and turns the result into the response (`key_service!`).
-//! Every decision is in `keys` and `auth::policy`.
+//! hands both to the key manager with the call's context, and turns the result into the
+//! response (`key_service!`). Every decision is in `keys` and `auth::policy`.
 
 use std::sync::Arc;
 
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use crate::audit::CallContext;
 use crate::auth::{Authenticator, Caller, Origin};
 use crate::error::Error;
 use crate::keys::KeyManager;
+use crate::keys::idempotency::parse_request_id;
 use crate::pb;
+use crate::telemetry::rpc::call_trace_id;
 use crate::verify::ClientIp;
+
+/// The header HTTP gateways forward a client's idempotency key in; the same as `request_id`.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
 pub struct KeyServiceImpl {
     keys: Arc<KeyManager>,
@@ -38,9 +45,92 @@ impl KeyServiceImpl {
     }
 }
 
-/// KeyService's RPCs. Every one is the same three steps: who is calling (the authenticated
-/// caller, or for trial keys the request's origin), the request converted into its command, the
-/// key manager's operation, whose result converts into the response. A new RPC is one line here.
+/// What the audit trail records of a call besides the change: the peer's exact address, the
+/// trace, and the request id (from the request, or the `idempotency-key` header).
+fn call_context<T: RequestIdField>(request: &Request<T>) -> Result<CallContext, Error> {
+    let metadata = request.metadata();
+    let request_id = if T::TAKES_REQUEST_ID {
+        request_id(request.get_ref().request_id(), metadata)?
+    } else {
+        String::new()
+    };
+    let traceparent = metadata
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok());
+    Ok(CallContext {
+        client_ip: request
+            .remote_addr()
+            .map(|peer| peer.ip().to_canonical().to_string())
+            .unwrap_or_default(),
+        trace_id: call_trace_id(traceparent),
+        request_id,
+    })
+}
+
+/// The request id of a call: the field, or the header when the field is empty. Both given and
+/// different is a contradiction the caller must resolve.
+fn request_id(field: &str, metadata: &MetadataMap) -> Result<String, Error> {
+    let header = match metadata.get(IDEMPOTENCY_KEY_HEADER) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| Error::invalid(IDEMPOTENCY_KEY_HEADER, "must be ASCII"))?,
+        ),
+    };
+    let field = (!field.is_empty())
+        .then(|| parse_request_id("request_id", field))
+        .transpose()?;
+    let header = header
+        .map(|header| parse_request_id(IDEMPOTENCY_KEY_HEADER, header))
+        .transpose()?;
+    match (field, header) {
+        (Some(field), Some(header)) if field != header => Err(Error::invalid(
+            "request_id",
+            "differs from the idempotency-key header",
+        )),
+        (Some(id), _) | (None, Some(id)) => Ok(id),
+        (None, None) => Ok(String::new()),
+    }
+}
+
+/// The requests that may carry a request id, and where.
+trait RequestIdField {
+    const TAKES_REQUEST_ID: bool = false;
+
+    fn request_id(&self) -> &str {
+        ""
+    }
+}
+
+macro_rules! request_id_field {
+    (with { $($with:ty),* } without { $($without:ty),* }) => {
+        $(impl RequestIdField for $with {
+            const TAKES_REQUEST_ID: bool = true;
+
+            fn request_id(&self) -> &str {
+                &self.request_id
+            }
+        })*
+        $(impl RequestIdField for $without {})*
+    };
+}
+
+request_id_field! {
+    with {
+        pb::IssueKeyRequest, pb::RevokeKeyRequest, pb::RotateKeyRequest, pb::UpdateKeyRequest,
+        pb::IssueTrialKeyRequest
+    }
+    without {
+        pb::GetKeyRequest, pb::ListKeysRequest, pb::ListAuditEventsRequest,
+        pb::RevokeTrialKeyRequest
+    }
+}
+
+/// KeyService's RPCs. Every one is the same steps: who is calling (the authenticated caller, or
+/// for trial keys the request's origin), the call's context, the request converted into its
+/// command, the key manager's operation, whose result converts into the response. A new RPC is
+/// one line here.
 macro_rules! key_service {
     (
         authenticated { $($rpc:ident($request:ty) -> $response:ty = $operation:ident;)* }
@@ -54,8 +144,9 @@ macro_rules! key_service {
                     request: Request<$request>,
                 ) -> Result<Response<$response>, Status> {
                     let caller = self.caller(&request).await?;
+                    let context = call_context(&request)?;
                     let command = request.into_inner().try_into()?;
-                    let result = self.keys.$operation(&caller, command).await?;
+                    let result = self.keys.$operation(&caller, &context, command).await?;
                     Ok(Response::new(result.into()))
                 }
             )*
@@ -64,8 +155,12 @@ macro_rules! key_service {
                     &self,
                     request: Request<$open_request>,
                 ) -> Result<Response<$open_response>, Status> {
+                    // Switched off, the trial RPCs read nothing of a request.
+                    self.keys.ensure_trial_enabled()?;
                     let origin = self.origin(&request);
-                    let result = self.keys.$open_operation(&origin, request.into_inner().into());
+                    let context = call_context(&request)?;
+                    let command = request.into_inner().into();
+                    let result = self.keys.$open_operation(&origin, &context, command);
                     Ok(Response::new(result.await?.into()))
                 }
             )*
@@ -80,6 +175,8 @@ key_service! {
         list_keys(pb::ListKeysRequest) -> pb::ListKeysResponse = list;
         revoke_key(pb::RevokeKeyRequest) -> pb::RevokeKeyResponse = revoke;
         rotate_key(pb::RotateKeyRequest) -> pb::RotateKeyResponse = rotate;
+        update_key(pb::UpdateKeyRequest) -> pb::UpdateKeyResponse = update;
+        list_audit_events(pb::ListAuditEventsRequest) -> pb::ListAuditEventsResponse = list_audit_events;
     }
     anonymous {
         issue_trial_key(pb::IssueTrialKeyRequest) -> pb::IssueTrialKeyResponse = issue_trial;

@@ -34,6 +34,7 @@ fn verdict_code(verdict: &Verdict) -> pb::VerifyCode {
         Verdict::NotFound => pb::VerifyCode::NotFound,
         Verdict::Revoked(_) => pb::VerifyCode::Revoked,
         Verdict::Expired(_) => pb::VerifyCode::Expired,
+        Verdict::Disabled(_) => pb::VerifyCode::Disabled,
         Verdict::InsufficientScope(_) => pb::VerifyCode::InsufficientScope,
         Verdict::Locked(_) => pb::VerifyCode::Locked,
         Verdict::UsageExhausted(_) => pb::VerifyCode::UsageExhausted,

@@ -73,6 +73,8 @@ pub enum KeyState {
     Active,
     Revoked,
     Expired,
+    /// Turned off by UpdateKey; may be turned on again, unlike the two final states.
+    Disabled,
 }
 
 /// A key's public metadata. It never holds the secret or its hash.
@@ -105,18 +107,32 @@ pub struct Key {
     /// The usage budget a limited key draws on: the key id of its rotation chain's first key,
     /// shared by every successor. `None` for unlimited keys.
     pub budget_id: Option<String>,
+    /// False while the key is disabled.
+    pub enabled: bool,
+    /// Counts changes to the key's settings; the etag clients send back to UpdateKey.
+    pub version: i64,
+    /// When the key's settings last changed; `None` until they first do.
+    pub update_time: Option<UnixMicros>,
 }
 
 impl Key {
-    /// Revocation wins over expiry: a revoked key reports REVOKED even after its expiry.
+    /// The final states win: a revoked key reports REVOKED even after its expiry, and a disabled
+    /// key that expired or was revoked reports that.
     pub fn state_at(&self, now: UnixMicros) -> KeyState {
         if self.revoke_time.is_some() {
             KeyState::Revoked
         } else if self.expire_time.is_some_and(|expiry| expiry <= now) {
             KeyState::Expired
+        } else if !self.enabled {
+            KeyState::Disabled
         } else {
             KeyState::Active
         }
+    }
+
+    /// The opaque etag of this version of the key.
+    pub fn etag(&self) -> String {
+        self.version.to_string()
     }
 }
 

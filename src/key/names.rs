@@ -221,9 +221,19 @@ impl Scopes {
         &self.0
     }
 
+    /// True when these scopes grant everything: none, or `full_access`.
+    pub fn is_full_access(&self) -> bool {
+        self.0.is_empty() || self.0.iter().any(|scope| scope == FULL_ACCESS_SCOPE)
+    }
+
+    /// True when these scopes grant nothing that `other` does not: the same, or narrower.
+    pub fn within(&self, other: &Scopes) -> bool {
+        other.is_full_access() || (!self.is_full_access() && other.grant_all(&self.0))
+    }
+
     /// True when these scopes grant every one of `required`.
     pub fn grant_all<S: AsRef<str>>(&self, required: &[S]) -> bool {
-        if self.0.is_empty() || self.0.iter().any(|scope| scope == FULL_ACCESS_SCOPE) {
+        if self.is_full_access() {
             return true;
         }
         required.iter().all(|needed| {

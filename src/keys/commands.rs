@@ -82,3 +82,46 @@ pub struct RevokeTrialKey {
     pub prefix: String,
     pub client_ip: String,
 }
+
+/// UpdateKey: new values for the settings its mask named, each `None` when not named.
+#[derive(Debug, Clone)]
+pub struct UpdateKey {
+    pub workspace_id: String,
+    pub key_id: KeyId,
+    /// The version the caller read (its etag); `None` updates whatever version is current.
+    pub expected_version: Option<i64>,
+    pub changes: KeyChanges,
+}
+
+/// The settings an update names, with their new values.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyChanges {
+    pub name: Option<KeyName>,
+    pub description: Option<KeyDescription>,
+    pub scopes: Option<Scopes>,
+    pub role: Option<Role>,
+    pub metadata: Option<Metadata>,
+    /// `Some(None)` removes the expiry.
+    pub expire_time: Option<Option<crate::timestamp::UnixMicros>>,
+    pub enabled: Option<bool>,
+}
+
+impl KeyChanges {
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// ListAuditEvents: a page of a workspace's events, with the filters that are set.
+#[derive(Debug, Clone)]
+pub struct ListAuditEvents {
+    pub workspace_id: String,
+    pub page_size: u32,
+    pub page_token: String,
+    pub key_id: Option<KeyId>,
+    pub actor_kind: Option<crate::audit::ActorKind>,
+    pub actor_id: Option<String>,
+    pub action: Option<crate::audit::AuditAction>,
+    pub start_time: Option<crate::timestamp::UnixMicros>,
+    pub end_time: Option<crate::timestamp::UnixMicros>,
+}

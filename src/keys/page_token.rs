@@ -1,4 +1,4 @@
-//! Opaque, tamper-evident page tokens for ListKeys.
+//! Opaque, tamper-evident page tokens for ListKeys and ListAuditEvents.
 //!
 //! A token names the last key of a page by `(create_time, key_id)` (keyset paging, so inserts
 //! while a client pages never shift or repeat what it sees) and carries an HMAC-SHA256 that also
@@ -15,6 +15,9 @@ use crate::key::{KeyId, WorkspaceId};
 use crate::timestamp::UnixMicros;
 
 const VERSION: u8 = 1;
+/// The first byte of a ListAuditEvents token, which names an event id.
+const AUDIT_VERSION: u8 = 2;
+const AUDIT_PAYLOAD_LEN: usize = 1 + 8;
 const MAC_LEN: usize = 16;
 const KEY_ID_LEN: usize = 12;
 const PAYLOAD_LEN: usize = 1 + 8 + KEY_ID_LEN;
@@ -77,6 +80,43 @@ impl PageTokenCodec {
         Ok((create_time, key_id))
     }
 
+    /// A ListAuditEvents token: the last event id of a page, bound to `listing` (the workspace
+    /// and every filter, so that a token cannot widen or move the listing it came from).
+    pub fn encode_audit(&self, listing: &str, event_id: i64) -> String {
+        let mut token = Vec::with_capacity(AUDIT_PAYLOAD_LEN + MAC_LEN);
+        token.push(AUDIT_VERSION);
+        token.extend_from_slice(&event_id.to_be_bytes());
+        let tag = self.audit_mac(&token, listing).finalize().into_bytes();
+        token.extend_from_slice(&tag[..MAC_LEN]);
+        URL_SAFE_NO_PAD.encode(token)
+    }
+
+    /// The event id a ListAuditEvents token continues after.
+    pub fn decode_audit(&self, token: &str, listing: &str) -> Result<i64, Error> {
+        const FOREIGN: Error = Error::InvalidPageToken("not a token issued by ListAuditEvents");
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| FOREIGN)?;
+        if bytes.len() != AUDIT_PAYLOAD_LEN + MAC_LEN || bytes[0] != AUDIT_VERSION {
+            return Err(FOREIGN);
+        }
+        let (payload, tag) = bytes.split_at(AUDIT_PAYLOAD_LEN);
+        self.audit_mac(payload, listing)
+            .verify_truncated_left(tag)
+            .map_err(|_| {
+                Error::InvalidPageToken("not issued for this workspace and these filters")
+            })?;
+        Ok(i64::from_be_bytes(
+            payload[1..].try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn audit_mac(&self, payload: &[u8], listing: &str) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.mac_key)
+            .expect("HMAC accepts keys of any length");
+        mac.update(payload);
+        mac.update(listing.as_bytes());
+        mac
+    }
+
     fn tag(&self, payload: &[u8], workspace_id: &WorkspaceId, include_inactive: bool) -> Vec<u8> {
         self.mac(payload, workspace_id, include_inactive)
             .finalize()
@@ -129,6 +169,18 @@ mod tests {
         assert!(codec().decode(&token, &workspace("w1"), true).is_err());
         let other_codec = PageTokenCodec::new(vec![8; 32]);
         assert!(other_codec.decode(&token, &workspace("w1"), false).is_err());
+    }
+
+    #[test]
+    fn audit_tokens_round_trip_and_bind_their_listing() {
+        let token = codec().encode_audit("w1|key=a", 41);
+        assert_eq!(codec().decode_audit(&token, "w1|key=a").unwrap(), 41);
+        assert!(codec().decode_audit(&token, "w1|key=b").is_err());
+        assert!(codec().decode_audit(&token, "w2|key=a").is_err());
+        // A ListKeys token is not an audit token, and the other way round.
+        let keys_token = codec().encode(&workspace("w1"), false, 42, &KeyId::generate());
+        assert!(codec().decode_audit(&keys_token, "w1|key=a").is_err());
+        assert!(codec().decode(&token, &workspace("w1"), false).is_err());
     }
 
     #[test]

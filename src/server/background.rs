@@ -1,5 +1,6 @@
 //! The server's periodic background work: forgetting idle rate-limit entries, sweeping expired
-//! trial keys, and dropping expired cache entries when no traffic does it.
+//! trial keys, pruning the audit trail, and dropping expired cache entries when no traffic does
+//! it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,8 +8,10 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use super::App;
+use crate::audit::{self, AuditConfig};
 use crate::auth::RateLimits;
 use crate::keys::KeyManager;
+use crate::store::Store;
 
 /// How often expired cache entries and lockouts are dropped when no traffic does it.
 const CACHE_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
@@ -18,6 +21,7 @@ pub(super) fn spawn(app: &App) -> Vec<JoinHandle<()>> {
     vec![
         tokio::spawn(forget_idle_limits(app.rate_limits.clone())),
         tokio::spawn(sweep_trial_keys(app.keys.clone())),
+        tokio::spawn(prune_audit_trail(app.store.clone(), app.audit)),
         tokio::spawn(
             app.verifier
                 .clone()
@@ -32,6 +36,20 @@ async fn forget_idle_limits(limits: RateLimits) {
     loop {
         ticker.tick().await;
         limits.forget_idle();
+    }
+}
+
+/// Deletes audit events past their retention, in bounded batches.
+async fn prune_audit_trail(store: Arc<dyn Store>, config: AuditConfig) {
+    let mut ticker = tokio::time::interval(config.prune_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match audit::prune(store.as_ref(), &config).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "audit events past their retention deleted"),
+            Err(error) => tracing::warn!(%error, "audit pruning failed"),
+        }
     }
 }
 

@@ -2,6 +2,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::audit::{
+    ActorKind, AuditAction, AuditActor, AuditEvent, AuditOutcome, AuditRecord, CallContext,
+    FieldChange,
+};
 use crate::error::{Error, Result};
 use crate::key::{
     Environment, Key, KeyDescription, KeyId, KeyName, Metadata, Role, Scopes, StoredKey,
@@ -32,6 +36,9 @@ pub(super) struct KeyRow {
     usage_limit: i64,
     usage_remaining: i64,
     budget_id: Option<String>,
+    enabled: bool,
+    version: i64,
+    update_time: Option<i64>,
 }
 
 impl KeyRow {
@@ -75,6 +82,9 @@ impl KeyRow {
                 usage_limit: self.usage_limit,
                 usage_remaining: self.usage_remaining,
                 budget_id: self.budget_id,
+                enabled: self.enabled,
+                version: self.version,
+                update_time: self.update_time,
             },
             secret_hash: self.secret_hash,
         })
@@ -82,6 +92,58 @@ impl KeyRow {
 
     pub(super) fn into_key(self) -> Result<Key> {
         self.into_stored().map(|stored| stored.key)
+    }
+}
+
+/// The `audit_event` row as both databases return it.
+#[derive(sqlx::FromRow)]
+pub(super) struct AuditRow {
+    event_id: i64,
+    workspace_id: String,
+    key_id: String,
+    action: String,
+    actor: String,
+    actor_kind: String,
+    actor_id: String,
+    occur_time: i64,
+    changes: String,
+    outcome: String,
+    client_ip: String,
+    trace_id: String,
+    request_id: String,
+}
+
+impl AuditRow {
+    pub(super) fn into_event(self) -> Result<AuditEvent> {
+        let corrupt =
+            |what: &str| Error::Internal(format!("audit event {}: bad {what}", self.event_id));
+        let action = AuditAction::from_db(&self.action).ok_or_else(|| corrupt("action"))?;
+        let outcome = AuditOutcome::from_db(&self.outcome).ok_or_else(|| corrupt("outcome"))?;
+        // Events written before actors had kinds and whose text named no known caller.
+        let kind = ActorKind::from_db(&self.actor_kind).unwrap_or(ActorKind::System);
+        let changes: Vec<FieldChange> =
+            serde_json::from_str(&self.changes).map_err(|_| corrupt("changes"))?;
+        Ok(AuditEvent {
+            event_id: self.event_id,
+            workspace_id: self.workspace_id,
+            key_id: self.key_id,
+            record: AuditRecord {
+                action,
+                actor: AuditActor {
+                    kind,
+                    id: self.actor_id,
+                    display: self.actor,
+                },
+                occur_time: self.occur_time,
+                changes,
+                outcome,
+                context: CallContext {
+                    client_ip: self.client_ip,
+                    trace_id: self.trace_id,
+                    request_id: self.request_id,
+                },
+            },
+        })
     }
 }
 
@@ -126,6 +188,9 @@ mod tests {
             usage_limit: 0,
             usage_remaining: 0,
             budget_id: None,
+            enabled: true,
+            version: 1,
+            update_time: None,
         }
     }
 

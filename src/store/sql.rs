@@ -14,7 +14,8 @@ macro_rules! key_columns {
          k.environment, k.secret_hash, k.metadata, k.create_time, k.expire_time, k.revoke_time, \
          k.last_used_time, k.total_requests, k.rotated_from_key_id, k.rotated_to_key_id, \
          k.created_by, k.revoked_by, k.usage_limit, \
-         coalesce(b.usage_remaining, 0) as usage_remaining, k.budget_id"
+         coalesce(b.usage_remaining, 0) as usage_remaining, k.budget_id, k.enabled, k.version, \
+         k.update_time"
     };
 }
 
@@ -34,7 +35,41 @@ pub(super) const INSERT_BUDGET: &str =
     "insert into usage_budget (budget_id, usage_remaining) values ($1, $2)";
 
 pub(super) const INSERT_AUDIT: &str = "insert into audit_event (workspace_id, key_id, action, \
-     actor, occur_time, detail) values ($1, $2, $3, $4, $5, $6)";
+     actor, actor_kind, actor_id, occur_time, changes, outcome, client_ip, trace_id, request_id) \
+     values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// A page of a workspace's events, newest first. `$2`..`$7` are filters (NULL: any);
+/// `$8`: the position to continue after.
+pub(super) const LIST_AUDIT_EVENTS: &str = "select event_id, workspace_id, key_id, action, \
+     actor, actor_kind, actor_id, occur_time, changes, outcome, client_ip, trace_id, request_id \
+     from audit_event where workspace_id = $1 \
+     and ($2 is null or key_id = $2) \
+     and ($3 is null or actor_kind = $3) \
+     and ($4 is null or actor_id = $4) \
+     and ($5 is null or action = $5) \
+     and ($6 is null or occur_time >= $6) \
+     and ($7 is null or occur_time < $7) \
+     and event_id < $8 \
+     order by event_id desc limit $9";
+
+/// Up to `$2` events older than `$1`, oldest first.
+pub(super) const DELETE_AUDIT_BEFORE: &str = "delete from audit_event where event_id in \
+     (select event_id from audit_event where occur_time < $1 order by occur_time limit $2)";
+
+/// Claims a request id, or takes over a claim older than the window (`$8`). No row is
+/// affected while a fresh claim exists; a concurrent, uncommitted one makes this wait for it.
+pub(super) const CLAIM_REQUEST: &str = "insert into idempotent_request (scope, request_id, \
+     operation, fingerprint, key_id, salt, create_time) values ($1, $2, $3, $4, $5, $6, $7) \
+     on conflict (scope, request_id) do update set operation = excluded.operation, \
+     fingerprint = excluded.fingerprint, key_id = excluded.key_id, salt = excluded.salt, \
+     create_time = excluded.create_time where idempotent_request.create_time < $8";
+
+pub(super) const SELECT_REQUEST: &str = "select operation, fingerprint, key_id, salt, \
+     create_time from idempotent_request where scope = $1 and request_id = $2";
+
+pub(super) const DELETE_REQUESTS_BEFORE: &str = "delete from idempotent_request \
+     where (scope, request_id) in (select scope, request_id from idempotent_request \
+     where create_time < $1 order by create_time limit $2)";
 
 pub(super) const SELECT_KEY_IN_WORKSPACE: &str = concat!(
     "select ",
@@ -56,23 +91,36 @@ pub(super) const LIST_KEYS: &str = concat!(
     key_columns!(),
     key_tables!(),
     "where k.workspace_id = $1 \
-     and ($2 or (k.revoke_time is null and (k.expire_time is null or k.expire_time > $3))) \
+     and ($2 or (k.revoke_time is null and k.enabled \
+         and (k.expire_time is null or k.expire_time > $3))) \
      and (k.create_time, k.key_id) < ($4, $5) \
      order by k.create_time desc, k.key_id desc limit $6"
 );
 
 pub(super) const COUNT_KEYS: &str = "select count(*) from api_key where workspace_id = $1 \
-     and ($2 or (revoke_time is null and (expire_time is null or expire_time > $3)))";
+     and ($2 or (revoke_time is null and enabled \
+         and (expire_time is null or expire_time > $3)))";
 
-pub(super) const REVOKE_KEY: &str = "update api_key set revoke_time = $1, revoked_by = $2 \
+pub(super) const REVOKE_KEY: &str = "update api_key set revoke_time = $1, revoked_by = $2, \
+     version = version + 1, update_time = $1 \
      where workspace_id = $3 and key_id = $4 and revoke_time is null";
+
+/// Writes a key's settings if it is still at version `$10` and not revoked.
+pub(super) const UPDATE_KEY: &str = "update api_key set name = $1, description = $2, \
+     scopes = $3, role = $4, metadata = $5, expire_time = $6, enabled = $7, update_time = $8, \
+     version = version + 1 \
+     where workspace_id = $9 and key_id = $11 and version = $10 and revoke_time is null";
 
 /// Claims the rotation: only one of two concurrent rotations can match `rotated_to_key_id is
 /// null`, so only one successor is ever inserted.
+/// The version check (`$6`) makes the event's old values exact: any change since the key was read
+/// fails the rotation, which the caller reports as a conflict to retry.
 pub(super) const MARK_ROTATED: &str = "update api_key set rotated_to_key_id = $1, \
-     expire_time = case when expire_time is null or expire_time > $2 then $2 else expire_time end \
+     expire_time = case when expire_time is null or expire_time > $2 then $2 else expire_time end, \
+     version = version + 1, update_time = $5 \
      where workspace_id = $3 and key_id = $4 and rotated_to_key_id is null \
-     and revoke_time is null and (expire_time is null or expire_time > $5)";
+     and revoke_time is null and enabled and (expire_time is null or expire_time > $5) \
+     and version = $6";
 
 /// A guard against a corrupt (cyclic) chain; a key rotated daily for 270 years stays below it.
 pub(super) const MAX_ROTATION_CHAIN: usize = 100_000;
@@ -116,10 +164,18 @@ macro_rules! impl_sql_store {
             async fn insert_key(
                 &self,
                 key: &$crate::key::StoredKey,
-                audit: &$crate::store::AuditRecord,
+                mutation: &$crate::store::Mutation,
             ) -> $crate::error::Result<()> {
                 let mut tx = self.pool.begin().await?;
-                insert_key_row(&mut tx, key, audit).await?;
+                claim_request(&mut tx, mutation).await?;
+                insert_key_row(&mut tx, key).await?;
+                insert_audit(
+                    &mut tx,
+                    key.key.workspace_id.as_str(),
+                    key.key.key_id.as_str(),
+                    &mutation.audit,
+                )
+                .await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -187,22 +243,37 @@ macro_rules! impl_sql_store {
                 workspace_id: &$crate::key::WorkspaceId,
                 key_id: &$crate::key::KeyId,
                 successors: bool,
-                audit: &$crate::store::AuditRecord,
+                revoked_by: &str,
+                mutation: &$crate::store::Mutation,
             ) -> $crate::error::Result<Option<$crate::store::Revocation>> {
                 let mut tx = self.pool.begin().await?;
+                claim_request(&mut tx, mutation).await?;
                 let mut newly_revoked = Vec::new();
-                let Some(key) =
-                    revoke_one(&mut tx, workspace_id, key_id, audit, &mut newly_revoked).await?
+                let Some(key) = revoke_one(
+                    &mut tx,
+                    workspace_id,
+                    key_id,
+                    revoked_by,
+                    &mutation.audit,
+                    &mut newly_revoked,
+                )
+                .await?
                 else {
                     tx.rollback().await?;
                     return Ok(None);
                 };
+                if newly_revoked.is_empty() {
+                    // Revoked already: the call still leaves its one event, saying so.
+                    let unchanged = $crate::store::AuditRecord {
+                        outcome: $crate::audit::AuditOutcome::Unchanged,
+                        ..mutation.audit.clone()
+                    };
+                    insert_audit(&mut tx, workspace_id.as_str(), key_id.as_str(), &unchanged)
+                        .await?;
+                }
                 let mut chain = Vec::new();
                 if successors {
-                    let chain_audit = $crate::store::AuditRecord {
-                        detail: serde_json::json!({ "revoked_with": key_id.as_str() }).to_string(),
-                        ..audit.clone()
-                    };
+                    let chain_audit = &mutation.audit;
                     // Each key row is locked by its update before its successor is read, so a
                     // rotation racing this walk either commits first (and is followed) or finds
                     // its key revoked and fails.
@@ -218,7 +289,8 @@ macro_rules! impl_sql_store {
                             &mut tx,
                             workspace_id,
                             &successor_id,
-                            &chain_audit,
+                            revoked_by,
+                            chain_audit,
                             &mut newly_revoked,
                         )
                         .await?
@@ -242,17 +314,21 @@ macro_rules! impl_sql_store {
                 &self,
                 workspace_id: &$crate::key::WorkspaceId,
                 key_id: &$crate::key::KeyId,
+                version: i64,
                 successor: &$crate::key::StoredKey,
                 previous_expire_time: $crate::timestamp::UnixMicros,
-                audit: &$crate::store::AuditRecord,
+                mutation: &$crate::store::Mutation,
             ) -> $crate::error::Result<Option<$crate::store::Rotation>> {
                 let mut tx = self.pool.begin().await?;
+                claim_request(&mut tx, mutation).await?;
+                let audit = &mutation.audit;
                 let claimed = sqlx::query($crate::store::sql::MARK_ROTATED)
                     .bind(successor.key.key_id.as_str())
                     .bind(previous_expire_time)
                     .bind(workspace_id.as_str())
                     .bind(key_id.as_str())
                     .bind(audit.occur_time)
+                    .bind(version)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
@@ -261,7 +337,7 @@ macro_rules! impl_sql_store {
                     return Ok(None);
                 }
                 insert_audit(&mut tx, workspace_id.as_str(), key_id.as_str(), audit).await?;
-                insert_key_row(&mut tx, successor, audit).await?;
+                insert_key_row(&mut tx, successor).await?;
                 Self::key_changed(&mut tx, key_id.as_str()).await?;
                 let previous: KeyRow = sqlx::query_as($crate::store::sql::SELECT_KEY_IN_WORKSPACE)
                     .bind(workspace_id.as_str())
@@ -279,6 +355,139 @@ macro_rules! impl_sql_store {
                     previous: previous.into_key()?,
                     successor: inserted.into_key()?,
                 }))
+            }
+
+            #[tracing::instrument(name = "store.update_key", skip_all, fields(key_id = %key.key_id))]
+            async fn update_key(
+                &self,
+                key: &$crate::key::Key,
+                mutation: &$crate::store::Mutation,
+            ) -> $crate::error::Result<Option<$crate::key::Key>> {
+                let mut tx = self.pool.begin().await?;
+                claim_request(&mut tx, mutation).await?;
+                let updated = sqlx::query($crate::store::sql::UPDATE_KEY)
+                    .bind(key.name.as_str())
+                    .bind(key.description.as_str())
+                    .bind($crate::store::row::scopes_json(key))
+                    .bind(key.role.as_str())
+                    .bind($crate::store::row::metadata_json(key))
+                    .bind(key.expire_time)
+                    .bind(key.enabled)
+                    .bind(mutation.audit.occur_time)
+                    .bind(key.workspace_id.as_str())
+                    .bind(key.version)
+                    .bind(key.key_id.as_str())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if updated != 1 {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                insert_audit(
+                    &mut tx,
+                    key.workspace_id.as_str(),
+                    key.key_id.as_str(),
+                    &mutation.audit,
+                )
+                .await?;
+                Self::key_changed(&mut tx, key.key_id.as_str()).await?;
+                let row: KeyRow = sqlx::query_as($crate::store::sql::SELECT_KEY_IN_WORKSPACE)
+                    .bind(key.workspace_id.as_str())
+                    .bind(key.key_id.as_str())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                row.into_key().map(Some)
+            }
+
+            #[tracing::instrument(name = "store.find_request", skip_all)]
+            async fn find_request(
+                &self,
+                scope: &str,
+                request_id: &str,
+            ) -> $crate::error::Result<Option<$crate::store::DoneRequest>> {
+                let row: Option<(String, String, String, Vec<u8>, i64)> =
+                    sqlx::query_as($crate::store::sql::SELECT_REQUEST)
+                        .bind(scope)
+                        .bind(request_id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                Ok(row.map(|(operation, fingerprint, key_id, salt, create_time)| {
+                    $crate::store::DoneRequest {
+                        operation,
+                        fingerprint,
+                        key_id,
+                        salt,
+                        create_time,
+                    }
+                }))
+            }
+
+            #[tracing::instrument(name = "store.delete_requests_before", skip_all)]
+            async fn delete_requests_before(
+                &self,
+                before: $crate::timestamp::UnixMicros,
+                limit: u32,
+            ) -> $crate::error::Result<u64> {
+                let deleted = sqlx::query($crate::store::sql::DELETE_REQUESTS_BEFORE)
+                    .bind(before)
+                    .bind(i64::from(limit))
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                Ok(deleted)
+            }
+
+            #[tracing::instrument(name = "store.insert_audit_event", skip_all, fields(key_id = %key_id))]
+            async fn insert_audit_event(
+                &self,
+                workspace_id: &$crate::key::WorkspaceId,
+                key_id: &$crate::key::KeyId,
+                record: &$crate::store::AuditRecord,
+            ) -> $crate::error::Result<()> {
+                let mut tx = self.pool.begin().await?;
+                insert_audit(&mut tx, workspace_id.as_str(), key_id.as_str(), record).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(name = "store.list_audit_events", skip_all, fields(workspace_id = %query.workspace_id))]
+            async fn list_audit_events(
+                &self,
+                query: &$crate::audit::AuditQuery,
+            ) -> $crate::error::Result<Vec<$crate::audit::AuditEvent>> {
+                let rows: Vec<$crate::store::row::AuditRow> =
+                    sqlx::query_as($crate::store::sql::LIST_AUDIT_EVENTS)
+                        .bind(query.workspace_id.as_str())
+                        .bind(query.key_id.as_deref())
+                        .bind(query.actor_kind.map($crate::audit::ActorKind::as_str))
+                        .bind(query.actor_id.as_deref())
+                        .bind(query.action.map($crate::audit::AuditAction::as_str))
+                        .bind(query.start_time)
+                        .bind(query.end_time)
+                        .bind(query.before_event_id.unwrap_or(i64::MAX))
+                        .bind(i64::from(query.limit))
+                        .fetch_all(&self.pool)
+                        .await?;
+                rows.into_iter()
+                    .map($crate::store::row::AuditRow::into_event)
+                    .collect()
+            }
+
+            #[tracing::instrument(name = "store.delete_audit_events_before", skip_all)]
+            async fn delete_audit_events_before(
+                &self,
+                before: $crate::timestamp::UnixMicros,
+                limit: u32,
+            ) -> $crate::error::Result<u64> {
+                let deleted = sqlx::query($crate::store::sql::DELETE_AUDIT_BEFORE)
+                    .bind(before)
+                    .bind(i64::from(limit))
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                Ok(deleted)
             }
 
             #[tracing::instrument(name = "store.record_usage", skip_all, fields(keys = deltas.len()))]
@@ -385,7 +594,6 @@ macro_rules! impl_sql_store {
         async fn insert_key_row(
             tx: &mut sqlx::Transaction<'_, $db>,
             stored: &$crate::key::StoredKey,
-            audit: &$crate::store::AuditRecord,
         ) -> $crate::error::Result<()> {
             let key = &stored.key;
             sqlx::query($crate::store::sql::INSERT_KEY)
@@ -402,7 +610,7 @@ macro_rules! impl_sql_store {
                 .bind(key.create_time)
                 .bind(key.expire_time)
                 .bind(key.rotated_from_key_id.as_ref().map($crate::key::KeyId::as_str))
-                .bind(audit.actor.as_str())
+                .bind(key.created_by.as_str())
                 .bind(key.usage_limit)
                 .bind(key.budget_id.as_deref())
                 .execute(&mut **tx)
@@ -415,11 +623,35 @@ macro_rules! impl_sql_store {
                     .execute(&mut **tx)
                     .await?;
             }
-            let issue = $crate::store::AuditRecord {
-                action: "issue",
-                ..audit.clone()
+            Ok(())
+        }
+
+        /// Claims the mutation's request id, if it has one: the first statement of its
+        /// transaction, so that a concurrent duplicate waits here for this one to end.
+        async fn claim_request(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            mutation: &$crate::store::Mutation,
+        ) -> $crate::error::Result<()> {
+            let Some(claim) = &mutation.claim else {
+                return Ok(());
             };
-            insert_audit(tx, key.workspace_id.as_str(), key.key_id.as_str(), &issue).await
+            let claimed = sqlx::query($crate::store::sql::CLAIM_REQUEST)
+                .bind(claim.scope.as_str())
+                .bind(claim.request_id.as_str())
+                .bind(claim.operation)
+                .bind(claim.fingerprint.as_str())
+                .bind(claim.key_id.as_str())
+                .bind(claim.salt.as_slice())
+                .bind(claim.create_time)
+                .bind(claim.stale_before)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+            if claimed == 1 {
+                Ok(())
+            } else {
+                Err($crate::error::Error::DuplicateRequest)
+            }
         }
 
         /// Revokes one key unless it is revoked already (with its audit record and change
@@ -428,19 +660,35 @@ macro_rules! impl_sql_store {
             tx: &mut sqlx::Transaction<'_, $db>,
             workspace_id: &$crate::key::WorkspaceId,
             key_id: &$crate::key::KeyId,
+            revoked_by: &str,
             audit: &$crate::store::AuditRecord,
             newly_revoked: &mut Vec<$crate::key::KeyId>,
         ) -> $crate::error::Result<Option<$crate::key::Key>> {
             let changed = sqlx::query($crate::store::sql::REVOKE_KEY)
                 .bind(audit.occur_time)
-                .bind(audit.actor.as_str())
+                .bind(revoked_by)
                 .bind(workspace_id.as_str())
                 .bind(key_id.as_str())
                 .execute(&mut **tx)
                 .await?
                 .rows_affected();
             if changed == 1 {
-                insert_audit(tx, workspace_id.as_str(), key_id.as_str(), audit).await?;
+                let revoked = $crate::store::AuditRecord {
+                    changes: vec![
+                        $crate::audit::change(
+                            "revoke_time",
+                            serde_json::Value::Null,
+                            $crate::audit::time_value(Some(audit.occur_time)),
+                        ),
+                        $crate::audit::change(
+                            "revoked_by",
+                            serde_json::Value::Null,
+                            serde_json::Value::from(revoked_by),
+                        ),
+                    ],
+                    ..audit.clone()
+                };
+                insert_audit(tx, workspace_id.as_str(), key_id.as_str(), &revoked).await?;
                 <$store>::key_changed(tx, key_id.as_str()).await?;
                 newly_revoked.push(key_id.clone());
             }
@@ -461,10 +709,16 @@ macro_rules! impl_sql_store {
             sqlx::query($crate::store::sql::INSERT_AUDIT)
                 .bind(workspace_id)
                 .bind(key_id)
-                .bind(audit.action)
-                .bind(audit.actor.as_str())
+                .bind(audit.action.as_str())
+                .bind(audit.actor.display.as_str())
+                .bind(audit.actor.kind.as_str())
+                .bind(audit.actor.id.as_str())
                 .bind(audit.occur_time)
-                .bind(audit.detail.as_str())
+                .bind(audit.changes_json())
+                .bind(audit.outcome.as_str())
+                .bind(audit.context.client_ip.as_str())
+                .bind(audit.context.trace_id.as_str())
+                .bind(audit.context.request_id.as_str())
                 .execute(&mut **tx)
                 .await?;
             Ok(())

@@ -292,3 +292,56 @@ pub fn code_name(code: i32) -> &'static str {
         _ => "UNKNOWN",
     }
 }
+
+/// The trace id a call belongs to, for its audit event: the caller's, from a valid W3C
+/// `traceparent`, else the one this service exports for it; empty when neither exists (a
+/// log-only id would name nothing anyone can look up).
+pub fn call_trace_id(traceparent: Option<&str>) -> String {
+    if let Some(trace_id) = traceparent.and_then(traceparent_trace_id) {
+        return trace_id.to_owned();
+    }
+    let context = tracing::Span::current().context();
+    let trace_id = context.span().span_context().trace_id();
+    if trace_id == TraceId::INVALID {
+        String::new()
+    } else {
+        trace_id.to_string()
+    }
+}
+
+/// The trace id field of a `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed and
+/// not all zeros.
+fn traceparent_trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (_version, trace_id) = (parts.next()?, parts.next()?);
+    let well_formed = trace_id.len() == 32
+        && trace_id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && trace_id.bytes().any(|b| b != b'0');
+    well_formed.then_some(trace_id)
+}
+
+#[cfg(test)]
+mod trace_id_tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_gives_its_trace_id_and_garbage_gives_none() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            traceparent_trace_id(&format!("00-{id}-00f067aa0ba902b7-01")),
+            Some(id)
+        );
+        assert_eq!(
+            traceparent_trace_id("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(
+            traceparent_trace_id("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(traceparent_trace_id("garbage"), None);
+        assert_eq!(traceparent_trace_id("00-é"), None);
+    }
+}

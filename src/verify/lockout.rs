@@ -15,12 +15,14 @@
 use std::borrow::Borrow;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use moka::ops::compute::Op;
 use moka::sync::Cache;
+
+use crate::audit::LockoutAuditor;
 
 #[derive(Debug, Clone)]
 pub struct LockoutConfig {
@@ -60,6 +62,19 @@ pub enum ClientIp {
 impl ClientIp {
     pub fn parse(text: &str) -> Option<Self> {
         Some(Self::from(text.parse::<IpAddr>().ok()?))
+    }
+}
+
+/// An IPv4 address as usual; an IPv6 address as the /64 network it is counted by.
+impl std::fmt::Display for ClientIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::V4(address) => std::net::Ipv4Addr::from(address).fmt(f),
+            Self::V6Network(network) => {
+                let address = std::net::Ipv6Addr::from(u128::from(network) << 64);
+                write!(f, "{address}/64")
+            }
+        }
     }
 }
 
@@ -192,29 +207,30 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Tracker<K> {
     }
 
     /// Counts a failure with no pending attempt behind it.
-    fn failed(&self, subject: &K) {
+    /// Counts a failure; true if it engaged a lockout.
+    fn failed(&self, subject: &K) -> bool {
         if self.threshold == 0 {
-            return;
+            return false;
         }
         let window = self
             .windows
             .get_with_by_ref(subject, || Arc::new(Window::default()));
         let failures = window.record_failure();
-        self.engage_at_threshold(subject, &window, failures);
+        self.engage_at_threshold(subject, &window, failures)
     }
 
-    /// Settles a pending attempt as a failure.
-    fn settle_failed(&self, subject: &K, window: &Arc<Window>) {
+    /// Settles a pending attempt as a failure; true if it engaged a lockout.
+    fn settle_failed(&self, subject: &K, window: &Arc<Window>) -> bool {
         let failures = window.settle_failed();
-        self.engage_at_threshold(subject, window, failures);
+        self.engage_at_threshold(subject, window, failures)
     }
 
     /// Locks the subject when this failure is the one that reached the threshold (exactly one
     /// failure sees the count equal it), then retires its window so that a fresh one starts
     /// after the lockout. The lockout is inserted first: `reserve` relies on that order.
-    fn engage_at_threshold(&self, subject: &K, window: &Arc<Window>, failures: u64) {
+    fn engage_at_threshold(&self, subject: &K, window: &Arc<Window>, failures: u64) -> bool {
         if failures != u64::from(self.threshold) {
-            return;
+            return false;
         }
         self.locked_until
             .insert(subject.clone(), Instant::now() + self.duration);
@@ -226,6 +242,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Tracker<K> {
                 Some(entry) if Arc::ptr_eq(entry.value(), window) => Op::Remove,
                 _ => Op::Nop,
             });
+        true
     }
 
     fn tracked(&self) -> u64 {
@@ -238,6 +255,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Tracker<K> {
 pub struct Lockouts {
     keys: Tracker<String>,
     ips: Tracker<ClientIp>,
+    /// Told of every key lockout, for the audit trail; unset in tools and unit tests.
+    auditor: OnceLock<LockoutAuditor>,
 }
 
 impl Lockouts {
@@ -245,6 +264,18 @@ impl Lockouts {
         Self {
             keys: Tracker::new(config.key_failures, config),
             ips: Tracker::new(config.ip_failures, config),
+            auditor: OnceLock::new(),
+        }
+    }
+
+    /// Reports every key lockout from now on to `auditor` (once; a second auditor is ignored).
+    pub fn report_to(&self, auditor: LockoutAuditor) {
+        let _ = self.auditor.set(auditor);
+    }
+
+    fn key_locked(&self, key_id: &str, ip: Option<ClientIp>) {
+        if let Some(auditor) = self.auditor.get() {
+            auditor.engaged(key_id, ip);
         }
     }
 
@@ -270,8 +301,10 @@ impl Lockouts {
         if let Some(ip) = ip {
             self.ips.failed(&ip);
         }
-        if let Some(key_id) = wrong_secret_for {
-            self.keys.failed(&key_id.to_owned());
+        if let Some(key_id) = wrong_secret_for
+            && self.keys.failed(&key_id.to_owned())
+        {
+            self.key_locked(key_id, ip);
         }
     }
 
@@ -347,8 +380,11 @@ impl PendingCheck<'_> {
 
 impl Drop for PendingCheck<'_> {
     fn drop(&mut self) {
-        if let Some((key_id, window)) = self.key.take() {
-            self.lockouts.keys.settle_failed(&key_id, &window);
+        if let Some((key_id, window)) = self.key.take()
+            && self.lockouts.keys.settle_failed(&key_id, &window)
+        {
+            let ip = self.ip.as_ref().map(|(ip, _)| *ip);
+            self.lockouts.key_locked(&key_id, ip);
         }
         if let Some((ip, window)) = self.ip.take() {
             self.lockouts.ips.settle_failed(&ip, &window);

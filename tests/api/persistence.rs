@@ -128,7 +128,8 @@ async fn no_plaintext_key_reaches_the_database_files(db: TestDb) {
     assert!(scanned > 0, "some data was scanned");
 }
 
-/// Every mutation writes its audit row in the same transaction, naming the actor.
+/// Every mutation writes one audit row in the same transaction, naming the actor; a rotation is
+/// one row on the rotated key, and a no-op revocation still records the attempt.
 async fn every_mutation_leaves_an_audit_row(db: TestDb) {
     let mut app = TestApp::spawn(&db).await;
     let issued = app.issue("acme", "audited").await;
@@ -136,7 +137,7 @@ async fn every_mutation_leaves_an_audit_row(db: TestDb) {
     let rotated = app.rotate("acme", &key_id, None).await.unwrap();
     let successor = rotated.key.unwrap().key_id;
     app.revoke("acme", &successor).await.unwrap();
-    app.revoke("acme", &successor).await.unwrap(); // a no-op: no second row
+    app.revoke("acme", &successor).await.unwrap(); // a no-op: an UNCHANGED row
     app.stop().await;
 
     let rows = audit_events(&db).await;
@@ -146,7 +147,7 @@ async fn every_mutation_leaves_an_audit_row(db: TestDb) {
         vec![
             (key_id.clone(), "issue".to_owned(), admin.clone()),
             (key_id, "rotate".to_owned(), admin.clone()),
-            (successor.clone(), "issue".to_owned(), admin.clone()),
+            (successor.clone(), "revoke".to_owned(), admin.clone()),
             (successor, "revoke".to_owned(), admin),
         ]
     );

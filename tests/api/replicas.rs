@@ -235,6 +235,7 @@ async fn revoking_a_chain_reaches_the_other_replica() {
             workspace_id: "acme".into(),
             key_id: original_id,
             revoke_successors: true,
+            ..Default::default()
         })
         .await
         .unwrap();

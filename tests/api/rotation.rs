@@ -471,6 +471,7 @@ async fn revoke_successors_reaches_what_a_thief_rotated(db: TestDb) {
             workspace_id: "acme".into(),
             key_id: leaked_id.clone(),
             revoke_successors: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -484,6 +485,7 @@ async fn revoke_successors_reaches_what_a_thief_rotated(db: TestDb) {
             workspace_id: "acme".into(),
             key_id: leaked_id.clone(),
             revoke_successors: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -509,15 +511,19 @@ async fn revoke_successors_reaches_what_a_thief_rotated(db: TestDb) {
     }
     app.stop().await;
 
-    // One revoke row per key: the original's from the first call, the successors' from the
-    // chain revocation; nothing for the original twice.
+    // One revoke row per key the calls changed: the original's from the first call, the
+    // successors' from the chain revocation; and the second call's own row for the original,
+    // which it found revoked already (UNCHANGED).
     let revokes: Vec<String> = audit_events(&db)
         .await
         .into_iter()
         .filter(|(_, action, _)| action == "revoke")
         .map(|(key_id, _, _)| key_id)
         .collect();
-    assert_eq!(revokes, vec![leaked_id, first_id, second_id]);
+    assert_eq!(
+        revokes,
+        vec![leaked_id.clone(), leaked_id, first_id, second_id]
+    );
 }
 
 /// The holder of an old key in its grace period may revoke that key, never the successor its
@@ -540,6 +546,7 @@ async fn an_old_key_cannot_revoke_its_successor(db: TestDb) {
             workspace_id: String::new(),
             key_id: old_id.clone(),
             revoke_successors: true,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -556,6 +563,7 @@ async fn an_old_key_cannot_revoke_its_successor(db: TestDb) {
             workspace_id: String::new(),
             key_id: old_id,
             revoke_successors: false,
+            ..Default::default()
         })
         .await
         .unwrap()

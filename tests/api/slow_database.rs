@@ -6,6 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use key_authority::audit::{
+    AuditAction, AuditActor, AuditEvent, AuditQuery, AuditRecord, CallContext,
+};
 use key_authority::error::Result;
 use key_authority::key::{
     Environment, HashPool, HashPriority, HashThreads, Key, KeyDescription, KeyId, KeyName,
@@ -14,10 +17,10 @@ use key_authority::key::{
 use key_authority::keys::page_token::PageTokenCodec;
 use key_authority::keys::{Actor, Expiration, KeyManager, KeySpec, TrialConfig};
 use key_authority::store::{
-    self, AuditRecord, Changes, ListQuery, PoolStats, Revocation, Rotation, Store, StoreKind,
-    UsageDelta,
+    self, Changes, DoneRequest, ListQuery, Mutation, PoolStats, Revocation, Rotation, Store,
+    StoreKind, UsageDelta,
 };
-use key_authority::timestamp::UnixMicros;
+use key_authority::timestamp::{UnixMicros, now_micros};
 use key_authority::verify::{UsageRecorder, Verdict, Verifier, VerifyConfig, VerifyRequest};
 use tokio::sync::oneshot;
 
@@ -51,8 +54,8 @@ impl SlowReadStore {
 
 #[async_trait]
 impl Store for SlowReadStore {
-    async fn insert_key(&self, key: &StoredKey, audit: &AuditRecord) -> Result<()> {
-        self.inner.insert_key(key, audit).await
+    async fn insert_key(&self, key: &StoredKey, mutation: &Mutation) -> Result<()> {
+        self.inner.insert_key(key, mutation).await
     }
 
     async fn get_key(&self, workspace_id: &WorkspaceId, key_id: &KeyId) -> Result<Option<Key>> {
@@ -78,10 +81,11 @@ impl Store for SlowReadStore {
         workspace_id: &WorkspaceId,
         key_id: &KeyId,
         successors: bool,
-        audit: &AuditRecord,
+        revoked_by: &str,
+        mutation: &Mutation,
     ) -> Result<Option<Revocation>> {
         self.inner
-            .revoke_key(workspace_id, key_id, successors, audit)
+            .revoke_key(workspace_id, key_id, successors, revoked_by, mutation)
             .await
     }
 
@@ -89,13 +93,52 @@ impl Store for SlowReadStore {
         &self,
         workspace_id: &WorkspaceId,
         key_id: &KeyId,
+        version: i64,
         successor: &StoredKey,
         previous_expire_time: UnixMicros,
-        audit: &AuditRecord,
+        mutation: &Mutation,
     ) -> Result<Option<Rotation>> {
         self.inner
-            .rotate_key(workspace_id, key_id, successor, previous_expire_time, audit)
+            .rotate_key(
+                workspace_id,
+                key_id,
+                version,
+                successor,
+                previous_expire_time,
+                mutation,
+            )
             .await
+    }
+
+    async fn update_key(&self, key: &Key, mutation: &Mutation) -> Result<Option<Key>> {
+        self.inner.update_key(key, mutation).await
+    }
+
+    async fn find_request(&self, scope: &str, request_id: &str) -> Result<Option<DoneRequest>> {
+        self.inner.find_request(scope, request_id).await
+    }
+
+    async fn delete_requests_before(&self, before: UnixMicros, limit: u32) -> Result<u64> {
+        self.inner.delete_requests_before(before, limit).await
+    }
+
+    async fn insert_audit_event(
+        &self,
+        workspace_id: &WorkspaceId,
+        key_id: &KeyId,
+        record: &AuditRecord,
+    ) -> Result<()> {
+        self.inner
+            .insert_audit_event(workspace_id, key_id, record)
+            .await
+    }
+
+    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>> {
+        self.inner.list_audit_events(query).await
+    }
+
+    async fn delete_audit_events_before(&self, before: UnixMicros, limit: u32) -> Result<u64> {
+        self.inner.delete_audit_events_before(before, limit).await
     }
 
     async fn record_usage(&self, deltas: &[UsageDelta]) -> Result<()> {
@@ -180,7 +223,17 @@ impl Replica {
 }
 
 fn admin() -> Actor {
-    Actor::new("admin".to_owned())
+    Actor::admin()
+}
+
+/// The audit event of an admin's change, as the key manager's callers build it.
+fn by_admin(action: AuditAction) -> AuditRecord {
+    AuditRecord::new(
+        action,
+        AuditActor::admin(),
+        now_micros(),
+        CallContext::default(),
+    )
 }
 
 fn acme() -> WorkspaceId {
@@ -204,6 +257,7 @@ async fn a_revoke_outlasts_a_read_slower_than_the_state_ttl(db: TestDb) {
                 usage_limit: 0,
             },
             &admin(),
+            by_admin(AuditAction::Issue),
         )
         .await
         .unwrap();
@@ -220,7 +274,13 @@ async fn a_revoke_outlasts_a_read_slower_than_the_state_ttl(db: TestDb) {
 
     replica
         .keys
-        .revoke_in(&acme(), &key_id, false, &admin())
+        .revoke_in(
+            &acme(),
+            &key_id,
+            false,
+            &admin(),
+            by_admin(AuditAction::Revoke),
+        )
         .await
         .unwrap();
     // A verify that starts after the revoke returned joins the held read (single-flight) while

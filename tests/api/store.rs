@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::task::Poll;
 
+use key_authority::audit::{AuditAction, AuditActor, AuditRecord, CallContext};
 use key_authority::error::Error;
 use key_authority::key::{
     Environment, Key, KeyDescription, KeyId, KeyName, Metadata, Role, Scopes, StoredKey,
     WorkspaceId,
 };
-use key_authority::store::{self, AuditRecord, Change, ListQuery, Store, StoreKind, UsageDelta};
+use key_authority::store::{self, Change, ListQuery, Mutation, Store, StoreKind, UsageDelta};
 use key_authority::timestamp::UnixMicros;
 use tokio_stream::StreamExt as _;
 
@@ -28,13 +29,17 @@ fn workspace(name: &str) -> WorkspaceId {
     WorkspaceId::parse(name).expect("a valid workspace id")
 }
 
-fn audit(action: &'static str, actor: &str, occur_time: UnixMicros) -> AuditRecord {
-    AuditRecord {
-        action,
-        actor: actor.to_owned(),
-        occur_time,
-        detail: "{}".to_owned(),
-    }
+/// A mutation with its audit event, without a request id.
+fn audit(action: &str, actor: &str, occur_time: UnixMicros) -> Mutation {
+    let action = AuditAction::from_db(action).expect("a known action");
+    let actor = match actor.strip_prefix("user:") {
+        Some(subject) => AuditActor::user(subject),
+        None => AuditActor::admin(),
+    };
+    Mutation::new(
+        AuditRecord::new(action, actor, occur_time, CallContext::default()),
+        None,
+    )
 }
 
 /// A key of `workspace_id` as IssueKey would build it (with `created_by` "admin", the actor of
@@ -64,6 +69,9 @@ fn new_key(workspace_id: &str, create_time: UnixMicros, usage_limit: i64) -> Sto
             revoked_by: None,
             usage_limit,
             usage_remaining: usage_limit,
+            enabled: true,
+            version: 1,
+            update_time: None,
         },
         secret_hash: format!("$argon2id$v=19$m=1024,t=1,p=1$not-a-real-hash-{create_time}"),
     }
@@ -95,6 +103,7 @@ async fn rotate(store: &dyn Store, previous: &Key, create_time: UnixMicros) -> K
         .rotate_key(
             &previous.workspace_id,
             &previous.key_id,
+            previous.version,
             &successor,
             NOW + 3600 * SECOND,
             &audit("rotate", "admin", create_time),
@@ -214,6 +223,7 @@ async fn lists_page_newest_first_with_exact_totals(db: TestDb) {
             &workspace("acme"),
             &revoked.key.key_id,
             false,
+            "admin",
             &audit("revoke", "admin", NOW + 13 * SECOND),
         )
         .await
@@ -290,6 +300,7 @@ async fn revoke_with_and_without_successors(db: TestDb) {
             &acme,
             &first.key.key_id,
             false,
+            "user:ann",
             &audit("revoke", "user:ann", NOW + 3 * SECOND),
         )
         .await
@@ -311,6 +322,7 @@ async fn revoke_with_and_without_successors(db: TestDb) {
             &acme,
             &first.key.key_id,
             true,
+            "user:bob",
             &audit("revoke", "user:bob", NOW + 4 * SECOND),
         )
         .await
@@ -330,7 +342,13 @@ async fn revoke_with_and_without_successors(db: TestDb) {
 
     // Nothing left to revoke; unknown keys and other workspaces are `None`.
     let revocation = store
-        .revoke_key(&acme, &third.key_id, true, &audit("revoke", "admin", NOW))
+        .revoke_key(
+            &acme,
+            &third.key_id,
+            true,
+            "admin",
+            &audit("revoke", "admin", NOW),
+        )
         .await
         .unwrap()
         .expect("the key exists");
@@ -340,6 +358,7 @@ async fn revoke_with_and_without_successors(db: TestDb) {
             &workspace("other"),
             &first.key.key_id,
             true,
+            "admin",
             &audit("revoke", "admin", NOW),
         )
         .await
@@ -356,12 +375,15 @@ async fn revoke_with_and_without_successors(db: TestDb) {
         events,
         [
             event(&first.key, "issue"),
+            // A rotation is one event, on the key rotated (its successor is in its changes).
             event(&first.key, "rotate"),
-            event(&second, "issue"),
             event(&second, "rotate"),
-            event(&third, "issue"),
+            event(&first.key, "revoke"),
+            // Revoked already: the call's one event says UNCHANGED; the chain's keys each get
+            // their own.
             event(&first.key, "revoke"),
             event(&second, "revoke"),
+            event(&third, "revoke"),
             event(&third, "revoke"),
         ]
     );
@@ -380,6 +402,7 @@ async fn a_key_rotates_once(db: TestDb) {
         .rotate_key(
             &acme,
             &original.key.key_id,
+            original.key.version,
             &successor,
             NOW + 3600 * SECOND,
             &audit("rotate", "admin", NOW + SECOND),
@@ -390,6 +413,8 @@ async fn a_key_rotates_once(db: TestDb) {
     let expected_previous = Key {
         rotated_to_key_id: Some(successor.key.key_id.clone()),
         expire_time: Some(NOW + 3600 * SECOND),
+        version: original.key.version + 1,
+        update_time: Some(NOW + SECOND),
         ..original.key.clone()
     };
     assert_eq!(rotation.previous, expected_previous);
@@ -401,6 +426,7 @@ async fn a_key_rotates_once(db: TestDb) {
         .rotate_key(
             &acme,
             &original.key.key_id,
+            original.key.version,
             &loser,
             NOW + 3600 * SECOND,
             &audit("rotate", "admin", NOW + 2 * SECOND),
@@ -422,6 +448,7 @@ async fn a_key_rotates_once(db: TestDb) {
             &acme,
             &successor.key.key_id,
             false,
+            "admin",
             &audit("revoke", "admin", NOW + 3 * SECOND),
         )
         .await
@@ -430,6 +457,8 @@ async fn a_key_rotates_once(db: TestDb) {
         .rotate_key(
             &acme,
             &successor.key.key_id,
+            // The version after its revocation: only the revocation stops this rotation.
+            successor.key.version + 1,
             &successor_of(&successor.key, NOW + 4 * SECOND),
             NOW + 3600 * SECOND,
             &audit("rotate", "admin", NOW + 4 * SECOND),
@@ -607,6 +636,7 @@ async fn changes_follow_the_database(db: TestDb) {
                 &workspace("acme"),
                 &key.key.key_id,
                 true,
+                "admin",
                 &audit("revoke", "admin", NOW + 2 * SECOND),
             )
             .await
@@ -635,6 +665,7 @@ async fn changes_follow_the_database(db: TestDb) {
             &workspace("acme"),
             &key.key.key_id,
             true,
+            "admin",
             &audit("revoke", "admin", NOW + 2 * SECOND),
         )
         .await
