@@ -4,6 +4,12 @@
 // nothing is generated or checked in. Messages are plain objects with the protos' field names
 // (snake_case), enums as their names ('VERIFY_CODE_VALID'), int64 as numbers, and
 // google.protobuf.Duration / Timestamp as { seconds, nanos }.
+//
+// The mutations (issueKey, rotateKey, revokeKey, updateKey, issueTrialKey) take a `request_id`: a
+// UUID such as crypto.randomUUID(), unique to the operation. A retry with the same request id and
+// the same parameters resolves to the first call's answer (the same secret included) and changes
+// nothing; the same request id with other parameters is rejected with FAILED_PRECONDITION,
+// reason IDEMPOTENCY_KEY_REUSED.
 
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
@@ -11,6 +17,16 @@ const protoLoader = require('@grpc/proto-loader');
 const protobuf = require('protobufjs');
 
 const ERROR_DOMAIN = 'keyauthority.v1';
+// The Key fields UpdateKey can change.
+const UPDATABLE_FIELDS = Object.freeze([
+  'name',
+  'description',
+  'scopes',
+  'role',
+  'metadata',
+  'expire_time',
+  'enabled',
+]);
 const DETAILS_TRAILER = 'grpc-status-details-bin';
 const VENDORED_PROTOS = path.join(__dirname, 'protos');
 
@@ -100,7 +116,10 @@ class KeyAuthority {
     });
   }
 
-  /** IssueKey: resolves to { key, secret }; the secret is shown this once only. */
+  /**
+   * IssueKey: resolves to { key, secret }; the secret is shown this once only (a retry with the
+   * same `request_id` and parameters resolves to that same key and secret again).
+   */
   issueKey(request) {
     return this.call(this.keys, 'IssueKey', request, this.adminToken);
   }
@@ -125,18 +144,19 @@ class KeyAuthority {
     } while (page_token);
   }
 
-  /** RevokeKey: resolves to the revoked Key. */
-  async revokeKey(workspace_id, key_id) {
-    return (await this.call(this.keys, 'RevokeKey', { workspace_id, key_id }, this.adminToken)).key;
+  /** RevokeKey: resolves to the revoked Key. options: { request_id }. */
+  async revokeKey(workspace_id, key_id, { request_id = '' } = {}) {
+    const request = { workspace_id, key_id, request_id };
+    return (await this.call(this.keys, 'RevokeKey', request, this.adminToken)).key;
   }
 
   /**
    * RevokeKey with revoke_successors: revokes a key and every successor its rotations produced,
    * in one transaction (for a leaked key that whoever holds it may have rotated). Resolves to
-   * { key, successors }.
+   * { key, successors }. options: { request_id }.
    */
-  revokeKeyChain(workspace_id, key_id) {
-    const request = { workspace_id, key_id, revoke_successors: true };
+  revokeKeyChain(workspace_id, key_id, { request_id = '' } = {}) {
+    const request = { workspace_id, key_id, revoke_successors: true, request_id };
     return this.call(this.keys, 'RevokeKey', request, this.adminToken);
   }
 
@@ -148,7 +168,10 @@ class KeyAuthority {
     return this.call(this.keys, 'RotateKey', request, this.adminToken);
   }
 
-  /** IssueTrialKey: needs no credentials; client_ip counts only from an admin-token holder. */
+  /**
+   * IssueTrialKey: needs no credentials; client_ip counts only from an admin-token holder. The
+   * request may carry a `request_id`, as IssueKey's.
+   */
   issueTrialKey(request = {}) {
     return this.call(this.keys, 'IssueTrialKey', request, this.adminToken);
   }
@@ -163,8 +186,61 @@ class KeyAuthority {
   }
 
   /**
-   * VerifyKey: resolves to { valid, code, key, retry_after }. A refused key is an answer, not an
-   * error; a rejected promise means the request was bad or the service could not decide.
+   * UpdateKey: changes a key's settings without minting a new secret, and resolves to the Key as
+   * it is afterwards (with its new `etag`). `fields` holds the new values, among UPDATABLE_FIELDS
+   * (name, description, scopes, role, metadata, expire_time, enabled). options:
+   * - update_mask: the fields to change ('*' = all of them); by default the keys of `fields`, so
+   *   { enabled: false } disables the key and { expire_time: null } removes the expiry. Fields
+   *   outside the mask are ignored.
+   * - etag: apply only if the key is still at this version (Key.etag as read); otherwise the
+   *   promise rejects with ABORTED, reason ETAG_MISMATCH: read the key again and redo the change.
+   * - request_id: makes the call safe to retry.
+   * A disabled key verifies as VERIFY_CODE_DISABLED until it is enabled again; revoked and expired
+   * keys cannot be updated.
+   */
+  async updateKey(
+    workspace_id,
+    key_id,
+    fields = {},
+    { update_mask, etag = '', request_id = '' } = {},
+  ) {
+    const given = Object.keys(fields).filter((name) => fields[name] !== undefined);
+    const paths = update_mask ?? given;
+    if (paths.length === 0) {
+      throw new TypeError('updateKey: nothing to update (give a field or an update_mask)');
+    }
+    const request = {
+      key: { ...fields, workspace_id, key_id, etag },
+      update_mask: { paths },
+      request_id,
+    };
+    return (await this.call(this.keys, 'UpdateKey', request, this.adminToken)).key;
+  }
+
+  /**
+   * ListAuditEvents: one page, { audit_events, next_page_token }, newest first. The request holds
+   * workspace_id, page_size, page_token and the filters (combined with AND): key_id, actor_kind
+   * ('ACTOR_KIND_ADMIN', ...), actor_id, action ('AUDIT_ACTION_DISABLE', ...), start_time
+   * (inclusive) and end_time (exclusive) as { seconds, nanos }.
+   */
+  listAuditEvents(request) {
+    return this.call(this.keys, 'ListAuditEvents', request, this.adminToken);
+  }
+
+  /** Every audit event of a listing, page after page. */
+  async *iterAuditEvents(request) {
+    let page_token = '';
+    do {
+      const page = await this.listAuditEvents({ ...request, page_token });
+      yield* page.audit_events;
+      page_token = page.next_page_token;
+    } while (page_token);
+  }
+
+  /**
+   * VerifyKey: resolves to { valid, code, key, retry_after }. A refused key (code
+   * 'VERIFY_CODE_REVOKED', 'VERIFY_CODE_DISABLED', ...) is an answer, not an error; a rejected
+   * promise means the request was bad or the service could not decide.
    */
   verifyKey(request) {
     return this.call(this.verifier, 'VerifyKey', request, this.verifyToken);
@@ -184,7 +260,10 @@ class KeyAuthority {
 
 /**
  * Decodes the google.rpc details of a failed call from its `grpc-status-details-bin` trailer:
- * { code, codeName, message, reason, domain, metadata, retryDelayMs, fieldViolations }.
+ * { code, codeName, message, reason, domain, metadata, retryDelayMs, fieldViolations }. `reason`
+ * is stable, e.g. 'KEY_NOT_FOUND', 'ETAG_MISMATCH' (ABORTED: the key changed since its etag was
+ * read) or 'IDEMPOTENCY_KEY_REUSED' (FAILED_PRECONDITION: a request id sent with other
+ * parameters).
  */
 function errorDetails(error) {
   const details = {
@@ -222,4 +301,4 @@ function errorDetails(error) {
   return details;
 }
 
-module.exports = { KeyAuthority, errorDetails, ERROR_DOMAIN, protoDir };
+module.exports = { KeyAuthority, errorDetails, ERROR_DOMAIN, UPDATABLE_FIELDS, protoDir };

@@ -341,6 +341,197 @@ test('IssueTrialKey over the per-IP limit carries RetryInfo', { timeout: 30_000 
   assert.equal(revoked.state, 'KEY_STATE_REVOKED');
 });
 
+test('a request id makes issue, rotate and revoke safe to retry', { timeout: 30_000 }, async () => {
+  const workspace = newWorkspace();
+  const request_id = crypto.randomUUID();
+  const request = { workspace_id: workspace, name: 'idempotent', scopes: ['a:read'], request_id };
+  const first = await client.issueKey(request);
+  const again = await client.issueKey(request);
+  assert.equal(again.key.key_id, first.key.key_id);
+  assert.equal(again.secret, first.secret);
+  const reused = await refusal(client.issueKey({ ...request, name: 'another name' }));
+  assert.equal(reused.code, grpc.status.FAILED_PRECONDITION);
+  assert.equal(reused.codeName, 'FAILED_PRECONDITION');
+  assert.equal(reused.reason, 'IDEMPOTENCY_KEY_REUSED');
+  assert.equal(reused.domain, 'keyauthority.v1');
+  assert.equal((await client.listKeys({ workspace_id: workspace })).total_size, 1);
+
+  const rotation = {
+    workspace_id: workspace,
+    key_id: first.key.key_id,
+    grace_period: { seconds: 0 },
+    request_id: crypto.randomUUID(),
+  };
+  const rotated = await client.rotateKey(rotation);
+  const rotatedAgain = await client.rotateKey(rotation);
+  assert.equal(rotatedAgain.key.key_id, rotated.key.key_id);
+  assert.equal(rotatedAgain.secret, rotated.secret);
+
+  const revocation = { request_id: crypto.randomUUID() };
+  const revoked = await client.revokeKey(workspace, rotated.key.key_id, revocation);
+  assert.equal(revoked.state, 'KEY_STATE_REVOKED');
+  assert.deepEqual(await client.revokeKey(workspace, rotated.key.key_id, revocation), revoked);
+  const other = await refusal(client.revokeKey(workspace, first.key.key_id, revocation));
+  assert.equal(other.reason, 'IDEMPOTENCY_KEY_REUSED');
+
+  // The retries changed nothing: one event per change.
+  const trail = await client.listAuditEvents({ workspace_id: workspace, key_id: first.key.key_id });
+  assert.deepEqual(
+    trail.audit_events.map((event) => event.action),
+    ['AUDIT_ACTION_ROTATE', 'AUDIT_ACTION_ISSUE'],
+  );
+  assert.equal(trail.audit_events[1].request_id, request_id);
+
+  const trial = { client_ip: '203.0.113.77', request_id: crypto.randomUUID() };
+  const firstTrial = await client.issueTrialKey(trial);
+  const trialAgain = await client.issueTrialKey(trial);
+  assert.equal(trialAgain.secret, firstTrial.secret);
+});
+
+test('updateKey with a mask and an etag', { timeout: 30_000 }, async () => {
+  const workspace = newWorkspace();
+  const issued = await client.issueKey({
+    workspace_id: workspace,
+    name: 'before',
+    description: 'kept',
+    scopes: ['a:read'],
+  });
+  const original = issued.key;
+  assert.equal(original.enabled, true);
+  assert.notEqual(original.etag, '');
+
+  const updated = await client.updateKey(
+    workspace,
+    original.key_id,
+    { name: 'after', scopes: ['a:read', 'b:write'], description: 'outside the mask' },
+    { update_mask: ['name', 'scopes'], etag: original.etag },
+  );
+  assert.equal(updated.key_id, original.key_id);
+  assert.equal(updated.name, 'after');
+  assert.deepEqual(updated.scopes, ['a:read', 'b:write']);
+  assert.equal(updated.description, 'kept');
+  assert.equal(updated.state, 'KEY_STATE_ACTIVE');
+  assert.notEqual(updated.etag, original.etag);
+  assert.ok(Number(updated.update_time.seconds) >= Number(original.create_time.seconds));
+  const fetched = await client.getKey(workspace, original.key_id);
+  assert.equal(fetched.name, 'after');
+  assert.equal(fetched.etag, updated.etag);
+  const answer = await client.verifyKey({ key: issued.secret, required_scopes: ['b:write'] });
+  assert.equal(answer.code, 'VERIFY_CODE_VALID');
+
+  // The etag read before that update is stale now.
+  const stale = await refusal(
+    client.updateKey(workspace, original.key_id, { name: 'lost' }, { etag: original.etag }),
+  );
+  assert.equal(stale.code, grpc.status.ABORTED);
+  assert.equal(stale.codeName, 'ABORTED');
+  assert.equal(stale.reason, 'ETAG_MISMATCH');
+  assert.equal(stale.domain, 'keyauthority.v1');
+  assert.equal((await client.getKey(workspace, original.key_id)).name, 'after');
+
+  // Without a mask, the fields given are the mask.
+  const described = await client.updateKey(workspace, original.key_id, { description: 'new' });
+  assert.equal(described.description, 'new');
+  assert.equal(described.name, 'after');
+
+  const badPath = await refusal(
+    client.updateKey(workspace, original.key_id, {}, { update_mask: ['prefix'] }),
+  );
+  assert.equal(badPath.code, grpc.status.INVALID_ARGUMENT);
+});
+
+test('disable, enable, and the audit trail', { timeout: 30_000 }, async () => {
+  const workspace = newWorkspace();
+  const issued = await client.issueKey({ workspace_id: workspace, name: 'switch' });
+  const key_id = issued.key.key_id;
+  await client.updateKey(workspace, key_id, { name: 'switched' }, { update_mask: ['name'] });
+
+  const request_id = crypto.randomUUID();
+  const disabled = await client.updateKey(
+    workspace,
+    key_id,
+    { enabled: false },
+    { update_mask: ['enabled'], request_id },
+  );
+  assert.equal(disabled.enabled, false);
+  assert.equal(disabled.state, 'KEY_STATE_DISABLED');
+  let answer = await client.verifyKey({ key: issued.secret });
+  assert.equal(answer.valid, false);
+  assert.equal(answer.code, 'VERIFY_CODE_DISABLED');
+  assert.equal(answer.key.key_id, key_id);
+  assert.equal((await client.getKey(workspace, key_id)).state, 'KEY_STATE_DISABLED');
+  assert.deepEqual((await client.listKeys({ workspace_id: workspace })).keys, []);
+  const inactive = await client.listKeys({ workspace_id: workspace, include_inactive: true });
+  assert.deepEqual(
+    inactive.keys.map((key) => key.key_id),
+    [key_id],
+  );
+
+  const enabled = await client.updateKey(workspace, key_id, { enabled: true });
+  assert.equal(enabled.enabled, true);
+  assert.equal(enabled.state, 'KEY_STATE_ACTIVE');
+  answer = await client.verifyKey({ key: issued.secret });
+  assert.equal(answer.code, 'VERIFY_CODE_VALID');
+
+  // Newest first, one event per change, by the admin token.
+  const page = await client.listAuditEvents({ workspace_id: workspace, key_id });
+  const events = page.audit_events;
+  assert.equal(page.next_page_token, '');
+  assert.deepEqual(
+    events.map((event) => event.action),
+    ['AUDIT_ACTION_ENABLE', 'AUDIT_ACTION_DISABLE', 'AUDIT_ACTION_UPDATE', 'AUDIT_ACTION_ISSUE'],
+  );
+  for (const event of events) {
+    assert.equal(event.key_id, key_id);
+    assert.equal(event.workspace_id, workspace);
+    assert.deepEqual(event.actor, { kind: 'ACTOR_KIND_ADMIN', id: 'admin', display: 'admin' });
+    assert.equal(event.outcome, 'AUDIT_OUTCOME_APPLIED');
+  }
+  const [, disable, update] = events;
+  assert.equal(disable.request_id, request_id);
+  const disableChange = disable.changes.find((change) => change.field === 'enabled');
+  assert.equal(JSON.parse(disableChange.old_value), true);
+  assert.equal(JSON.parse(disableChange.new_value), false);
+  const nameChange = update.changes.find((change) => change.field === 'name');
+  assert.equal(JSON.parse(nameChange.old_value), 'switch');
+  assert.equal(JSON.parse(nameChange.new_value), 'switched');
+
+  const onlyDisable = await client.listAuditEvents({
+    workspace_id: workspace,
+    key_id,
+    action: 'AUDIT_ACTION_DISABLE',
+    actor_kind: 'ACTOR_KIND_ADMIN',
+  });
+  assert.deepEqual(
+    onlyDisable.audit_events.map((event) => event.event_id),
+    [disable.event_id],
+  );
+
+  // One event per page, following next_page_token.
+  const paged = [];
+  let page_token = '';
+  do {
+    const onePage = await client.listAuditEvents({
+      workspace_id: workspace,
+      key_id,
+      page_size: 1,
+      page_token,
+    });
+    assert.equal(onePage.audit_events.length, 1);
+    paged.push(onePage.audit_events[0].event_id);
+    page_token = onePage.next_page_token;
+  } while (page_token);
+  assert.deepEqual(
+    paged,
+    events.map((event) => event.event_id),
+  );
+  const iterated = [];
+  for await (const event of client.iterAuditEvents({ workspace_id: workspace, page_size: 3 })) {
+    iterated.push(event.event_id);
+  }
+  assert.deepEqual(iterated, paged);
+});
+
 test('example.js runs the lifecycle', { timeout: 30_000 }, async () => {
   const { stdout } = await promisify(execFile)(process.execPath, ['example.js'], {
     cwd: CLIENT_DIR,

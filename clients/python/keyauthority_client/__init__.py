@@ -9,22 +9,41 @@ from ._codegen import ensure_generated
 # not been run yet (this needs grpcio-tools).
 ensure_generated()
 
-from ._gen.keyauthority.v1 import key_pb2, key_service_pb2, verify_service_pb2  # noqa: E402
-from .client import ERROR_DOMAIN, ErrorDetails, KeyAuthority, error_details  # noqa: E402
+from ._gen.keyauthority.v1 import (  # noqa: E402
+    audit_pb2,
+    key_pb2,
+    key_service_pb2,
+    verify_service_pb2,
+)
+from .client import (  # noqa: E402
+    ERROR_DOMAIN,
+    UPDATABLE_FIELDS,
+    ErrorDetails,
+    KeyAuthority,
+    error_details,
+)
 
 Environment = key_pb2.Environment
 Role = key_pb2.Role
 KeyState = key_pb2.KeyState
 VerifyCode = verify_service_pb2.VerifyCode
+AuditAction = audit_pb2.AuditAction
+ActorKind = audit_pb2.ActorKind
+AuditOutcome = audit_pb2.AuditOutcome
 
 __all__ = [
     "ERROR_DOMAIN",
+    "UPDATABLE_FIELDS",
+    "ActorKind",
+    "AuditAction",
+    "AuditOutcome",
     "Environment",
     "ErrorDetails",
     "KeyAuthority",
     "KeyState",
     "Role",
     "VerifyCode",
+    "audit_pb2",
     "error_details",
     "key_pb2",
     "key_service_pb2",

@@ -3,7 +3,13 @@
 Every method sends one RPC and returns the generated protobuf message. Refusals raise the
 ``grpc.RpcError`` of the call unchanged; :func:`error_details` reads its ``google.rpc.ErrorInfo``,
 ``RetryInfo`` and ``BadRequest`` details. A refused key in VerifyKey is not an error: it is a
-normal answer with ``valid == False`` and a ``code``.
+normal answer with ``valid == False`` and a ``code`` (``VERIFY_CODE_DISABLED`` included).
+
+The mutations (issue, rotate, revoke, update, issue_trial) take a ``request_id``: a UUID such as
+``str(uuid.uuid4())``, unique to the operation. Retrying with the same request id and the same
+arguments returns the first call's answer (the same ``secret`` included) and changes nothing; the
+same request id with other arguments is refused with ``FAILED_PRECONDITION``, reason
+``IDEMPOTENCY_KEY_REUSED``.
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from ._gen.keyauthority.v1 import (
+    audit_pb2,
     key_pb2,
     key_service_pb2,
     key_service_pb2_grpc,
@@ -39,12 +46,24 @@ def _duration(value: Seconds) -> duration_pb2.Duration:
     return duration
 
 
-def _timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
+def _timestamp(value: dt.datetime, name: str = "expire_time") -> timestamp_pb2.Timestamp:
     if value.tzinfo is None:
-        raise ValueError("expire_time must be timezone-aware (e.g. datetime.now(timezone.utc))")
+        raise ValueError(f"{name} must be timezone-aware (e.g. datetime.now(timezone.utc))")
     timestamp = timestamp_pb2.Timestamp()
     timestamp.FromDatetime(value)
     return timestamp
+
+
+#: The Key fields UpdateKey can change, in the order of the proto's update_mask comment.
+UPDATABLE_FIELDS = (
+    "name",
+    "description",
+    "scopes",
+    "role",
+    "metadata",
+    "expire_time",
+    "enabled",
+)
 
 
 class KeyAuthority:
@@ -100,8 +119,10 @@ class KeyAuthority:
         expire_time: dt.datetime | None = None,
         metadata: Mapping[str, str] | None = None,
         usage_limit: int = 0,
+        request_id: str = "",
     ) -> key_service_pb2.IssueKeyResponse:
-        """Issues a key. The response's ``secret`` is the whole key, shown this once only."""
+        """Issues a key. The response's ``secret`` is the whole key, shown this once only (a retry
+        with the same ``request_id`` and arguments returns that same key and secret again)."""
         if ttl is not None and expire_time is not None:
             raise ValueError("give ttl or expire_time, not both")
         request = key_service_pb2.IssueKeyRequest(
@@ -113,6 +134,7 @@ class KeyAuthority:
             role=role,
             metadata=dict(metadata or {}),
             usage_limit=usage_limit,
+            request_id=request_id,
         )
         if ttl is not None:
             request.ttl.CopyFrom(_duration(ttl))
@@ -158,17 +180,22 @@ class KeyAuthority:
             if not token:
                 return
 
-    def revoke_key(self, workspace_id: str, key_id: str) -> key_pb2.Key:
-        request = key_service_pb2.RevokeKeyRequest(workspace_id=workspace_id, key_id=key_id)
+    def revoke_key(self, workspace_id: str, key_id: str, *, request_id: str = "") -> key_pb2.Key:
+        request = key_service_pb2.RevokeKeyRequest(
+            workspace_id=workspace_id, key_id=key_id, request_id=request_id
+        )
         return self._keys.RevokeKey(request, metadata=self._key_auth, timeout=self.timeout).key
 
     def revoke_key_chain(
-        self, workspace_id: str, key_id: str
+        self, workspace_id: str, key_id: str, *, request_id: str = ""
     ) -> key_service_pb2.RevokeKeyResponse:
         """Revokes a key and every successor its rotations produced, in one transaction: for a
         leaked key that whoever holds it may have rotated. The response lists the successors."""
         request = key_service_pb2.RevokeKeyRequest(
-            workspace_id=workspace_id, key_id=key_id, revoke_successors=True
+            workspace_id=workspace_id,
+            key_id=key_id,
+            revoke_successors=True,
+            request_id=request_id,
         )
         return self._keys.RevokeKey(request, metadata=self._key_auth, timeout=self.timeout)
 
@@ -180,13 +207,16 @@ class KeyAuthority:
         grace_period: Seconds | None = None,
         ttl: Seconds | None = None,
         expire_time: dt.datetime | None = None,
+        request_id: str = "",
     ) -> key_service_pb2.RotateKeyResponse:
         """Replaces a key. ``grace_period`` None means the server's default (24 h); 0 ends the
         old key now. The successor keeps the old key's expiry unless ``ttl`` or ``expire_time``
         is given, which only a caller that may issue keys can do."""
         if ttl is not None and expire_time is not None:
             raise ValueError("give ttl or expire_time, not both")
-        request = key_service_pb2.RotateKeyRequest(workspace_id=workspace_id, key_id=key_id)
+        request = key_service_pb2.RotateKeyRequest(
+            workspace_id=workspace_id, key_id=key_id, request_id=request_id
+        )
         if grace_period is not None:
             request.grace_period.CopyFrom(_duration(grace_period))
         if ttl is not None:
@@ -196,11 +226,13 @@ class KeyAuthority:
         return self._keys.RotateKey(request, metadata=self._key_auth, timeout=self.timeout)
 
     def issue_trial_key(
-        self, *, name: str = "", client_ip: str = ""
+        self, *, name: str = "", client_ip: str = "", request_id: str = ""
     ) -> key_service_pb2.IssueTrialKeyResponse:
         """Issues a trial key. ``client_ip`` counts for the per-IP limit only when this client
         holds an admin token (a trusted front end); otherwise the connection's address does."""
-        request = key_service_pb2.IssueTrialKeyRequest(name=name, client_ip=client_ip)
+        request = key_service_pb2.IssueTrialKeyRequest(
+            name=name, client_ip=client_ip, request_id=request_id
+        )
         return self._keys.IssueTrialKey(request, metadata=self._key_auth, timeout=self.timeout)
 
     def revoke_trial_key(self, prefix: str, *, client_ip: str = "") -> key_pb2.Key:
@@ -209,6 +241,132 @@ class KeyAuthority:
         request = key_service_pb2.RevokeTrialKeyRequest(prefix=prefix, client_ip=client_ip)
         metadata = self._key_auth if client_ip else ()
         return self._keys.RevokeTrialKey(request, metadata=metadata, timeout=self.timeout).key
+
+    def update_key(
+        self,
+        workspace_id: str,
+        key_id: str,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        scopes: Iterable[str] | None = None,
+        role: key_pb2.Role | None = None,
+        metadata: Mapping[str, str] | None = None,
+        expire_time: dt.datetime | None = None,
+        enabled: bool | None = None,
+        update_mask: Iterable[str] | None = None,
+        etag: str = "",
+        request_id: str = "",
+    ) -> key_pb2.Key:
+        """Changes a key's settings without minting a new secret; returns the key as it is after
+        the update, with its new ``etag``.
+
+        ``update_mask`` names the fields to change among :data:`UPDATABLE_FIELDS` (``"*"`` means
+        all of them); None means the fields given here (not None), so ``enabled=False`` alone
+        disables the key and ``update_mask=["expire_time"]`` alone removes its expiry. Fields
+        outside the mask are ignored. With ``etag`` (from a Key you read), the update applies only
+        if the key is still at that version: otherwise ``ABORTED``, reason ``ETAG_MISMATCH``
+        (read the key again and redo the change). A disabled key verifies as
+        ``VERIFY_CODE_DISABLED`` until ``enabled=True``; revoked and expired keys cannot be
+        updated."""
+        given = {
+            "name": name,
+            "description": description,
+            "scopes": scopes,
+            "role": role,
+            "metadata": metadata,
+            "expire_time": expire_time,
+            "enabled": enabled,
+        }
+        key = key_pb2.Key(workspace_id=workspace_id, key_id=key_id, etag=etag)
+        if name is not None:
+            key.name = name
+        if description is not None:
+            key.description = description
+        if scopes is not None:
+            key.scopes.extend(scopes)
+        if role is not None:
+            key.role = role
+        if metadata is not None:
+            key.metadata.update(metadata)
+        if expire_time is not None:
+            key.expire_time.CopyFrom(_timestamp(expire_time))
+        if enabled is not None:
+            key.enabled = enabled
+        if update_mask is None:
+            paths = [field for field, value in given.items() if value is not None]
+            if not paths:
+                raise ValueError("nothing to update: give a field or an update_mask")
+        else:
+            paths = list(update_mask)
+        request = key_service_pb2.UpdateKeyRequest(
+            key=key,
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+            request_id=request_id,
+        )
+        return self._keys.UpdateKey(request, metadata=self._key_auth, timeout=self.timeout).key
+
+    def list_audit_events(
+        self,
+        workspace_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        key_id: str = "",
+        actor_kind: audit_pb2.ActorKind = audit_pb2.ACTOR_KIND_UNSPECIFIED,
+        actor_id: str = "",
+        action: audit_pb2.AuditAction = audit_pb2.AUDIT_ACTION_UNSPECIFIED,
+        start_time: dt.datetime | None = None,
+        end_time: dt.datetime | None = None,
+    ) -> key_service_pb2.ListAuditEventsResponse:
+        """One page of a workspace's audit events, newest first. The filters combine with AND;
+        ``start_time`` is inclusive, ``end_time`` exclusive. A page token is bound to the
+        workspace and to every filter."""
+        request = key_service_pb2.ListAuditEventsRequest(
+            workspace_id=workspace_id,
+            page_size=page_size,
+            page_token=page_token,
+            key_id=key_id,
+            actor_kind=actor_kind,
+            actor_id=actor_id,
+            action=action,
+        )
+        if start_time is not None:
+            request.start_time.CopyFrom(_timestamp(start_time, "start_time"))
+        if end_time is not None:
+            request.end_time.CopyFrom(_timestamp(end_time, "end_time"))
+        return self._keys.ListAuditEvents(request, metadata=self._key_auth, timeout=self.timeout)
+
+    def iter_audit_events(
+        self,
+        workspace_id: str,
+        *,
+        page_size: int = 0,
+        key_id: str = "",
+        actor_kind: audit_pb2.ActorKind = audit_pb2.ACTOR_KIND_UNSPECIFIED,
+        actor_id: str = "",
+        action: audit_pb2.AuditAction = audit_pb2.AUDIT_ACTION_UNSPECIFIED,
+        start_time: dt.datetime | None = None,
+        end_time: dt.datetime | None = None,
+    ) -> Iterator[audit_pb2.AuditEvent]:
+        """Every audit event matching the filters, newest first, fetching pages as needed."""
+        token = ""
+        while True:
+            page = self.list_audit_events(
+                workspace_id,
+                page_size=page_size,
+                page_token=token,
+                key_id=key_id,
+                actor_kind=actor_kind,
+                actor_id=actor_id,
+                action=action,
+                start_time=start_time,
+                end_time=end_time,
+            )
+            yield from page.audit_events
+            token = page.next_page_token
+            if not token:
+                return
 
     # VerifyService ------------------------------------------------------------------------------
 
@@ -241,7 +399,9 @@ class ErrorDetails:
 
     code: grpc.StatusCode
     message: str
-    #: ErrorInfo.reason: a stable code such as ``INVALID_ARGUMENT`` or ``KEY_NOT_FOUND``.
+    #: ErrorInfo.reason: a stable code such as ``INVALID_ARGUMENT``, ``KEY_NOT_FOUND``,
+    #: ``ETAG_MISMATCH`` (ABORTED: the key changed since its etag was read) or
+    #: ``IDEMPOTENCY_KEY_REUSED`` (FAILED_PRECONDITION: a request id sent with other arguments).
     reason: str = ""
     #: ErrorInfo.domain: ``keyauthority.v1``.
     domain: str = ""

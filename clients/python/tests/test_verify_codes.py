@@ -16,6 +16,7 @@ EXPIRED = VerifyCode.Value("VERIFY_CODE_EXPIRED")
 INSUFFICIENT_SCOPE = VerifyCode.Value("VERIFY_CODE_INSUFFICIENT_SCOPE")
 LOCKED = VerifyCode.Value("VERIFY_CODE_LOCKED")
 USAGE_EXHAUSTED = VerifyCode.Value("VERIFY_CODE_USAGE_EXHAUSTED")
+DISABLED = VerifyCode.Value("VERIFY_CODE_DISABLED")
 
 
 def test_valid(client: KeyAuthority, workspace: str) -> None:
@@ -110,6 +111,20 @@ def test_usage_exhausted(client: KeyAuthority, workspace: str) -> None:
     assert (second.valid, second.code) == (False, USAGE_EXHAUSTED)
     assert second.key.key_id == issued.key.key_id
     assert second.key.usage_remaining == 0
+
+
+def test_disabled(client: KeyAuthority, workspace: str) -> None:
+    issued = client.issue_key(workspace, "disabled", scopes=["payments:read"])
+    client.update_key(workspace, issued.key.key_id, enabled=False)
+    for scopes in ([], ["payments:read"]):
+        answer = client.verify_key(issued.secret, required_scopes=scopes)
+        assert (answer.valid, answer.code) == (False, DISABLED)
+        assert VerifyCode.Name(answer.code) == "VERIFY_CODE_DISABLED"
+        assert answer.key.key_id == issued.key.key_id
+        assert answer.key.state == KeyState.Value("KEY_STATE_DISABLED")
+        assert answer.key.enabled is False
+    client.update_key(workspace, issued.key.key_id, enabled=True)
+    assert client.verify_key(issued.secret).code == VALID
 
 
 def test_checksum_helper_agrees_with_the_server(client: KeyAuthority, workspace: str) -> None:

@@ -117,7 +117,9 @@ impl KeyAuthorityClient {
         self
     }
 
-    /// Issues a key. The response's `secret` is the plaintext key, returned only this once.
+    /// Issues a key. The response's `secret` is the plaintext key, returned only this once (a
+    /// retry with the same `request_id` and the same parameters returns that same key and secret
+    /// again).
     pub async fn issue_key(
         &self,
         request: pb::IssueKeyRequest,
@@ -145,7 +147,7 @@ impl KeyAuthorityClient {
 
     /// Revokes a key; it stops verifying at once. Revoking a revoked key changes nothing. With
     /// `revoke_successors`, every key its rotations produced is revoked too, in one transaction
-    /// (use it for a leaked key that whoever holds it may have rotated).
+    /// (use it for a leaked key that whoever holds it may have rotated). Takes a `request_id`.
     pub async fn revoke_key(
         &self,
         request: pb::RevokeKeyRequest,
@@ -157,7 +159,8 @@ impl KeyAuthorityClient {
 
     /// Replaces a key by a new one; the old key keeps working for the grace period. The
     /// successor keeps the old key's expiry and usage budget unless the request sets a new
-    /// expiration (callers that may issue keys only).
+    /// expiration (callers that may issue keys only). Takes a `request_id`: a retry returns the
+    /// same successor and secret.
     pub async fn rotate_key(
         &self,
         request: pb::RotateKeyRequest,
@@ -169,6 +172,7 @@ impl KeyAuthorityClient {
 
     /// Issues a short-lived, usage-limited trial key. Needs no credentials; limited per client
     /// IP (`RESOURCE_EXHAUSTED`, reason `IP_RATE_LIMITED`, with a [`retry_delay`](Error::retry_delay)).
+    /// Takes a `request_id`.
     pub async fn issue_trial_key(
         &self,
         request: pb::IssueTrialKeyRequest,
@@ -188,9 +192,69 @@ impl KeyAuthorityClient {
             .await
     }
 
+    /// Changes a key's settings without minting a new secret; the response's `key` is the key as
+    /// it is after the update, with its new `etag`.
+    ///
+    /// `request.key` names the key (`key_id`, `workspace_id`) and holds the new values;
+    /// `update_mask` lists the fields to change among `name`, `description`, `scopes`, `role`,
+    /// `metadata`, `expire_time` and `enabled` (`*` for all), and fields outside it are ignored.
+    /// Always send a mask: without one the service changes only the fields set to non-default
+    /// values, so `enabled: false` would change nothing. `expire_time` in the mask with no value
+    /// removes the expiry. With `key.etag` set (from a key you read), the update applies only if
+    /// the key is still at that version; otherwise the error is `ABORTED` with the reason
+    /// `ETAG_MISMATCH` (read the key again and redo the change). A disabled key verifies as
+    /// [`VerifyCode::Disabled`](pb::VerifyCode::Disabled) until it is enabled again; revoked and
+    /// expired keys cannot be updated. Takes a `request_id`.
+    ///
+    /// ```no_run
+    /// # async fn example(client: key_authority_client::KeyAuthorityClient, etag: String)
+    /// # -> Result<(), key_authority_client::Error> {
+    /// use key_authority_client::pb;
+    ///
+    /// let updated = client
+    ///     .update_key(pb::UpdateKeyRequest {
+    ///         key: Some(pb::Key {
+    ///             workspace_id: "acme".into(),
+    ///             key_id: "3kF9aQ2mX7pL".into(),
+    ///             enabled: false,
+    ///             etag,
+    ///             ..Default::default()
+    ///         }),
+    ///         update_mask: Some(prost_types::FieldMask {
+    ///             paths: vec!["enabled".into()],
+    ///         }),
+    ///         ..Default::default()
+    ///     })
+    ///     .await?;
+    /// assert_eq!(updated.key.unwrap().state(), pb::KeyState::Disabled);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn update_key(
+        &self,
+        request: pb::UpdateKeyRequest,
+    ) -> Result<pb::UpdateKeyResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.update_key(self.key_request(request)))
+            .await
+    }
+
+    /// Lists a workspace's audit events, newest first, one page at a time (pass
+    /// `next_page_token` on, with the same filters). The filters (`key_id`, `actor_kind`,
+    /// `actor_id`, `action`, `start_time` inclusive, `end_time` exclusive) combine with AND.
+    pub async fn list_audit_events(
+        &self,
+        request: pb::ListAuditEventsRequest,
+    ) -> Result<pb::ListAuditEventsResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.list_audit_events(self.key_request(request)))
+            .await
+    }
+
     /// Verifies a key. A refused key is an `Ok` answer with `valid == false` and a
-    /// [`code`](pb::VerifyKeyResponse::code) saying why; an `Err` means the request was bad or the
-    /// service could not decide (`UNAVAILABLE`): never treat an `Err` as "invalid".
+    /// [`code`](pb::VerifyKeyResponse::code) saying why (`REVOKED`, `DISABLED`, ...); an `Err`
+    /// means the request was bad or the service could not decide (`UNAVAILABLE`): never treat
+    /// an `Err` as "invalid".
     pub async fn verify_key(
         &self,
         request: pb::VerifyKeyRequest,

@@ -16,6 +16,14 @@ use tonic_types::{ErrorInfo, StatusExt as _};
 ///
 /// A verification that the service could not decide is an error with code
 /// [`Code::Unavailable`]: never read it as "the key is invalid".
+///
+/// Two refusals concern safe retries and updates: [`Code::Aborted`] with the reason
+/// [`ETAG_MISMATCH`](Self::ETAG_MISMATCH) (an UpdateKey whose `key.etag` is stale: the key changed
+/// since it was read, so read it again and redo the change; [`is_etag_mismatch`](Self::is_etag_mismatch)),
+/// and [`Code::FailedPrecondition`] with the reason
+/// [`IDEMPOTENCY_KEY_REUSED`](Self::IDEMPOTENCY_KEY_REUSED) (a `request_id` sent again with other
+/// parameters; [`is_idempotency_key_reused`](Self::is_idempotency_key_reused)). Neither is
+/// [retryable](Self::is_retryable) as it stands.
 #[derive(Clone)]
 pub struct Error(Box<Inner>);
 
@@ -27,6 +35,12 @@ struct Inner {
 }
 
 impl Error {
+    /// The reason of an UpdateKey refused because `key.etag` is stale (`ABORTED`).
+    pub const ETAG_MISMATCH: &'static str = "ETAG_MISMATCH";
+    /// The reason of a call whose `request_id` was used before with other parameters
+    /// (`FAILED_PRECONDITION`).
+    pub const IDEMPOTENCY_KEY_REUSED: &'static str = "IDEMPOTENCY_KEY_REUSED";
+
     /// The gRPC status code.
     pub fn code(&self) -> Code {
         self.0.status.code()
@@ -56,13 +70,30 @@ impl Error {
 
     /// True when the same call may succeed later: the service said when (`RetryInfo`), or it
     /// could not be reached or decide (`UNAVAILABLE`), or the call lost a race (`ABORTED`) or ran
-    /// out of time (`DEADLINE_EXCEEDED`).
+    /// out of time (`DEADLINE_EXCEEDED`). A stale etag ([`is_etag_mismatch`](Self::is_etag_mismatch))
+    /// is `ABORTED` too, but the same call fails again: it is not retryable.
     pub fn is_retryable(&self) -> bool {
+        if self.is_etag_mismatch() {
+            return false;
+        }
         self.0.retry_delay.is_some()
             || matches!(
                 self.code(),
                 Code::Unavailable | Code::Aborted | Code::DeadlineExceeded
             )
+    }
+
+    /// True for an UpdateKey refused because the key changed since its `etag` was read
+    /// (`ABORTED`, reason `ETAG_MISMATCH`): read the key again and redo the change.
+    pub fn is_etag_mismatch(&self) -> bool {
+        self.code() == Code::Aborted && self.reason() == Some(Self::ETAG_MISMATCH)
+    }
+
+    /// True for a call whose `request_id` was used before with other parameters
+    /// (`FAILED_PRECONDITION`, reason `IDEMPOTENCY_KEY_REUSED`): a new operation needs a new id.
+    pub fn is_idempotency_key_reused(&self) -> bool {
+        self.code() == Code::FailedPrecondition
+            && self.reason() == Some(Self::IDEMPOTENCY_KEY_REUSED)
     }
 
     /// The underlying status, with its metadata and raw details.
@@ -168,6 +199,44 @@ mod tests {
             error.to_string(),
             "ResourceExhausted: rate limited (IP_RATE_LIMITED), retry in 12000 ms"
         );
+    }
+
+    #[test]
+    fn a_stale_etag_is_a_conflict_not_a_retry() {
+        let details = ErrorDetails::with_error_info(
+            "ETAG_MISMATCH",
+            "keyauthority.v1",
+            std::collections::HashMap::new(),
+        );
+        let error = Error::from(Status::with_error_details(
+            Code::Aborted,
+            "the key changed",
+            details,
+        ));
+        assert!(error.is_etag_mismatch());
+        assert!(!error.is_idempotency_key_reused());
+        assert!(!error.is_retryable());
+        // Any other ABORTED lost a race and may be retried.
+        assert!(Error::from(Status::aborted("lost a race")).is_retryable());
+        assert!(!Error::from(Status::aborted("lost a race")).is_etag_mismatch());
+    }
+
+    #[test]
+    fn a_reused_request_id_is_recognised() {
+        let details = ErrorDetails::with_error_info(
+            "IDEMPOTENCY_KEY_REUSED",
+            "keyauthority.v1",
+            std::collections::HashMap::new(),
+        );
+        let error = Error::from(Status::with_error_details(
+            Code::FailedPrecondition,
+            "request id reused",
+            details,
+        ));
+        assert!(error.is_idempotency_key_reused());
+        assert!(!error.is_etag_mismatch());
+        assert!(!error.is_retryable());
+        assert_eq!(error.reason(), Some(Error::IDEMPOTENCY_KEY_REUSED));
     }
 
     #[test]

@@ -82,7 +82,7 @@ type ClientIpFn = dyn Fn(&HeaderMap, &http::Extensions) -> Option<IpAddr> + Send
 /// | `VALID` | the inner service's answer, with a [`VerifiedKey`] in the extensions | same | |
 /// | no `authorization` header | `UNAUTHENTICATED` | 401 | `MISSING_API_KEY` |
 /// | a header that is not `Bearer <key>`, or two of them | `UNAUTHENTICATED` | 401 | `MALFORMED_AUTH_HEADER` |
-/// | `NOT_FOUND`, `MALFORMED`, `REVOKED`, `EXPIRED` | `UNAUTHENTICATED` | 401 | `API_KEY_<verdict>` |
+/// | `NOT_FOUND`, `MALFORMED`, `REVOKED`, `EXPIRED`, `DISABLED` | `UNAUTHENTICATED` | 401 | `API_KEY_<verdict>` |
 /// | `INSUFFICIENT_SCOPE` | `PERMISSION_DENIED` | 403 | `API_KEY_INSUFFICIENT_SCOPE` |
 /// | `LOCKED`, `USAGE_EXHAUSTED` | `RESOURCE_EXHAUSTED` | 429 | `API_KEY_LOCKED`, `API_KEY_USAGE_EXHAUSTED` |
 /// | key-authority unreachable, `UNAVAILABLE` or too slow | `UNAVAILABLE` | 503 | `KEY_AUTHORITY_UNAVAILABLE` |
@@ -450,6 +450,12 @@ impl Refusal {
                     "API_KEY_EXPIRED",
                     "the API key has expired",
                 ),
+                VerifyCode::Disabled => (
+                    Unauthenticated,
+                    unauthorized,
+                    "API_KEY_DISABLED",
+                    "the API key is disabled",
+                ),
                 VerifyCode::InsufficientScope => (
                     PermissionDenied,
                     StatusCode::FORBIDDEN,
@@ -600,6 +606,26 @@ mod tests {
             }
         }
         assert_eq!(keys[1], scoped.cache_key("ka_live_x"));
+    }
+
+    #[test]
+    fn a_disabled_key_is_refused_like_a_revoked_one() {
+        let disabled = Refusal::Verdict {
+            code: VerifyCode::Disabled,
+            retry_after: None,
+        };
+        assert_eq!(
+            disabled.describe(),
+            (
+                Code::Unauthenticated,
+                StatusCode::UNAUTHORIZED,
+                "API_KEY_DISABLED",
+                "the API key is disabled",
+            )
+        );
+        let response: http::Response<String> = disabled.into_response(false, &[]);
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
     }
 
     #[test]

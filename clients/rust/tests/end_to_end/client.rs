@@ -213,6 +213,7 @@ async fn rotate_with_a_new_expiry_then_revoke_the_chain() {
                     nanos: 0,
                 },
             )),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -225,6 +226,7 @@ async fn rotate_with_a_new_expiry_then_revoke_the_chain() {
             workspace_id: "acme".into(),
             key_id: original_id,
             revoke_successors: true,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -99,6 +99,50 @@ async fn layer_protects_a_grpc_service() {
     );
 }
 
+/// A key disabled through UpdateKey is refused on the very next call, and passes once enabled.
+#[tokio::test]
+async fn layer_refuses_a_disabled_key() {
+    let authority = KeyAuthority::start().await;
+    let admin = authority.admin().await;
+    let layer =
+        VerifyKeyLayer::new(KeyAuthorityClient::connect_lazy(authority.url.clone()).unwrap())
+            .require_scopes(["echo:call"]);
+    let service = serve_echo(layer).await;
+
+    let (switch_id, switch) = issue(&admin, "acme", &["echo:call"], 0).await;
+    let set_enabled = |enabled: bool| {
+        let admin = admin.clone();
+        let key_id = switch_id.clone();
+        async move {
+            admin
+                .update_key(pb::UpdateKeyRequest {
+                    key: Some(pb::Key {
+                        workspace_id: "acme".into(),
+                        key_id,
+                        enabled,
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["enabled".into()],
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .expect("UpdateKey")
+        }
+    };
+    set_enabled(false).await;
+    refused_with(
+        echo(service, Some(&switch)).await,
+        Code::Unauthenticated,
+        "API_KEY_DISABLED",
+    );
+    set_enabled(true).await;
+    echo(service, Some(&switch)).await.expect("enabled again");
+
+    authority.stop().await;
+}
+
 /// The same layer in front of a plain (non-gRPC) HTTP service answers with HTTP statuses.
 #[tokio::test]
 async fn layer_answers_http_statuses_to_plain_http() {
