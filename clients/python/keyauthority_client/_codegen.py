@@ -30,7 +30,15 @@ def proto_dir() -> Path:
 
 
 def is_generated() -> bool:
-    return (GEN_DIR / "keyauthority" / "v1" / "verify_service_pb2_grpc.py").is_file()
+    """True when every proto has its stubs, written after the proto last changed (a checkout
+    whose protos gained a file or a field regenerates on its next import)."""
+    sources = sorted((proto_dir() / PROTO_PACKAGE).glob("*.proto"))
+    generated = GEN_DIR / "keyauthority" / "v1"
+    for source in sources:
+        stub = generated / f"{source.stem}_pb2_grpc.py"
+        if not stub.is_file() or stub.stat().st_mtime < source.stat().st_mtime:
+            return False
+    return bool(sources) or (generated / "verify_service_pb2_grpc.py").is_file()
 
 
 def generate(protos: Path | None = None) -> Path:
