@@ -100,18 +100,12 @@ impl fmt::Debug for GeneratedKey {
 
 impl GeneratedKey {
     pub fn generate(brand: &Brand, environment: Environment) -> Self {
-        let key_id = KeyId::generate();
-        let prefix = public_prefix(brand.as_str(), environment, &key_id);
-        let mut plaintext = String::with_capacity(prefix.len() + SECRET_LEN + CHECK_LEN);
-        plaintext.push_str(&prefix);
-        plaintext.push_str(&random_base62(SECRET_LEN));
-        let check = checksum(plaintext.as_bytes());
-        plaintext.push_str(&check);
-        Self {
-            key_id,
-            prefix,
-            plaintext,
-        }
+        Self::assemble(
+            brand,
+            environment,
+            KeyId::generate(),
+            &random_base62(SECRET_LEN),
+        )
     }
 
     /// The key with id `key_id` whose secret is expanded from `seed` (32 pseudorandom bytes, an
@@ -123,10 +117,20 @@ impl GeneratedKey {
         key_id: KeyId,
         seed: &[u8; SEED_LEN],
     ) -> Self {
+        Self::assemble(
+            brand,
+            environment,
+            key_id,
+            &expanded_base62(seed, SECRET_LEN),
+        )
+    }
+
+    /// `<brand>_<env>_<id><secret><check>`.
+    fn assemble(brand: &Brand, environment: Environment, key_id: KeyId, secret: &str) -> Self {
         let prefix = public_prefix(brand.as_str(), environment, &key_id);
         let mut plaintext = String::with_capacity(prefix.len() + SECRET_LEN + CHECK_LEN);
         plaintext.push_str(&prefix);
-        plaintext.push_str(&expanded_base62(seed, SECRET_LEN));
+        plaintext.push_str(secret);
         let check = checksum(plaintext.as_bytes());
         plaintext.push_str(&check);
         Self {

@@ -430,13 +430,8 @@ macro_rules! impl_sql_store {
                 before: $crate::timestamp::UnixMicros,
                 limit: u32,
             ) -> $crate::error::Result<u64> {
-                let deleted = sqlx::query($crate::store::sql::DELETE_REQUESTS_BEFORE)
-                    .bind(before)
-                    .bind(i64::from(limit))
-                    .execute(&self.pool)
-                    .await?
-                    .rows_affected();
-                Ok(deleted)
+                delete_batch(&self.pool, $crate::store::sql::DELETE_REQUESTS_BEFORE, before, limit)
+                    .await
             }
 
             #[tracing::instrument(name = "store.insert_audit_event", skip_all, fields(key_id = %key_id))]
@@ -483,13 +478,8 @@ macro_rules! impl_sql_store {
                 before: $crate::timestamp::UnixMicros,
                 limit: u32,
             ) -> $crate::error::Result<u64> {
-                let deleted = sqlx::query($crate::store::sql::DELETE_AUDIT_BEFORE)
-                    .bind(before)
-                    .bind(i64::from(limit))
-                    .execute(&self.pool)
-                    .await?
-                    .rows_affected();
-                Ok(deleted)
+                delete_batch(&self.pool, $crate::store::sql::DELETE_AUDIT_BEFORE, before, limit)
+                    .await
             }
 
             #[tracing::instrument(name = "store.record_usage", skip_all, fields(keys = deltas.len()))]
@@ -626,6 +616,23 @@ macro_rules! impl_sql_store {
                     .await?;
             }
             Ok(())
+        }
+
+        /// Runs one of the bounded `delete ... before $1 limit $2` statements; returns how many
+        /// rows it deleted.
+        async fn delete_batch(
+            pool: &sqlx::Pool<$db>,
+            statement: &'static str,
+            before: $crate::timestamp::UnixMicros,
+            limit: u32,
+        ) -> $crate::error::Result<u64> {
+            let deleted = sqlx::query(statement)
+                .bind(before)
+                .bind(i64::from(limit))
+                .execute(pool)
+                .await?
+                .rows_affected();
+            Ok(deleted)
         }
 
         /// Claims the mutation's request id, if it has one: the first statement of its
