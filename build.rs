@@ -12,6 +12,7 @@ use prost_build::{Service, ServiceGenerator};
 
 const PROTOS: &[&str] = &[
     "proto/keyauthority/v1/audit.proto",
+    "proto/keyauthority/v1/event.proto",
     "proto/keyauthority/v1/key.proto",
     "proto/keyauthority/v1/key_service.proto",
     "proto/keyauthority/v1/verify_service.proto",

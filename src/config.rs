@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::audit::AuditConfig;
 use crate::auth::{AuthConfig, JwtConfig};
+use crate::events::WatchConfig;
 use crate::key::format::random_base62;
 use crate::key::{Brand, HashParams, HashPriority, UnprovenBudget, WorkspaceId};
 use crate::keys::idempotency::{IdempotencyConfig, MIN_SECRET_LEN};
@@ -52,6 +53,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Safe retries: how long request ids are remembered, and the key of derived secrets.
     pub idempotency: IdempotencyConfig,
+    /// Key events: how watchers read them, how long they are kept, how often expiries are found.
+    pub events: WatchConfig,
 }
 
 /// PEM material for TLS, already read from disk.
@@ -96,6 +99,7 @@ impl Default for Config {
             overload: OverloadConfig::default(),
             audit: AuditConfig::default(),
             idempotency: IdempotencyConfig::default(),
+            events: WatchConfig::default(),
         }
     }
 }
@@ -368,6 +372,14 @@ pub struct ServeArgs {
     #[arg(long, env = "KEY_AUTHORITY_IDEMPOTENCY_SECRET_FILE")]
     pub idempotency_secret_file: Option<PathBuf>,
 
+    /// How long key events (WatchKeyEvents) are kept before the pruning deletes them.
+    #[arg(long, env = "KEY_AUTHORITY_EVENT_RETENTION", default_value_t = shown(defaults().events.retention))]
+    pub event_retention: humantime::Duration,
+
+    /// How often keys whose expiry passed are found and announced (`key.expired`).
+    #[arg(long, env = "KEY_AUTHORITY_EXPIRY_SWEEP_INTERVAL", default_value_t = shown(defaults().events.expiry_sweep_interval))]
+    pub expiry_sweep_interval: humantime::Duration,
+
     /// Serve Prometheus metrics at http://ADDRESS/metrics.
     #[arg(long, env = "KEY_AUTHORITY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -502,6 +514,12 @@ impl ServeArgs {
                 window: Duration::from(self.idempotency_window),
                 secret: idempotency_secret,
                 ..IdempotencyConfig::default()
+            },
+            events: WatchConfig {
+                retention: Duration::from(self.event_retention),
+                expiry_sweep_interval: Duration::from(self.expiry_sweep_interval)
+                    .max(Duration::from_millis(10)),
+                ..WatchConfig::default()
             },
             tls,
             metrics_listen: self.metrics_listen,

@@ -54,6 +54,11 @@ pub enum Error {
     /// with that request's result. Never leaves the service.
     #[error("the request id was claimed by a concurrent request")]
     DuplicateRequest,
+    /// A watch asked for events that the pruning deleted already.
+    #[error(
+        "events up to position {oldest_kept} were pruned: watch from position {oldest_kept} or later, or from now"
+    )]
+    EventsPruned { oldest_kept: i64 },
     /// The key was already rotated; rotate its successor instead.
     #[error("key {key_id} was already rotated to {successor}")]
     KeyAlreadyRotated { key_id: String, successor: String },
@@ -143,6 +148,7 @@ impl Error {
             Self::KeyAlreadyRotated { .. } => "KEY_ALREADY_ROTATED",
             Self::KeyDisabled(_) => "KEY_DISABLED",
             Self::EtagMismatch => "ETAG_MISMATCH",
+            Self::EventsPruned { .. } => "EVENTS_PRUNED",
             Self::IdempotencyKeyReused(..) => "IDEMPOTENCY_KEY_REUSED",
             Self::DuplicateRequest => "DUPLICATE_REQUEST",
             Self::MissingCredentials => "MISSING_AUTH_HEADER",
@@ -174,6 +180,7 @@ impl Error {
             | Self::KeyDisabled(_)
             | Self::IdempotencyKeyReused(..) => Code::FailedPrecondition,
             Self::EtagMismatch | Self::DuplicateRequest => Code::Aborted,
+            Self::EventsPruned { .. } => Code::OutOfRange,
             Self::MissingCredentials | Self::InvalidCredentials(_) => Code::Unauthenticated,
             Self::InsufficientRole(_) | Self::WorkspaceMismatch(_) => Code::PermissionDenied,
             Self::RateLimited(_)

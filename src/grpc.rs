@@ -4,6 +4,7 @@ mod audit;
 mod codec;
 mod commands;
 mod convert;
+mod events;
 mod keys;
 mod verify;
 mod verify_reply;

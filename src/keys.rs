@@ -12,7 +12,7 @@ use std::time::Duration;
 pub use crate::auth::policy::{API_KEY_MAX_ROTATION_GRACE, Actor, RotationRights};
 pub use commands::{
     Expiration, GetKey, IssueKey, IssueTrialKey, KeyChanges, KeySpec, ListAuditEvents, ListKeys,
-    RevokeKey, RevokeTrialKey, RotateKey, UpdateKey,
+    RevokeKey, RevokeTrialKey, RotateKey, UpdateKey, WatchKeyEvents,
 };
 
 use crate::audit::{
@@ -21,6 +21,7 @@ use crate::audit::{
 use crate::auth::RateLimits;
 use crate::auth::policy::{self, Action, Caller, Origin};
 use crate::error::{Error, Result};
+use crate::events::{EventHub, EventSubscription};
 use crate::key::format::KEY_ID_LEN;
 use crate::key::{
     Brand, Environment, GeneratedKey, HashPool, Key, KeyDescription, KeyId, KeyName, KeyState,
@@ -132,6 +133,8 @@ pub struct KeyManager {
     limits: KeyLimits,
     rate_limits: RateLimits,
     idempotency: Idempotency,
+    /// WatchKeyEvents' watchers; none in tools and tests that build a manager alone.
+    events: Option<EventHub>,
 }
 
 impl KeyManager {
@@ -155,7 +158,14 @@ impl KeyManager {
             rate_limits: RateLimits::new(0, 0, 0),
             // A key of this process alone, until the server passes the one replicas share.
             idempotency: Idempotency::ephemeral(IdempotencyConfig::default().window),
+            events: None,
         }
+    }
+
+    /// The same manager serving WatchKeyEvents from `events`.
+    pub fn with_events(mut self, events: EventHub) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// The same manager with this window and idempotency key for safe retries.
@@ -648,6 +658,34 @@ impl KeyManager {
             after.enabled = enabled;
         }
         Ok(after)
+    }
+
+    /// WatchKeyEvents: the caller's workspace's key events (an admin's: the one it names, or
+    /// every workspace's), from a position on, then live.
+    pub async fn watch_events(
+        &self,
+        caller: &Caller,
+        command: WatchKeyEvents,
+    ) -> Result<EventSubscription> {
+        let events = self
+            .events
+            .as_ref()
+            .ok_or_else(|| Error::Internal("no event hub".to_owned()))?;
+        let workspace_id = if command.all_workspaces {
+            caller.authorize(Action::ReadAllWorkspaces)?;
+            if !command.workspace_id.is_empty() {
+                return Err(Error::invalid(
+                    "workspace_id",
+                    "must be empty with all_workspaces",
+                ));
+            }
+            None
+        } else {
+            let workspace_id = caller.workspace_for(&command.workspace_id)?;
+            caller.authorize(Action::Read)?;
+            Some(workspace_id.as_str().to_owned())
+        };
+        events.subscribe(workspace_id, command.from).await
     }
 
     /// ListAuditEvents: a page of the caller's workspace's audit events, newest first.

@@ -10,6 +10,7 @@ use crate::audit::{AuditConfig, LockoutAuditor, write_lockouts};
 use crate::auth::{Authenticator, RateLimits};
 pub use crate::config::{Config, TlsConfig};
 use crate::error::{Error, Result};
+use crate::events::EventHub;
 use crate::key::{HashPool, HashThreads, SecretHasher};
 use crate::keys::KeyManager;
 use crate::keys::idempotency::{Idempotency, IdempotencyConfig, SHARED_SECRET_NAME};
@@ -44,6 +45,9 @@ pub struct App {
     pub idempotency: IdempotencyConfig,
     /// Writes lockout events behind VerifyKey; ends when the verifier is dropped.
     pub lockout_writer: JoinHandle<()>,
+    /// WatchKeyEvents' watchers, and the task that rings their doorbell.
+    pub events: EventHub,
+    pub event_doorbell: JoinHandle<()>,
 }
 
 impl App {
@@ -75,6 +79,7 @@ impl App {
             config.auth.trial_limit_per_minute,
             config.auth.trial_revoke_limit_per_minute,
         );
+        let (events, event_doorbell) = EventHub::start(store.clone(), config.events);
         let keys = Arc::new(
             KeyManager::new(
                 store.clone(),
@@ -86,7 +91,8 @@ impl App {
             )
             .with_limits(config.limits)
             .with_rate_limits(rate_limits.clone())
-            .with_idempotency(Idempotency::new(idempotency_key, config.idempotency.window)),
+            .with_idempotency(Idempotency::new(idempotency_key, config.idempotency.window))
+            .with_events(events.clone()),
         );
         let auth = Arc::new(Authenticator::new(&config.auth, verifier.clone())?);
         // Replicas sharing the database tell each other about key changes; a database that only
@@ -108,6 +114,8 @@ impl App {
             audit: config.audit,
             idempotency: config.idempotency.clone(),
             lockout_writer,
+            events,
+            event_doorbell,
             store,
             keys,
             verifier,

@@ -20,6 +20,7 @@ pub use sqlite::SqliteStore;
 pub use crate::audit::AuditRecord;
 use crate::audit::{AuditEvent, AuditQuery};
 use crate::error::{Error, Result};
+use crate::events::{EventQuery, KeyEvent};
 use crate::key::{Key, KeyId, StoredKey, WorkspaceId};
 use crate::timestamp::UnixMicros;
 
@@ -149,6 +150,8 @@ pub enum Change {
     /// The feed stopped listening: changes are missed until the next `Resync`, so everything may
     /// have changed.
     Interrupted,
+    /// Key events were committed (up to this position, if known): watchers read on.
+    Events,
 }
 
 /// The changes to keys made through any connection to the database, as `Store::changes` yields
@@ -225,6 +228,25 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `limit` audit events that happened before `before`; returns how many.
     async fn delete_audit_events_before(&self, before: UnixMicros, limit: u32) -> Result<u64>;
 
+    /// The key events after a position, in position order (the outbox, for watchers).
+    async fn list_key_events(&self, query: &EventQuery) -> Result<Vec<KeyEvent>>;
+
+    /// The highest position written so far (0 if none).
+    async fn latest_event_position(&self) -> Result<i64>;
+
+    /// The highest position the pruning deleted (0 if none): a watcher starting below it has
+    /// missed events.
+    async fn events_pruned_through(&self) -> Result<i64>;
+
+    /// Deletes up to `limit` of the oldest events, among those that happened before `before`;
+    /// returns how many.
+    async fn delete_key_events_before(&self, before: UnixMicros, limit: u32) -> Result<u64>;
+
+    /// Announces, once per key, up to `limit` keys whose expiry passed by `now` (`key.expired`,
+    /// at the key's expire time; none for a key revoked before it ended); returns how many
+    /// events it wrote.
+    async fn announce_expired_keys(&self, now: UnixMicros, limit: u32) -> Result<u64>;
+
     /// Adds a batch of usage to the keys' counters in one transaction.
     async fn record_usage(&self, deltas: &[UsageDelta]) -> Result<()>;
 
@@ -245,10 +267,11 @@ pub trait Store: Send + Sync + 'static {
     /// Which database this is.
     fn kind(&self) -> StoreKind;
 
-    /// Key changes as they commit, by every process sharing the database, this one included
-    /// (PostgreSQL: LISTEN on a connection of its own, reconnecting with backoff). Never yields
-    /// on a database that only this process uses (SQLite): it invalidates its caches itself.
-    /// Each call starts its own feed, which stops when the stream is dropped.
+    /// Key changes and new key events as they commit, by every process sharing the database,
+    /// this one included (PostgreSQL: LISTEN on a connection of its own, reconnecting with
+    /// backoff). On a database that only this process uses (SQLite) it yields only `Events` (and
+    /// `Resync` if a consumer fell behind): the process invalidates its caches itself. Each call
+    /// starts its own feed, which stops when the stream is dropped.
     fn changes(&self) -> Changes;
 
     /// The connection pool's use, for metrics.

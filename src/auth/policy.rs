@@ -5,7 +5,8 @@
 //! | | admin | viewer | developer | account_admin | API key |
 //! |---|---|---|---|---|---|
 //! | IssueKey | yes | no | yes | yes | never |
-//! | GetKey, ListKeys, ListAuditEvents | yes | yes | yes | yes | viewer and up |
+//! | GetKey, ListKeys, ListAuditEvents, WatchKeyEvents | yes | yes | yes | yes | viewer and up |
+//! | WatchKeyEvents of every workspace | yes | no | no | no | never |
 //! | RevokeKey, RotateKey | yes | no | yes | yes | developer and up, or itself |
 //! | RevokeKey with revoke_successors | yes | no | yes | yes | developer and up |
 //! | RotateKey: set the successor's expiry | yes | no | yes | yes | never |
@@ -233,6 +234,8 @@ pub enum Action<'a> {
     },
     /// ListAuditEvents.
     ReadAudit,
+    /// WatchKeyEvents over every workspace: admins only.
+    ReadAllWorkspaces,
 }
 
 impl Caller {
@@ -280,6 +283,9 @@ impl Caller {
     pub fn authorize(&self, action: Action<'_>) -> Result<()> {
         match (self, action) {
             (Self::Admin, _) => Ok(()),
+            (_, Action::ReadAllWorkspaces) => Err(Error::InsufficientRole(
+                "only an admin may watch every workspace".to_owned(),
+            )),
             (
                 Self::ApiKey {
                     role: Role::Trial, ..

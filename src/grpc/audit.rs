@@ -1,7 +1,7 @@
 //! ListAuditEvents: its request into a command, and audit events into protobuf.
 
 use super::commands::page_size;
-use crate::audit::{ActorKind, AuditAction, AuditEvent, AuditOutcome};
+use crate::audit::{ActorKind, AuditAction, AuditActor, AuditEvent, AuditOutcome, FieldChange};
 use crate::error::Error;
 use crate::key::KeyId;
 use crate::keys::{AuditPage, ListAuditEvents};
@@ -76,22 +76,10 @@ pub fn event_to_proto(event: &AuditEvent) -> pb::AuditEvent {
         event_id: event.event_id.to_string(),
         event_time: Some(timestamp::to_proto(record.occur_time)),
         workspace_id: event.workspace_id.clone(),
-        actor: Some(pb::AuditActor {
-            kind: actor_kind_to_proto(record.actor.kind) as i32,
-            id: record.actor.id.clone(),
-            display: record.actor.display.clone(),
-        }),
+        actor: Some(actor_to_proto(&record.actor)),
         action: action_to_proto(record.action) as i32,
         key_id: event.key_id.clone(),
-        changes: record
-            .changes
-            .iter()
-            .map(|change| pb::FieldChange {
-                field: change.field.clone(),
-                old_value: change.old.to_string(),
-                new_value: change.new.to_string(),
-            })
-            .collect(),
+        changes: record.changes.iter().map(change_to_proto).collect(),
         outcome: match record.outcome {
             AuditOutcome::Applied => pb::AuditOutcome::Applied,
             AuditOutcome::Unchanged => pb::AuditOutcome::Unchanged,
@@ -99,6 +87,23 @@ pub fn event_to_proto(event: &AuditEvent) -> pb::AuditEvent {
         client_ip: record.context.client_ip.clone(),
         trace_id: record.context.trace_id.clone(),
         request_id: record.context.request_id.clone(),
+    }
+}
+
+pub fn actor_to_proto(actor: &AuditActor) -> pb::AuditActor {
+    pb::AuditActor {
+        kind: actor_kind_to_proto(actor.kind) as i32,
+        id: actor.id.clone(),
+        display: actor.display.clone(),
+    }
+}
+
+/// A change with its values as JSON text.
+pub fn change_to_proto(change: &FieldChange) -> pb::FieldChange {
+    pb::FieldChange {
+        field: change.field.clone(),
+        old_value: change.old.to_string(),
+        new_value: change.new.to_string(),
     }
 }
 

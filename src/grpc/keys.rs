@@ -138,6 +138,18 @@ macro_rules! key_service {
     ) => {
         #[tonic::async_trait]
         impl pb::key_service_server::KeyService for KeyServiceImpl {
+            type WatchKeyEventsStream = super::events::WatchStream;
+
+            async fn watch_key_events(
+                &self,
+                request: Request<pb::WatchKeyEventsRequest>,
+            ) -> Result<Response<Self::WatchKeyEventsStream>, Status> {
+                let caller = self.caller(&request).await?;
+                let command = request.into_inner().try_into()?;
+                let events = self.keys.watch_events(&caller, command).await?;
+                Ok(Response::new(super::events::stream(events)))
+            }
+
             $(
                 async fn $rpc(
                     &self,

@@ -125,3 +125,11 @@ pub struct ListAuditEvents {
     pub start_time: Option<crate::timestamp::UnixMicros>,
     pub end_time: Option<crate::timestamp::UnixMicros>,
 }
+
+/// WatchKeyEvents: a workspace's events (or, for an admin, every workspace's) from a position.
+#[derive(Debug, Clone)]
+pub struct WatchKeyEvents {
+    pub workspace_id: String,
+    pub from: crate::events::WatchFrom,
+    pub all_workspaces: bool,
+}

@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use super::App;
 use crate::audit::{self, AuditConfig};
 use crate::auth::RateLimits;
+use crate::events::{self, WatchConfig};
 use crate::keys::KeyManager;
 use crate::keys::idempotency::IdempotencyConfig;
 use crate::store::Store;
@@ -23,6 +24,15 @@ pub(super) fn spawn(app: &App) -> Vec<JoinHandle<()>> {
         tokio::spawn(forget_idle_limits(app.rate_limits.clone())),
         tokio::spawn(sweep_trial_keys(app.keys.clone())),
         tokio::spawn(prune_audit_trail(app.store.clone(), app.audit)),
+        tokio::spawn(prune_key_events(
+            app.store.clone(),
+            app.audit.prune_interval,
+            *app.events.config(),
+        )),
+        tokio::spawn(announce_expired_keys(
+            app.store.clone(),
+            *app.events.config(),
+        )),
         tokio::spawn(prune_request_ids(app.keys.clone(), app.idempotency.clone())),
         tokio::spawn(
             app.verifier
@@ -66,6 +76,36 @@ async fn prune_request_ids(keys: Arc<KeyManager>, config: IdempotencyConfig) {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "request ids past their window deleted"),
             Err(error) => tracing::warn!(%error, "request id pruning failed"),
+        }
+    }
+}
+
+/// Deletes key events past their retention, in bounded batches (on the audit pruning's
+/// schedule).
+async fn prune_key_events(store: Arc<dyn Store>, every: Duration, config: WatchConfig) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match events::prune(store.as_ref(), &config).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "key events past their retention deleted"),
+            Err(error) => tracing::warn!(%error, "key event pruning failed"),
+        }
+    }
+}
+
+/// Announces keys whose expiry passed (`key.expired`, once per key). Every replica sweeps; the
+/// database lets only one announce each key.
+async fn announce_expired_keys(store: Arc<dyn Store>, config: WatchConfig) {
+    let mut ticker = tokio::time::interval(config.expiry_sweep_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match events::announce_expired(store.as_ref()).await {
+            Ok(0) => {}
+            Ok(announced) => tracing::info!(announced, "expired keys announced"),
+            Err(error) => tracing::warn!(%error, "expiry sweep failed"),
         }
     }
 }

@@ -90,8 +90,11 @@ async fn run(
     ));
     // On the shutdown signal: report NOT_SERVING (load balancers stop sending), then drain.
     let (draining_tx, draining) = oneshot::channel::<()>();
+    let events = app.events.clone();
     let shutdown = async move {
         shutdown.await;
+        // Open watches end now, or draining would wait for them until the grace ran out.
+        events.shut_down();
         health_watch.abort();
         health::report(&health_reporter, false).await;
         let _ = draining_tx.send(());

@@ -21,6 +21,15 @@ pub use changes::LISTENER_APPLICATION_NAME;
 /// key id.
 pub const KEY_CHANGED_CHANNEL: &str = "key_authority_key_changed";
 
+/// The channel on which new key events are announced (the payload is the position), so that
+/// watchers on every replica read on at once.
+pub const KEY_EVENT_CHANNEL: &str = "key_authority_key_event";
+
+/// The advisory lock every transaction that writes key events takes first: positions are
+/// assigned and committed in the same order, so a reader never sees a position before a lower
+/// one that is still to commit.
+const EVENT_ORDER_LOCK: i64 = 0x6b61_6576_656e_7473; // "kaevents"
+
 pub struct PostgresStore {
     pool: PgPool,
     /// How to connect, kept for the change feed's own connection.
@@ -61,6 +70,28 @@ impl PostgresStore {
             .await?;
         Ok(())
     }
+}
+
+impl PostgresStore {
+    async fn order_events(tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<()> {
+        sqlx::query("select pg_advisory_xact_lock($1)")
+            .bind(EVENT_ORDER_LOCK)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn event_written(tx: &mut sqlx::Transaction<'_, Postgres>, position: i64) -> Result<()> {
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(KEY_EVENT_CHANNEL)
+            .bind(position.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// NOTIFY (in the transaction) reaches this replica's watchers too.
+    fn events_committed(&self) {}
 }
 
 impl_sql_store!(PostgresStore, Postgres);

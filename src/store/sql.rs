@@ -3,7 +3,9 @@
 //! SQLite accepts PostgreSQL's `$N` placeholders, and every statement here sticks to what both
 //! understand, so the same text runs on both. `impl_sql_store!` expands the same method bodies
 //! for each database's pool type; each store only provides `pool`, `KIND`, `key_changed`, the
-//! hook that tells other replicas about a change (PostgreSQL NOTIFY; nothing on SQLite), and
+//! hook that tells other replicas about a change (PostgreSQL NOTIFY; nothing on SQLite),
+//! `order_events` and `event_written` (PostgreSQL: the lock that makes events commit in position
+//! order, and their NOTIFY), `events_committed` (SQLite: the in-process doorbell), and
 //! `change_feed`, what the other replicas changed.
 
 /// The columns that `KeyRow` reads, in one place for every select: the key (`k`) and the usage
@@ -63,6 +65,40 @@ pub(super) const CLAIM_REQUEST: &str = "insert into idempotent_request (scope, r
      on conflict (scope, request_id) do update set operation = excluded.operation, \
      fingerprint = excluded.fingerprint, key_id = excluded.key_id, salt = excluded.salt, \
      create_time = excluded.create_time where idempotent_request.create_time < $8";
+
+/// An outbox event; its position comes back.
+pub(super) const INSERT_EVENT: &str = "insert into key_event (event_id, workspace_id, event_type, \
+     key_id, occur_time, payload) values ($1, $2, $3, $4, $5, $6) returning position";
+
+/// The events after `$1` (of workspace `$2`, or of every workspace when NULL), in order.
+pub(super) const LIST_EVENTS: &str = "select position, event_id, event_type, workspace_id, key_id, \
+     occur_time, payload from key_event where position > $1 and ($2 is null or workspace_id = $2) \
+     order by position limit $3";
+
+pub(super) const LATEST_EVENT_POSITION: &str = "select coalesce(max(position), 0) from key_event";
+
+pub(super) const EVENTS_PRUNED_THROUGH: &str =
+    "select through_position from key_event_pruned where id = 1";
+
+/// The last position of the events that happened before `$1`: the pruning deletes a prefix.
+pub(super) const LAST_EVENT_BEFORE: &str =
+    "select coalesce(max(position), 0) from key_event where occur_time < $1";
+
+/// Up to `$2` events at or below position `$1`, lowest first.
+pub(super) const DELETE_EVENTS_THROUGH: &str = "delete from key_event where position in \
+     (select position from key_event where position <= $1 order by position limit $2) \
+     returning position";
+
+pub(super) const MARK_EVENTS_PRUNED: &str = "update key_event_pruned set through_position = $1 \
+     where id = 1 and through_position < $1";
+
+/// Keys that ended (at or before `$1`) and whose end was not announced yet, earliest first.
+pub(super) const SELECT_UNANNOUNCED_EXPIRIES: &str = "select key_id, workspace_id, expire_time, \
+     revoke_time from api_key where expiry_announced = false and expire_time is not null \
+     and expire_time <= $1 order by expire_time limit $2";
+
+pub(super) const MARK_EXPIRY_ANNOUNCED: &str = "update api_key set expiry_announced = true \
+     where key_id = $1 and expiry_announced = false";
 
 pub(super) const SELECT_REQUEST: &str = "select operation, fingerprint, key_id, salt, \
      create_time from idempotent_request where scope = $1 and request_id = $2";
@@ -166,7 +202,7 @@ macro_rules! impl_sql_store {
                 key: &$crate::key::StoredKey,
                 mutation: &$crate::store::Mutation,
             ) -> $crate::error::Result<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = begin_mutation(&self.pool).await?;
                 claim_request(&mut tx, mutation).await?;
                 insert_key_row(&mut tx, key).await?;
                 insert_audit(
@@ -177,6 +213,7 @@ macro_rules! impl_sql_store {
                 )
                 .await?;
                 tx.commit().await?;
+                self.events_committed();
                 Ok(())
             }
 
@@ -246,7 +283,7 @@ macro_rules! impl_sql_store {
                 revoked_by: &str,
                 mutation: &$crate::store::Mutation,
             ) -> $crate::error::Result<Option<$crate::store::Revocation>> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = begin_mutation(&self.pool).await?;
                 claim_request(&mut tx, mutation).await?;
                 let mut newly_revoked = Vec::new();
                 let Some(key) = revoke_one(
@@ -302,6 +339,7 @@ macro_rules! impl_sql_store {
                     }
                 }
                 tx.commit().await?;
+                self.events_committed();
                 Ok(Some($crate::store::Revocation {
                     key,
                     successors: chain,
@@ -319,7 +357,7 @@ macro_rules! impl_sql_store {
                 previous_expire_time: $crate::timestamp::UnixMicros,
                 mutation: &$crate::store::Mutation,
             ) -> $crate::error::Result<Option<$crate::store::Rotation>> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = begin_mutation(&self.pool).await?;
                 claim_request(&mut tx, mutation).await?;
                 let audit = &mutation.audit;
                 let claimed = sqlx::query($crate::store::sql::MARK_ROTATED)
@@ -351,6 +389,7 @@ macro_rules! impl_sql_store {
                     .fetch_one(&mut *tx)
                     .await?;
                 tx.commit().await?;
+                self.events_committed();
                 Ok(Some($crate::store::Rotation {
                     previous: previous.into_key()?,
                     successor: inserted.into_key()?,
@@ -363,7 +402,7 @@ macro_rules! impl_sql_store {
                 key: &$crate::key::Key,
                 mutation: &$crate::store::Mutation,
             ) -> $crate::error::Result<Option<$crate::key::Key>> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = begin_mutation(&self.pool).await?;
                 claim_request(&mut tx, mutation).await?;
                 let updated = sqlx::query($crate::store::sql::UPDATE_KEY)
                     .bind(key.name.as_str())
@@ -398,6 +437,7 @@ macro_rules! impl_sql_store {
                     .fetch_one(&mut *tx)
                     .await?;
                 tx.commit().await?;
+                self.events_committed();
                 row.into_key().map(Some)
             }
 
@@ -441,11 +481,12 @@ macro_rules! impl_sql_store {
                 key_id: &$crate::key::KeyId,
                 mutation: &$crate::store::Mutation,
             ) -> $crate::error::Result<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = begin_mutation(&self.pool).await?;
                 claim_request(&mut tx, mutation).await?;
                 insert_audit(&mut tx, workspace_id.as_str(), key_id.as_str(), &mutation.audit)
                     .await?;
                 tx.commit().await?;
+                self.events_committed();
                 Ok(())
             }
 
@@ -480,6 +521,108 @@ macro_rules! impl_sql_store {
             ) -> $crate::error::Result<u64> {
                 delete_batch(&self.pool, $crate::store::sql::DELETE_AUDIT_BEFORE, before, limit)
                     .await
+            }
+
+            #[tracing::instrument(name = "store.list_key_events", skip_all)]
+            async fn list_key_events(
+                &self,
+                query: &$crate::events::EventQuery,
+            ) -> $crate::error::Result<Vec<$crate::events::KeyEvent>> {
+                let rows: Vec<(i64, String, String, String, String, i64, String)> =
+                    sqlx::query_as($crate::store::sql::LIST_EVENTS)
+                        .bind(query.after)
+                        .bind(query.workspace_id.as_deref())
+                        .bind(i64::from(query.limit))
+                        .fetch_all(&self.pool)
+                        .await?;
+                rows.into_iter()
+                    .map(|(position, event_id, event_type, workspace_id, key_id, time, payload)| {
+                        $crate::events::KeyEvent::from_stored(
+                            position,
+                            event_id,
+                            event_type,
+                            workspace_id,
+                            key_id,
+                            time,
+                            &payload,
+                        )
+                        .ok_or_else(|| {
+                            $crate::error::Error::Internal(format!("event {position}: bad payload"))
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn latest_event_position(&self) -> $crate::error::Result<i64> {
+                let (position,): (i64,) = sqlx::query_as($crate::store::sql::LATEST_EVENT_POSITION)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(position)
+            }
+
+            async fn events_pruned_through(&self) -> $crate::error::Result<i64> {
+                let (position,): (i64,) = sqlx::query_as($crate::store::sql::EVENTS_PRUNED_THROUGH)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(position)
+            }
+
+            #[tracing::instrument(name = "store.delete_key_events_before", skip_all)]
+            async fn delete_key_events_before(
+                &self,
+                before: $crate::timestamp::UnixMicros,
+                limit: u32,
+            ) -> $crate::error::Result<u64> {
+                let mut tx = self.pool.begin().await?;
+                let (through,): (i64,) = sqlx::query_as($crate::store::sql::LAST_EVENT_BEFORE)
+                    .bind(before)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let deleted: Vec<(i64,)> = sqlx::query_as($crate::store::sql::DELETE_EVENTS_THROUGH)
+                    .bind(through)
+                    .bind(i64::from(limit))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                if let Some(last) = deleted.iter().map(|(position,)| *position).max() {
+                    sqlx::query($crate::store::sql::MARK_EVENTS_PRUNED)
+                        .bind(last)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(deleted.len() as u64)
+            }
+
+            #[tracing::instrument(name = "store.announce_expired_keys", skip_all)]
+            async fn announce_expired_keys(
+                &self,
+                now: $crate::timestamp::UnixMicros,
+                limit: u32,
+            ) -> $crate::error::Result<u64> {
+                let mut tx = begin_mutation(&self.pool).await?;
+                let ended: Vec<(String, String, i64, Option<i64>)> =
+                    sqlx::query_as($crate::store::sql::SELECT_UNANNOUNCED_EXPIRIES)
+                        .bind(now)
+                        .bind(i64::from(limit))
+                        .fetch_all(&mut *tx)
+                        .await?;
+                let mut announced = 0;
+                for (key_id, workspace_id, expire_time, revoke_time) in ended {
+                    let marked = sqlx::query($crate::store::sql::MARK_EXPIRY_ANNOUNCED)
+                        .bind(key_id.as_str())
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    // A key revoked before its end never expired: it is marked, not announced.
+                    if marked == 1 && revoke_time.is_none_or(|revoked| revoked > expire_time) {
+                        let event = $crate::events::expired();
+                        insert_event(&mut tx, &workspace_id, &key_id, expire_time, &event).await?;
+                        announced += 1;
+                    }
+                }
+                tx.commit().await?;
+                self.events_committed();
+                Ok(announced)
             }
 
             #[tracing::instrument(name = "store.record_usage", skip_all, fields(keys = deltas.len()))]
@@ -618,6 +761,37 @@ macro_rules! impl_sql_store {
             Ok(())
         }
 
+        /// Begins a transaction that may write events; on PostgreSQL it first takes the lock that
+        /// makes events commit in position order.
+        async fn begin_mutation(
+            pool: &sqlx::Pool<$db>,
+        ) -> $crate::error::Result<sqlx::Transaction<'static, $db>> {
+            let mut tx = pool.begin().await?;
+            <$store>::order_events(&mut tx).await?;
+            Ok(tx)
+        }
+
+        /// Writes one outbox event and rings the doorbell of the watchers (PostgreSQL: NOTIFY,
+        /// delivered on commit).
+        async fn insert_event(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            workspace_id: &str,
+            key_id: &str,
+            occur_time: $crate::timestamp::UnixMicros,
+            event: &$crate::events::NewEvent,
+        ) -> $crate::error::Result<()> {
+            let (position,): (i64,) = sqlx::query_as($crate::store::sql::INSERT_EVENT)
+                .bind(event.event_id.as_str())
+                .bind(workspace_id)
+                .bind(event.event_type.as_str())
+                .bind(key_id)
+                .bind(occur_time)
+                .bind(event.payload.as_str())
+                .fetch_one(&mut **tx)
+                .await?;
+            <$store>::event_written(tx, position).await
+        }
+
         /// Runs one of the bounded `delete ... before $1 limit $2` statements; returns how many
         /// rows it deleted.
         async fn delete_batch(
@@ -730,7 +904,11 @@ macro_rules! impl_sql_store {
                 .bind(audit.context.request_id.as_str())
                 .execute(&mut **tx)
                 .await?;
-            Ok(())
+            // Beside its audit event, the change's event for other systems.
+            match $crate::events::from_audit(audit) {
+                Some(event) => insert_event(tx, workspace_id, key_id, audit.occur_time, &event).await,
+                None => Ok(()),
+            }
         }
     };
 }

@@ -13,10 +13,15 @@ use super::error::Outcome;
 use super::row::KeyRow;
 use super::sql::impl_sql_store;
 use crate::error::{Error, Result};
-use crate::store::{Changes, StoreKind};
+use crate::store::{Change, Changes, StoreKind};
+
+/// Doorbell rings a slow consumer may miss before it is told to resync.
+const EVENT_DOORBELL_CAPACITY: usize = 16;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Rung after every commit that wrote key events: this process's watchers read on.
+    events: tokio::sync::broadcast::Sender<Change>,
 }
 
 impl SqliteStore {
@@ -38,15 +43,34 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|error| Error::Internal(format!("sqlite migrations failed: {error}")))?;
-        Ok(Self { pool })
+        let (events, _) = tokio::sync::broadcast::channel(EVENT_DOORBELL_CAPACITY);
+        Ok(Self { pool, events })
     }
 
     const KIND: StoreKind = StoreKind::Sqlite;
 
     /// One node: every change is made by this process, which invalidates its caches itself, so
     /// there is nothing to follow.
+    /// Only this process writes: the feed is its own doorbell for new events. A consumer that
+    /// fell behind gets `Resync` (it reads everything on anyway).
     fn change_feed(&self) -> Changes {
-        Box::pin(tokio_stream::pending())
+        use tokio_stream::StreamExt as _;
+        let rung = tokio_stream::wrappers::BroadcastStream::new(self.events.subscribe());
+        Box::pin(rung.map(|change| change.unwrap_or(Change::Resync)))
+    }
+
+    async fn order_events(_tx: &mut sqlx::Transaction<'_, Sqlite>) -> Result<()> {
+        // One writer at a time: positions commit in order by themselves.
+        Ok(())
+    }
+
+    async fn event_written(_tx: &mut sqlx::Transaction<'_, Sqlite>, _position: i64) -> Result<()> {
+        Ok(())
+    }
+
+    fn events_committed(&self) {
+        // Nobody listening is fine.
+        let _ = self.events.send(Change::Events);
     }
 
     /// One node, nobody to tell.

@@ -52,6 +52,8 @@ async fn apply(
                 tracing::info!("change feed listening");
             }
             Change::Interrupted => invalidator.everything_changed(),
+            // New key events are the watchers' business (`events::EventHub`).
+            Change::Events => {}
         }
     }
 }

@@ -10,6 +10,7 @@ use key_authority::audit::{
     AuditAction, AuditActor, AuditEvent, AuditQuery, AuditRecord, CallContext,
 };
 use key_authority::error::Result;
+use key_authority::events::{EventQuery, KeyEvent};
 use key_authority::key::{
     Environment, HashPool, HashPriority, HashThreads, Key, KeyDescription, KeyId, KeyName,
     Metadata, Role, Scopes, SecretHasher, StoredKey, WorkspaceId,
@@ -139,6 +140,26 @@ impl Store for SlowReadStore {
 
     async fn delete_audit_events_before(&self, before: UnixMicros, limit: u32) -> Result<u64> {
         self.inner.delete_audit_events_before(before, limit).await
+    }
+
+    async fn list_key_events(&self, query: &EventQuery) -> Result<Vec<KeyEvent>> {
+        self.inner.list_key_events(query).await
+    }
+
+    async fn latest_event_position(&self) -> Result<i64> {
+        self.inner.latest_event_position().await
+    }
+
+    async fn events_pruned_through(&self) -> Result<i64> {
+        self.inner.events_pruned_through().await
+    }
+
+    async fn delete_key_events_before(&self, before: UnixMicros, limit: u32) -> Result<u64> {
+        self.inner.delete_key_events_before(before, limit).await
+    }
+
+    async fn announce_expired_keys(&self, now: UnixMicros, limit: u32) -> Result<u64> {
+        self.inner.announce_expired_keys(now, limit).await
     }
 
     async fn record_usage(&self, deltas: &[UsageDelta]) -> Result<()> {

@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::KEY_CHANGED_CHANNEL;
+use super::{KEY_CHANGED_CHANNEL, KEY_EVENT_CHANNEL};
 use crate::store::{Change, Changes};
 
 /// The `application_name` of the listening connection, so operators (and tests) can find it.
@@ -53,6 +53,9 @@ async fn listen(options: PgConnectOptions, changes: &mpsc::Sender<Change>) {
         }
         loop {
             let change = match listener.try_recv().await {
+                Ok(Some(notification)) if notification.channel() == KEY_EVENT_CHANNEL => {
+                    Change::Events
+                }
                 Ok(Some(notification)) => Change::Key(notification.payload().to_owned()),
                 // sqlx has already reconnected and re-issued LISTEN: catch up on what we missed.
                 Ok(None) => {
@@ -83,6 +86,8 @@ async fn connect(options: &PgConnectOptions) -> Result<PgListener, sqlx::Error> 
         .connect_with(options.clone())
         .await?;
     let mut listener = PgListener::connect_with(&pool).await?;
-    listener.listen(KEY_CHANGED_CHANNEL).await?;
+    listener
+        .listen_all([KEY_CHANGED_CHANNEL, KEY_EVENT_CHANNEL])
+        .await?;
     Ok(listener)
 }

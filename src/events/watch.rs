@@ -1,0 +1,210 @@
+//! Watching key events: each watcher reads the outbox in position order from where it starts,
+//! then waits for the doorbell (the store's change feed: PostgreSQL NOTIFY from any replica, or
+//! this process's own commits on SQLite) and reads on. Nothing is buffered for a watcher beyond a
+//! small bounded channel: one that reads slowly makes its reader wait, and catches up from the
+//! outbox. A missed doorbell costs at most one poll interval.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
+
+use super::{EventQuery, KeyEvent};
+use crate::error::{Error, Result};
+use crate::store::{Change, Store};
+
+/// How watchers read, and how long events are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchConfig {
+    /// Events read from the outbox in one query.
+    pub batch: u32,
+    /// Events waiting to be sent to one watcher; beyond this its reader waits for it.
+    pub buffer: usize,
+    /// How often a watcher reads on without a doorbell (the backstop for a missed one).
+    pub poll_interval: Duration,
+    /// How long events are kept before the pruning deletes them.
+    pub retention: Duration,
+    /// How often keys whose expiry passed are announced (`key.expired`).
+    pub expiry_sweep_interval: Duration,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            batch: 256,
+            buffer: 64,
+            poll_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(7 * 24 * 60 * 60),
+            expiry_sweep_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where a watch starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchFrom {
+    /// After this position (0: the oldest stored event).
+    After(i64),
+    /// After the newest event committed so far.
+    Now,
+}
+
+/// The replica's watchers' shared parts: the store, the doorbell, and the shutdown signal.
+#[derive(Clone)]
+pub struct EventHub {
+    store: Arc<dyn Store>,
+    doorbell: watch::Receiver<u64>,
+    shutdown: Arc<watch::Sender<bool>>,
+    config: WatchConfig,
+}
+
+impl EventHub {
+    /// Starts following the store's feed; the task ends when the feed does.
+    pub fn start(store: Arc<dyn Store>, config: WatchConfig) -> (Self, JoinHandle<()>) {
+        let (ring, doorbell) = watch::channel(0u64);
+        let mut feed = store.changes();
+        let task = tokio::spawn(async move {
+            while let Some(change) = feed.next().await {
+                // After a resync anything may have been missed: every watcher reads on.
+                if matches!(change, Change::Events | Change::Resync) {
+                    ring.send_modify(|rings| *rings = rings.wrapping_add(1));
+                }
+            }
+        });
+        let (shutdown, _) = watch::channel(false);
+        let hub = Self {
+            store,
+            doorbell,
+            shutdown: Arc::new(shutdown),
+            config,
+        };
+        (hub, task)
+    }
+
+    pub fn config(&self) -> &WatchConfig {
+        &self.config
+    }
+
+    /// Ends every watch (the server is shutting down): their streams finish cleanly.
+    pub fn shut_down(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// A watch of `workspace_id`'s events (every workspace's with `None`) from `from`.
+    /// `EventsPruned` if events after the starting position were pruned already.
+    pub async fn subscribe(
+        &self,
+        workspace_id: Option<String>,
+        from: WatchFrom,
+    ) -> Result<EventSubscription> {
+        let after = match from {
+            WatchFrom::Now => self.store.latest_event_position().await?,
+            WatchFrom::After(position) => {
+                self.ensure_kept(position).await?;
+                position
+            }
+        };
+        let (sender, receiver) = mpsc::channel(self.config.buffer.max(1));
+        let watcher = Watcher {
+            hub: self.clone(),
+            workspace_id,
+            after,
+            sender,
+        };
+        tokio::spawn(watcher.run());
+        Ok(EventSubscription { receiver })
+    }
+
+    /// Refuses a start before the oldest event still kept.
+    async fn ensure_kept(&self, after: i64) -> Result<()> {
+        let pruned_through = self.store.events_pruned_through().await?;
+        if after < pruned_through {
+            return Err(Error::EventsPruned {
+                oldest_kept: pruned_through,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A watch's events, in position order; it ends with an error (database trouble, or events
+/// pruned before the watcher read them) or when the server shuts down.
+pub struct EventSubscription {
+    receiver: mpsc::Receiver<Result<KeyEvent>>,
+}
+
+impl EventSubscription {
+    pub async fn next(&mut self) -> Option<Result<KeyEvent>> {
+        self.receiver.recv().await
+    }
+
+    pub fn into_stream(self) -> tokio_stream::wrappers::ReceiverStream<Result<KeyEvent>> {
+        tokio_stream::wrappers::ReceiverStream::new(self.receiver)
+    }
+}
+
+/// One watcher's task: read a batch, send it (waiting for the reader), wait for the doorbell.
+struct Watcher {
+    hub: EventHub,
+    workspace_id: Option<String>,
+    after: i64,
+    sender: mpsc::Sender<Result<KeyEvent>>,
+}
+
+impl Watcher {
+    async fn run(mut self) {
+        let mut doorbell = self.hub.doorbell.clone();
+        let mut shutdown = self.hub.shutdown.subscribe();
+        loop {
+            if *shutdown.borrow_and_update() {
+                return;
+            }
+            // Rings from here on wake the wait below, so none between the read and it is lost.
+            doorbell.borrow_and_update();
+            let batch = match self.read().await {
+                Ok(batch) => batch,
+                Err(error) => {
+                    let _ = self.sender.send(Err(error)).await;
+                    return;
+                }
+            };
+            let full = batch.len() >= self.hub.config.batch as usize;
+            for event in batch {
+                self.after = event.position;
+                tokio::select! {
+                    sent = self.sender.send(Ok(event)) => if sent.is_err() { return },
+                    _ = shutdown.changed() => return,
+                }
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                _ = doorbell.changed() => {}
+                () = tokio::time::sleep(self.hub.config.poll_interval) => {}
+                () = self.sender.closed() => return,
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// The next events; `EventsPruned` when the pruning overtook this watcher.
+    async fn read(&self) -> Result<Vec<KeyEvent>> {
+        let query = EventQuery {
+            workspace_id: self.workspace_id.clone(),
+            after: self.after,
+            limit: self.hub.config.batch.max(1),
+        };
+        let batch = self.hub.store.list_key_events(&query).await?;
+        // A gap may be a rolled-back position, or events pruned while this watcher lagged.
+        if batch
+            .first()
+            .is_some_and(|first| first.position > self.after + 1)
+        {
+            self.hub.ensure_kept(self.after).await?;
+        }
+        Ok(batch)
+    }
+}
