@@ -164,8 +164,12 @@ impl KeyEvent {
     }
 }
 
-/// Events deleted in one statement by the pruning, and expiries announced in one transaction.
+/// Events deleted in one statement by the pruning.
 const BATCH: u32 = 1000;
+
+/// Expiries announced in one transaction. Small: on PostgreSQL the transaction holds the lock
+/// that every event-writing mutation of every replica waits for.
+const EXPIRY_BATCH: u32 = 100;
 
 /// Deletes the events older than the retention, oldest first, in batches, until none is left;
 /// returns how many were deleted.
@@ -186,9 +190,13 @@ pub async fn prune(store: &dyn Store, config: &WatchConfig) -> Result<u64> {
 pub async fn announce_expired(store: &dyn Store) -> Result<u64> {
     let mut announced = 0;
     loop {
-        let written = store.announce_expired_keys(now_micros(), BATCH).await?;
+        let written = store
+            .announce_expired_keys(now_micros(), EXPIRY_BATCH)
+            .await?;
         announced += written;
-        if written < u64::from(BATCH) {
+        // Fewer (a key revoked before its end is marked, not announced) may still leave more:
+        // the next sweep takes them.
+        if written < u64::from(EXPIRY_BATCH) {
             return Ok(announced);
         }
     }

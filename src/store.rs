@@ -238,8 +238,9 @@ pub trait Store: Send + Sync + 'static {
     /// missed events.
     async fn events_pruned_through(&self) -> Result<i64>;
 
-    /// Deletes up to `limit` of the oldest events, among those that happened before `before`;
-    /// returns how many.
+    /// Deletes up to `limit` of the oldest events (by position) that happened before `before`,
+    /// stopping at the first that did not: a prefix of the positions, so `events_pruned_through`
+    /// covers every deleted one. Returns how many.
     async fn delete_key_events_before(&self, before: UnixMicros, limit: u32) -> Result<u64>;
 
     /// Announces, once per key, up to `limit` keys whose expiry passed by `now` (`key.expired`,

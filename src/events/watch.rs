@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 
@@ -28,6 +28,9 @@ pub struct WatchConfig {
     pub retention: Duration,
     /// How often keys whose expiry passed are announced (`key.expired`).
     pub expiry_sweep_interval: Duration,
+    /// Watchers reading the outbox at once. Every commit wakes every watcher: however many
+    /// there are, they hold at most this many of the pool's connections, and the API the rest.
+    pub concurrent_reads: usize,
 }
 
 impl Default for WatchConfig {
@@ -38,6 +41,7 @@ impl Default for WatchConfig {
             poll_interval: Duration::from_secs(1),
             retention: Duration::from_secs(7 * 24 * 60 * 60),
             expiry_sweep_interval: Duration::from_secs(10),
+            concurrent_reads: 4,
         }
     }
 }
@@ -57,27 +61,39 @@ pub struct EventHub {
     store: Arc<dyn Store>,
     doorbell: watch::Receiver<u64>,
     shutdown: Arc<watch::Sender<bool>>,
+    /// Permits to read the outbox (`WatchConfig::concurrent_reads`).
+    reads: Arc<Semaphore>,
     config: WatchConfig,
 }
 
 impl EventHub {
-    /// Starts following the store's feed; the task ends when the feed does.
+    /// Starts following the store's feed; the task ends when the feed does, or at `shut_down`
+    /// (which drops the feed: on PostgreSQL, its LISTEN connection).
     pub fn start(store: Arc<dyn Store>, config: WatchConfig) -> (Self, JoinHandle<()>) {
         let (ring, doorbell) = watch::channel(0u64);
+        let (shutdown, mut shutting_down) = watch::channel(false);
         let mut feed = store.changes();
         let task = tokio::spawn(async move {
-            while let Some(change) = feed.next().await {
-                // After a resync anything may have been missed: every watcher reads on.
-                if matches!(change, Change::Events | Change::Resync) {
-                    ring.send_modify(|rings| *rings = rings.wrapping_add(1));
+            loop {
+                let change = tokio::select! {
+                    change = feed.next() => change,
+                    _ = shutting_down.wait_for(|down| *down) => return,
+                };
+                match change {
+                    // After a resync anything may have been missed: every watcher reads on.
+                    Some(Change::Events | Change::Resync) => {
+                        ring.send_modify(|rings| *rings = rings.wrapping_add(1));
+                    }
+                    Some(_) => {}
+                    None => return,
                 }
             }
         });
-        let (shutdown, _) = watch::channel(false);
         let hub = Self {
             store,
             doorbell,
             shutdown: Arc::new(shutdown),
+            reads: Arc::new(Semaphore::new(config.concurrent_reads.max(1))),
             config,
         };
         (hub, task)
@@ -149,8 +165,21 @@ impl EventSubscription {
 struct Watcher {
     hub: EventHub,
     workspace_id: Option<String>,
+    /// Every event after this position that the watcher may see is still to be sent: the last
+    /// event sent or, for one workspace's watcher, the newest position of any workspace it has
+    /// read past (other workspaces' events are gaps in its positions, not missed events).
     after: i64,
     sender: mpsc::Sender<Result<KeyEvent>>,
+}
+
+/// What one read of the outbox found.
+struct Batch {
+    events: Vec<KeyEvent>,
+    /// As many events as a read takes: more may follow at once.
+    full: bool,
+    /// A workspace's watcher has seen every event of its workspace up to here once `events` are
+    /// sent.
+    read_through: Option<i64>,
 }
 
 impl Watcher {
@@ -170,15 +199,17 @@ impl Watcher {
                     return;
                 }
             };
-            let full = batch.len() >= self.hub.config.batch as usize;
-            for event in batch {
+            for event in batch.events {
                 self.after = event.position;
                 tokio::select! {
                     sent = self.sender.send(Ok(event)) => if sent.is_err() { return },
                     _ = shutdown.changed() => return,
                 }
             }
-            if full {
+            if let Some(read_through) = batch.read_through {
+                self.after = self.after.max(read_through);
+            }
+            if batch.full {
                 continue;
             }
             tokio::select! {
@@ -191,20 +222,43 @@ impl Watcher {
     }
 
     /// The next events; `EventsPruned` when the pruning overtook this watcher.
-    async fn read(&self) -> Result<Vec<KeyEvent>> {
+    async fn read(&self) -> Result<Batch> {
+        // The semaphore is never closed.
+        let _permit = self
+            .hub
+            .reads
+            .acquire()
+            .await
+            .map_err(|error| Error::Internal(error.to_string()))?;
+        let store = &self.hub.store;
+        // Read first: every position up to the newest has committed (positions commit in
+        // order), so the batch below holds each of them that belongs to this workspace.
+        let newest = match self.workspace_id {
+            Some(_) => Some(store.latest_event_position().await?),
+            None => None,
+        };
+        let limit = self.hub.config.batch.max(1);
         let query = EventQuery {
             workspace_id: self.workspace_id.clone(),
             after: self.after,
-            limit: self.hub.config.batch.max(1),
+            limit,
         };
-        let batch = self.hub.store.list_key_events(&query).await?;
-        // A gap may be a rolled-back position, or events pruned while this watcher lagged.
-        if batch
-            .first()
-            .is_some_and(|first| first.position > self.after + 1)
-        {
+        let events = store.list_key_events(&query).await?;
+        let full = events.len() >= limit as usize;
+        // Positions this read skips may be rolled back, another workspace's, or pruned while
+        // this watcher lagged; only the last are missed. The check comes after the read: the
+        // pruning deletes a prefix, so if it has not passed `after` by now, the batch is whole.
+        let skipped = match events.first() {
+            Some(first) => first.position > self.after + 1,
+            None => newest.is_some_and(|newest| newest > self.after),
+        };
+        if skipped {
             self.hub.ensure_kept(self.after).await?;
         }
-        Ok(batch)
+        Ok(Batch {
+            events,
+            full,
+            read_through: if full { None } else { newest },
+        })
     }
 }

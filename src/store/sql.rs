@@ -75,14 +75,24 @@ pub(super) const LIST_EVENTS: &str = "select position, event_id, event_type, wor
      occur_time, payload from key_event where position > $1 and ($2 is null or workspace_id = $2) \
      order by position limit $3";
 
-pub(super) const LATEST_EVENT_POSITION: &str = "select coalesce(max(position), 0) from key_event";
+/// The newest position: of the newest event kept or, when the pruning deleted every one, of the
+/// last it deleted (positions are never reused), so that a watch "from now" does not take the
+/// pruned ones for missed.
+pub(super) const LATEST_EVENT_POSITION: &str = "select coalesce(max(position), \
+     (select through_position from key_event_pruned where id = 1), 0) from key_event";
 
 pub(super) const EVENTS_PRUNED_THROUGH: &str =
     "select through_position from key_event_pruned where id = 1";
 
-/// The last position of the events that happened before `$1`: the pruning deletes a prefix.
-pub(super) const LAST_EVENT_BEFORE: &str =
-    "select coalesce(max(position), 0) from key_event where occur_time < $1";
+/// The last position of the oldest events, in position order, that all happened before `$1`:
+/// the pruning deletes a prefix. Times do not rise with positions (`key.expired` happens at the
+/// key's expiry, found later; replicas' clocks differ), so an old time behind a recent one waits
+/// for it: no event younger than the retention is ever deleted.
+/// (The first recent event is found walking positions up from the oldest, which stops as soon as
+/// the prefix ends.)
+pub(super) const LAST_EVENT_BEFORE: &str = "select coalesce(\
+     (select position from key_event where occur_time >= $1 order by position limit 1) - 1, \
+     (select max(position) from key_event), 0)";
 
 /// Up to `$2` events at or below position `$1`, lowest first.
 pub(super) const DELETE_EVENTS_THROUGH: &str = "delete from key_event where position in \
@@ -92,13 +102,14 @@ pub(super) const DELETE_EVENTS_THROUGH: &str = "delete from key_event where posi
 pub(super) const MARK_EVENTS_PRUNED: &str = "update key_event_pruned set through_position = $1 \
      where id = 1 and through_position < $1";
 
-/// Keys that ended (at or before `$1`) and whose end was not announced yet, earliest first.
-pub(super) const SELECT_UNANNOUNCED_EXPIRIES: &str = "select key_id, workspace_id, expire_time, \
-     revoke_time from api_key where expiry_announced = false and expire_time is not null \
-     and expire_time <= $1 order by expire_time limit $2";
-
-pub(super) const MARK_EXPIRY_ANNOUNCED: &str = "update api_key set expiry_announced = true \
-     where key_id = $1 and expiry_announced = false";
+/// Marks up to `$2` keys that ended (at or before `$1`) and whose end was not announced yet,
+/// earliest first, and returns them. A write first: on SQLite the transaction takes the write
+/// lock before it reads (a read first would fail if another write committed in between).
+pub(super) const MARK_EXPIRIES_ANNOUNCED: &str = "update api_key set expiry_announced = true \
+     where key_id in (select key_id from api_key where expiry_announced = false \
+         and expire_time is not null and expire_time <= $1 order by expire_time limit $2) \
+     and expiry_announced = false \
+     returning key_id, workspace_id, expire_time, revoke_time";
 
 pub(super) const SELECT_REQUEST: &str = "select operation, fingerprint, key_id, salt, \
      create_time from idempotent_request where scope = $1 and request_id = $2";
@@ -600,21 +611,18 @@ macro_rules! impl_sql_store {
                 limit: u32,
             ) -> $crate::error::Result<u64> {
                 let mut tx = begin_mutation(&self.pool).await?;
-                let ended: Vec<(String, String, i64, Option<i64>)> =
-                    sqlx::query_as($crate::store::sql::SELECT_UNANNOUNCED_EXPIRIES)
+                let mut ended: Vec<(String, String, i64, Option<i64>)> =
+                    sqlx::query_as($crate::store::sql::MARK_EXPIRIES_ANNOUNCED)
                         .bind(now)
                         .bind(i64::from(limit))
                         .fetch_all(&mut *tx)
                         .await?;
+                // Announced in the order the keys ended.
+                ended.sort_by(|a, b| (a.2, &a.0).cmp(&(b.2, &b.0)));
                 let mut announced = 0;
                 for (key_id, workspace_id, expire_time, revoke_time) in ended {
-                    let marked = sqlx::query($crate::store::sql::MARK_EXPIRY_ANNOUNCED)
-                        .bind(key_id.as_str())
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
                     // A key revoked before its end never expired: it is marked, not announced.
-                    if marked == 1 && revoke_time.is_none_or(|revoked| revoked > expire_time) {
+                    if revoke_time.is_none_or(|revoked| revoked > expire_time) {
                         let event = $crate::events::expired();
                         insert_event(&mut tx, &workspace_id, &key_id, expire_time, &event).await?;
                         announced += 1;

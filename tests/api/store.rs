@@ -9,6 +9,7 @@ use key_authority::audit::{
     ActorKind, AuditAction, AuditActor, AuditQuery, AuditRecord, CallContext,
 };
 use key_authority::error::Error;
+use key_authority::events::{EventQuery, KeyEvent};
 use key_authority::key::{
     Environment, Key, KeyDescription, KeyId, KeyName, Metadata, Role, Scopes, StoredKey,
     WorkspaceId,
@@ -979,6 +980,260 @@ async fn audit_events_filter_page_and_prune(db: TestDb) {
     store.close().await;
 }
 
+/// Every event of the outbox, in position order.
+async fn all_key_events(
+    store: &dyn Store,
+    workspace_id: Option<&str>,
+    after: i64,
+) -> Vec<KeyEvent> {
+    store
+        .list_key_events(&EventQuery {
+            workspace_id: workspace_id.map(str::to_owned),
+            after,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+}
+
+fn event_keys(events: &[KeyEvent]) -> Vec<(&str, &str)> {
+    events
+        .iter()
+        .map(|event| (event.event_type.as_str(), event.key_id.as_str()))
+        .collect()
+}
+
+fn positions(events: &[KeyEvent]) -> Vec<i64> {
+    events.iter().map(|event| event.position).collect()
+}
+
+/// The outbox: each mutation's event in its transaction, in one order, read by workspace and
+/// after a position, a bounded number at a time; none for a mutation that changed nothing.
+async fn key_events_list_in_order(db: TestDb) {
+    let store = open(&db).await;
+    assert_eq!(store.latest_event_position().await.unwrap(), 0);
+    assert_eq!(store.events_pruned_through().await.unwrap(), 0);
+    let acme = workspace("acme");
+    let first = new_key("acme", NOW, 0);
+    let other = new_key("beta", NOW + SECOND, 0);
+    insert(&*store, &first).await;
+    insert(&*store, &other).await;
+    let successor = rotate(&*store, &first.key, NOW + 2 * SECOND).await;
+    let revoke = audit("revoke", "user:ann", NOW + 3 * SECOND);
+    store
+        .revoke_key(&acme, &successor.key_id, false, "user:ann", &revoke)
+        .await
+        .unwrap()
+        .expect("the key exists");
+
+    let all = all_key_events(&*store, None, 0).await;
+    let (f, o, s) = (
+        first.key.key_id.as_str(),
+        other.key.key_id.as_str(),
+        successor.key_id.as_str(),
+    );
+    assert_eq!(
+        event_keys(&all),
+        [
+            ("key.issued", f),
+            ("key.issued", o),
+            ("key.rotated", f),
+            ("key.revoked", s)
+        ]
+    );
+    assert!(positions(&all).windows(2).all(|pair| pair[0] < pair[1]));
+    assert_eq!(
+        all.iter().map(|event| event.occur_time).collect::<Vec<_>>(),
+        [NOW, NOW + SECOND, NOW + 2 * SECOND, NOW + 3 * SECOND],
+        "at the time of the change"
+    );
+    assert_eq!(
+        all.iter()
+            .map(|event| event.workspace_id.as_str())
+            .collect::<Vec<_>>(),
+        ["acme", "beta", "acme", "acme"]
+    );
+    assert_eq!(all[3].actor, AuditActor::user("ann"));
+    let last = all[3].position;
+    assert_eq!(store.latest_event_position().await.unwrap(), last);
+
+    // By workspace, after a position, a bounded number.
+    let of_acme = all_key_events(&*store, Some("acme"), 0).await;
+    assert_eq!(
+        positions(&of_acme),
+        [all[0].position, all[2].position, last]
+    );
+    let of_beta = all_key_events(&*store, Some("beta"), 0).await;
+    assert_eq!(positions(&of_beta), [all[1].position]);
+    assert_eq!(
+        positions(&all_key_events(&*store, None, all[1].position).await),
+        [all[2].position, last]
+    );
+    assert_eq!(
+        positions(&all_key_events(&*store, Some("beta"), all[1].position).await),
+        [0i64; 0]
+    );
+    let two = store
+        .list_key_events(&EventQuery {
+            workspace_id: None,
+            after: 0,
+            limit: 2,
+        })
+        .await
+        .unwrap();
+    assert_eq!(positions(&two), positions(&all[..2]));
+
+    // Nothing changed, nothing announced: a revoked key revoked again, a stale rotation.
+    store
+        .revoke_key(&acme, &successor.key_id, false, "user:ann", &revoke)
+        .await
+        .unwrap();
+    let stale = store
+        .rotate_key(
+            &acme,
+            &first.key.key_id,
+            first.key.version,
+            &successor_of(&first.key, NOW + 4 * SECOND),
+            NOW + 3600 * SECOND,
+            &audit("rotate", "admin", NOW + 4 * SECOND),
+        )
+        .await
+        .unwrap();
+    assert!(stale.is_none());
+    assert_eq!(store.latest_event_position().await.unwrap(), last);
+    store.close().await;
+}
+
+/// The pruning deletes a prefix of the positions, a bounded batch at a time, and records how far
+/// it went. An old event behind a recent one (`key.expired` is written after the key's end, at
+/// its end) waits for the recent one: no event younger than the retention is deleted.
+async fn key_events_are_pruned_as_a_prefix(db: TestDb) {
+    let store = open(&db).await;
+    for occur_time in [
+        NOW - 50 * SECOND,
+        NOW - 40 * SECOND,
+        NOW - 30 * SECOND,
+        NOW,
+        NOW - 20 * SECOND,
+    ] {
+        let key = new_key("acme", occur_time, 0);
+        store
+            .insert_key(&key, &audit("issue", "admin", occur_time))
+            .await
+            .unwrap();
+    }
+    let written = positions(&all_key_events(&*store, None, 0).await);
+    let before = NOW - 5 * SECOND;
+
+    assert_eq!(store.delete_key_events_before(before, 2).await.unwrap(), 2);
+    assert_eq!(store.events_pruned_through().await.unwrap(), written[1]);
+    assert_eq!(
+        positions(&all_key_events(&*store, None, 0).await),
+        written[2..]
+    );
+    assert_eq!(store.delete_key_events_before(before, 2).await.unwrap(), 1);
+    assert_eq!(store.events_pruned_through().await.unwrap(), written[2]);
+    assert_eq!(store.delete_key_events_before(before, 2).await.unwrap(), 0);
+    assert_eq!(
+        positions(&all_key_events(&*store, None, 0).await),
+        written[3..],
+        "the recent event and the old one behind it are kept"
+    );
+    assert_eq!(store.events_pruned_through().await.unwrap(), written[2]);
+    assert_eq!(store.latest_event_position().await.unwrap(), written[4]);
+
+    // Everything, once it is all old: the latest position is still the last one written.
+    assert_eq!(
+        store
+            .delete_key_events_before(NOW + SECOND, 10)
+            .await
+            .unwrap(),
+        2
+    );
+    assert!(all_key_events(&*store, None, 0).await.is_empty());
+    assert_eq!(store.events_pruned_through().await.unwrap(), written[4]);
+    assert_eq!(store.latest_event_position().await.unwrap(), written[4]);
+    insert(&*store, &new_key("acme", NOW + 2 * SECOND, 0)).await;
+    let next = store.latest_event_position().await.unwrap();
+    assert!(next > written[4], "positions are never reused");
+    assert_eq!(positions(&all_key_events(&*store, None, 0).await), [next]);
+    store.close().await;
+}
+
+/// `key.expired`: once per key, at its end, in the order keys ended, a bounded batch at a time;
+/// none for a key revoked before its end. Two replicas sweeping at once announce each key once.
+async fn expiries_are_announced_once(db: TestDb) {
+    let store = open(&db).await;
+    let replica = open(&db).await;
+    let acme = workspace("acme");
+    let ending = |expire_time: UnixMicros| {
+        let mut key = new_key("acme", NOW - 3600 * SECOND, 0);
+        key.key.expire_time = Some(expire_time);
+        key
+    };
+    let ended = ending(NOW - 5 * SECOND);
+    let revoked_first = ending(NOW - 3 * SECOND);
+    let revoked_after = ending(NOW - 2 * SECOND);
+    let later = ending(NOW + 60 * SECOND);
+    for key in [&ended, &revoked_first, &revoked_after, &later] {
+        insert(&*store, key).await;
+    }
+    for (key, at) in [
+        (&revoked_first, NOW - 4 * SECOND),
+        (&revoked_after, NOW - SECOND),
+    ] {
+        store
+            .revoke_key(
+                &acme,
+                &key.key.key_id,
+                false,
+                "admin",
+                &audit("revoke", "admin", at),
+            )
+            .await
+            .unwrap()
+            .expect("the key exists");
+    }
+
+    // One at a time, earliest first; the key revoked before its end takes its turn, silently.
+    assert_eq!(store.announce_expired_keys(NOW, 1).await.unwrap(), 1);
+    assert_eq!(store.announce_expired_keys(NOW, 1).await.unwrap(), 0);
+    assert_eq!(store.announce_expired_keys(NOW, 1).await.unwrap(), 1);
+    assert_eq!(store.announce_expired_keys(NOW, 10).await.unwrap(), 0);
+    // Both replicas sweep when the last one has ended.
+    let at = NOW + 61 * SECOND;
+    let (one, two) = tokio::join!(
+        store.announce_expired_keys(at, 10),
+        replica.announce_expired_keys(at, 10)
+    );
+    assert_eq!(one.unwrap() + two.unwrap(), 1, "once, by either replica");
+    assert_eq!(store.announce_expired_keys(at, 10).await.unwrap(), 0);
+
+    let expired: Vec<KeyEvent> = all_key_events(&*store, None, 0)
+        .await
+        .into_iter()
+        .filter(|event| event.event_type == "key.expired")
+        .collect();
+    assert_eq!(
+        expired
+            .iter()
+            .map(|event| (event.key_id.as_str(), event.occur_time))
+            .collect::<Vec<_>>(),
+        [
+            (ended.key.key_id.as_str(), NOW - 5 * SECOND),
+            (revoked_after.key.key_id.as_str(), NOW - 2 * SECOND),
+            (later.key.key_id.as_str(), NOW + 60 * SECOND),
+        ]
+    );
+    for event in &expired {
+        assert_eq!(event.workspace_id, "acme");
+        assert_eq!(event.actor, AuditActor::system("expiry"));
+        assert!(event.changes.is_empty());
+    }
+    replica.close().await;
+    store.close().await;
+}
+
 on_both_databases!(
     the_kind_is_the_database_opened,
     an_inserted_key_reads_back_exactly,
@@ -995,4 +1250,7 @@ on_both_databases!(
     a_request_id_is_claimed_once,
     only_committed_mutations_claim,
     audit_events_filter_page_and_prune,
+    key_events_list_in_order,
+    key_events_are_pruned_as_a_prefix,
+    expiries_are_announced_once,
 );
