@@ -9,6 +9,7 @@ mod argon2_budget;
 mod audit;
 mod auth;
 mod binary;
+mod events;
 mod hostile_input;
 mod hot_path;
 mod idempotency;
