@@ -182,7 +182,12 @@ impl Watcher {
                 continue;
             }
             tokio::select! {
-                _ = doorbell.changed() => {}
+                rung = doorbell.changed() => {
+                    // The doorbell's feed ended (the store is closing): poll instead of spinning.
+                    if rung.is_err() {
+                        tokio::time::sleep(self.hub.config.poll_interval).await;
+                    }
+                }
                 () = tokio::time::sleep(self.hub.config.poll_interval) => {}
                 () = self.sender.closed() => return,
                 _ = shutdown.changed() => {}
