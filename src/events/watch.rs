@@ -5,6 +5,7 @@
 //! outbox. A missed doorbell costs at most one poll interval.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -58,6 +59,8 @@ pub struct EventHub {
     doorbell: watch::Receiver<u64>,
     shutdown: Arc<watch::Sender<bool>>,
     config: WatchConfig,
+    /// Watches open now.
+    watchers: Arc<AtomicUsize>,
 }
 
 impl EventHub {
@@ -79,12 +82,18 @@ impl EventHub {
             doorbell,
             shutdown: Arc::new(shutdown),
             config,
+            watchers: Arc::default(),
         };
         (hub, task)
     }
 
     pub fn config(&self) -> &WatchConfig {
         &self.config
+    }
+
+    /// Watches open now, for metrics.
+    pub fn watchers(&self) -> usize {
+        self.watchers.load(Ordering::Relaxed)
     }
 
     /// Ends every watch (the server is shutting down): their streams finish cleanly.
@@ -155,6 +164,12 @@ struct Watcher {
 
 impl Watcher {
     async fn run(mut self) {
+        self.hub.watchers.fetch_add(1, Ordering::Relaxed);
+        self.follow().await;
+        self.hub.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn follow(&mut self) {
         let mut doorbell = self.hub.doorbell.clone();
         let mut shutdown = self.hub.shutdown.subscribe();
         loop {
