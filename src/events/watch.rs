@@ -130,9 +130,7 @@ impl EventHub {
     async fn ensure_kept(&self, after: i64) -> Result<()> {
         let pruned_through = self.store.events_pruned_through().await?;
         if after < pruned_through {
-            return Err(Error::EventsPruned {
-                oldest_kept: pruned_through,
-            });
+            return Err(Error::EventsPruned { pruned_through });
         }
         Ok(())
     }
