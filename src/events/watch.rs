@@ -123,7 +123,10 @@ impl EventHub {
             sender,
         };
         tokio::spawn(watcher.run());
-        Ok(EventSubscription { receiver })
+        Ok(EventSubscription {
+            receiver,
+            starts_after: after,
+        })
     }
 
     /// Refuses a start before the oldest event still kept.
@@ -140,9 +143,16 @@ impl EventHub {
 /// pruned before the watcher read them) or when the server shuts down.
 pub struct EventSubscription {
     receiver: mpsc::Receiver<Result<KeyEvent>>,
+    starts_after: i64,
 }
 
 impl EventSubscription {
+    /// The position the watch starts after (for `WatchFrom::Now`, the newest event when it
+    /// began): a client that loses the stream before its first event resumes from here.
+    pub fn starts_after(&self) -> i64 {
+        self.starts_after
+    }
+
     pub async fn next(&mut self) -> Option<Result<KeyEvent>> {
         self.receiver.recv().await
     }
