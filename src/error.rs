@@ -56,9 +56,11 @@ pub enum Error {
     DuplicateRequest,
     /// A watch asked for events that the pruning deleted already.
     #[error(
-        "events up to position {oldest_kept} were pruned: watch from position {oldest_kept} or later, or from now"
+        "events through position {pruned_through} were pruned: the oldest kept is position {} \
+         or later; watch with after_position {pruned_through} or later, or from_now",
+        .pruned_through + 1
     )]
-    EventsPruned { oldest_kept: i64 },
+    EventsPruned { pruned_through: i64 },
     /// The key was already rotated; rotate its successor instead.
     #[error("key {key_id} was already rotated to {successor}")]
     KeyAlreadyRotated { key_id: String, successor: String },
@@ -239,6 +241,12 @@ impl From<Error> for Status {
         if let Error::InvalidPageToken(_) = &error {
             metadata.insert("field".to_owned(), "page_token".to_owned());
         }
+        if let Error::EventsPruned { pruned_through } = &error {
+            // Machine-readable, so a watcher can resume without parsing the message.
+            let oldest_kept = pruned_through.saturating_add(1);
+            metadata.insert("oldest_kept_position".to_owned(), oldest_kept.to_string());
+            metadata.insert("after_position".to_owned(), pruned_through.to_string());
+        }
         details.set_error_info(error.reason(), ERROR_DOMAIN, metadata);
         if let Some(delay) = error.retry_after() {
             details.set_retry_info(Some(delay));
@@ -250,6 +258,22 @@ impl From<Error> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_pruned_names_the_oldest_kept_position() {
+        let status = Status::from(Error::EventsPruned { pruned_through: 40 });
+        assert_eq!(status.code(), Code::OutOfRange);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "EVENTS_PRUNED");
+        let metadata = |key: &str| info.metadata.get(key).map(String::as_str);
+        assert_eq!(metadata("oldest_kept_position"), Some("41"));
+        assert_eq!(metadata("after_position"), Some("40"));
+        assert!(
+            status.message().contains("position 41"),
+            "{}",
+            status.message()
+        );
+    }
 
     #[test]
     fn invalid_argument_names_the_field() {

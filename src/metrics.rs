@@ -57,6 +57,8 @@ pub struct Sources {
     pub store: Arc<dyn Store>,
     /// How many times the change feed established a LISTEN (PostgreSQL only).
     pub change_feed: Option<watch::Receiver<u64>>,
+    /// WatchKeyEvents' watchers.
+    pub events: crate::events::EventHub,
 }
 
 impl std::fmt::Debug for Sources {
@@ -281,6 +283,13 @@ impl prometheus_client::collector::Collector for Sources {
             "audit_lockout_events_dropped",
             "Lockout audit events dropped because the audit writer was behind",
             self.verifier.lockouts().audit_events_dropped() as f64,
+        )?;
+
+        gauge(
+            e,
+            "event_watchers",
+            "WatchKeyEvents streams open on this replica",
+            self.events.watchers() as f64,
         )?;
 
         if let Some(listening) = &self.change_feed {

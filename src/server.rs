@@ -107,6 +107,7 @@ impl App {
             change_feed: change_feed
                 .as_ref()
                 .map(|(_, status)| status.listening.clone()),
+            events: events.clone(),
         });
         Ok(Self {
             metrics,

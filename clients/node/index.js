@@ -10,6 +10,10 @@
 // the same parameters resolves to the first call's answer (the same secret included) and changes
 // nothing; the same request id with other parameters is rejected with FAILED_PRECONDITION,
 // reason IDEMPOTENCY_KEY_REUSED.
+//
+// watchKeyEvents streams key events as a KeyEventWatch: an async iterator (for await ... of) that
+// can be cancelled and, with { resume: true }, carries on by itself after a dropped connection
+// from the last position it delivered.
 
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
@@ -28,6 +32,13 @@ const UPDATABLE_FIELDS = Object.freeze([
   'enabled',
 ]);
 const DETAILS_TRAILER = 'grpc-status-details-bin';
+// The reason of a WatchKeyEvents that starts before the oldest key event still kept.
+const EVENTS_PRUNED = 'EVENTS_PRUNED';
+// A resuming watch's first pause before it watches again; it doubles up to the maximum.
+const RESUME_FIRST_DELAY_MS = 100;
+const RESUME_MAX_DELAY_MS = 5000;
+// Messages a watch buffers before it stops reading (and HTTP/2 flow control holds the server).
+const WATCH_HIGH_WATER = 16;
 const VENDORED_PROTOS = path.join(__dirname, 'protos');
 
 function protoDir() {
@@ -238,6 +249,43 @@ class KeyAuthority {
   }
 
   /**
+   * WatchKeyEvents: a workspace's key events, in position order: the stored ones after
+   * `after_position` (0: from the oldest kept), or only new ones with `from_now`, then each new
+   * one as it commits. request: { workspace_id, after_position, from_now, all_workspaces }
+   * (others than admins may leave workspace_id empty for their own; admins may set
+   * all_workspaces, with no workspace_id, to watch every workspace). options:
+   * - resume: when the call ends (the server shut down, the connection broke, the service was
+   *   briefly unavailable), watch again after the last position delivered, after a pause of
+   *   100 ms doubling up to 5 s (with jitter; the service's RetryInfo delay when it sends one),
+   *   until cancelled: nothing is missed and nothing seen twice. Errors that watching again
+   *   cannot fix are thrown either way: OUT_OF_RANGE with reason EVENTS_PRUNED (the events after
+   *   the start were pruned; the message names the oldest position still available), refused
+   *   credentials or role, a bad request. With from_now, a call that ends before delivering any
+   *   event is followed by another from_now one, skipping what committed in between: pass
+   *   after_position to be exact from the start.
+   * - signal: an AbortSignal that cancels the watch.
+   *
+   * Resolves to a KeyEventWatch once the server has started the watch (with from_now, what
+   * commits after that is delivered), or rejects with its refusal (PERMISSION_DENIED,
+   * EVENTS_PRUNED, ...). Iterate it with `for await (const event of watch)`; events are
+   * { event_id, position, type ('key.issued', 'key.rotated', ...: ignore the types you do not
+   * know), workspace_id, key_id, event_time, actor, changes, new_key_id, old_key_expire_time }.
+   * Without resume the iteration ends when the call does: cleanly when the server shuts down, or
+   * by throwing the call's error; watch again with after_position = watch.lastPosition. Stop it
+   * with watch.cancel() (the iteration then ends without an error) or by leaving the loop. The
+   * watch has no deadline (timeoutMs does not apply).
+   */
+  async watchKeyEvents(request = {}, { resume = false, signal } = {}) {
+    const watch = new KeyEventWatch(
+      (message) => this.keys.WatchKeyEvents(message, bearer(this.adminToken)),
+      request,
+      { resume, signal },
+    );
+    await watch.started;
+    return watch;
+  }
+
+  /**
    * VerifyKey: resolves to { valid, code, key, retry_after }. A refused key (code
    * 'VERIFY_CODE_REVOKED', 'VERIFY_CODE_DISABLED', ...) is an answer, not an error; a rejected
    * promise means the request was bad or the service could not decide.
@@ -259,11 +307,189 @@ class KeyAuthority {
 }
 
 /**
+ * True when watching again can succeed after this error: the service said it might
+ * (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED, or a RetryInfo), or the connection broke under the
+ * call (INTERNAL or UNKNOWN without key-authority's ErrorInfo). Never for EVENTS_PRUNED, refused
+ * credentials or a bad request.
+ */
+function isResumable(error) {
+  const details = errorDetails(error);
+  const retryable = [grpc.status.UNAVAILABLE, grpc.status.ABORTED, grpc.status.DEADLINE_EXCEEDED];
+  if (retryable.includes(details.code) || details.retryDelayMs !== null) return true;
+  const transport = [grpc.status.INTERNAL, grpc.status.UNKNOWN];
+  return transport.includes(details.code) && !details.reason;
+}
+
+// One WatchKeyEvents call's messages, collected from the moment it starts (so no event is lost
+// before it is read), with backpressure: past WATCH_HIGH_WATER buffered messages it pauses.
+class CallReader {
+  constructor(call) {
+    this.call = call;
+    this.queue = [];
+    this.ended = false;
+    this.error = null;
+    this.waiting = null;
+    call.on('data', (message) => {
+      this.queue.push(message);
+      if (this.queue.length >= WATCH_HIGH_WATER) call.pause();
+      this.wake();
+    });
+    call.on('end', () => {
+      this.ended = true;
+      this.wake();
+    });
+    call.on('error', (error) => {
+      this.error = error;
+      this.wake();
+    });
+  }
+
+  wake() {
+    const waiting = this.waiting;
+    this.waiting = null;
+    if (waiting) waiting();
+  }
+
+  /** The next message; null when the call ended cleanly; throws the call's error. */
+  async read() {
+    for (;;) {
+      if (this.queue.length > 0) {
+        const message = this.queue.shift();
+        if (this.queue.length === 0) this.call.resume();
+        return message;
+      }
+      if (this.error) throw this.error;
+      if (this.ended) return null;
+      await new Promise((resolve) => (this.waiting = resolve));
+    }
+  }
+}
+
+/**
+ * The key events of KeyAuthority#watchKeyEvents: an async iterator of events in position order.
+ * `lastPosition` is the position of the last event delivered (null before the first): store it
+ * with whatever processing the event caused, and watch again after it. cancel() stops the watch
+ * from anywhere; the iteration then ends without an error.
+ */
+class KeyEventWatch {
+  constructor(openCall, request, { resume = false, signal } = {}) {
+    this.resume = resume;
+    this.lastPosition = null;
+    this._openCall = openCall;
+    this._request = {
+      workspace_id: request.workspace_id ?? '',
+      after_position: request.after_position ?? 0,
+      from_now: request.from_now ?? false,
+      all_workspaces: request.all_workspaces ?? false,
+    };
+    this._cancelled = false;
+    this._reader = null;
+    this._wakeSleep = null;
+    // The first call starts now; `started` settles when the server started the watch (response
+    // headers) or ended the call (rejecting with a refusal that resuming would not fix).
+    const first = this._start();
+    this.started = new Promise((resolve, reject) => {
+      first.call.once('metadata', () => resolve());
+      first.call.once('status', () => resolve());
+      first.call.once('error', (error) =>
+        this.resume && isResumable(error) ? resolve() : reject(error),
+      );
+    });
+    this._events = this._run(first);
+    if (signal) {
+      if (signal.aborted) this.cancel();
+      else signal.addEventListener('abort', () => this.cancel(), { once: true });
+    }
+  }
+
+  get cancelled() {
+    return this._cancelled;
+  }
+
+  /** Stops the watch: the call in progress is cancelled and the iteration ends. */
+  cancel() {
+    this._cancelled = true;
+    if (this._reader) this._reader.call.cancel();
+    if (this._wakeSleep) this._wakeSleep();
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
+  }
+
+  next() {
+    return this._events.next();
+  }
+
+  /** Called when a for-await loop is left early: cancels the watch. */
+  return(value) {
+    this.cancel();
+    return this._events.return(value);
+  }
+
+  _start() {
+    this._reader = new CallReader(this._openCall({ ...this._request }));
+    return this._reader;
+  }
+
+  _sleep(ms) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      this._wakeSleep = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    }).finally(() => (this._wakeSleep = null));
+  }
+
+  async *_run(first) {
+    let delay = RESUME_FIRST_DELAY_MS;
+    let reader = first;
+    try {
+      while (!this._cancelled) {
+        if (!reader) reader = this._start();
+        let wait = null;
+        try {
+          for (;;) {
+            const answer = await reader.read();
+            if (answer === null) break;
+            if (!answer.event) continue;
+            this._request.after_position = answer.event.position;
+            this._request.from_now = false;
+            this.lastPosition = answer.event.position;
+            delay = RESUME_FIRST_DELAY_MS;
+            yield answer.event;
+          }
+          // The call ended cleanly: the server is shutting down.
+          if (!this.resume) return;
+        } catch (error) {
+          if (this._cancelled) return;
+          if (!this.resume || !isResumable(error)) throw error;
+          wait = errorDetails(error).retryDelayMs;
+        } finally {
+          reader.call.cancel();
+          reader = null;
+          this._reader = null;
+        }
+        if (wait === null) wait = delay / 2 + (Math.random() * delay) / 2;
+        delay = Math.min(delay * 2, RESUME_MAX_DELAY_MS);
+        if (this._cancelled) return;
+        await this._sleep(wait);
+      }
+    } finally {
+      this._cancelled = true;
+    }
+  }
+}
+
+/**
  * Decodes the google.rpc details of a failed call from its `grpc-status-details-bin` trailer:
  * { code, codeName, message, reason, domain, metadata, retryDelayMs, fieldViolations }. `reason`
  * is stable, e.g. 'KEY_NOT_FOUND', 'ETAG_MISMATCH' (ABORTED: the key changed since its etag was
- * read) or 'IDEMPOTENCY_KEY_REUSED' (FAILED_PRECONDITION: a request id sent with other
- * parameters).
+ * read), 'IDEMPOTENCY_KEY_REUSED' (FAILED_PRECONDITION: a request id sent with other
+ * parameters) or EVENTS_PRUNED (OUT_OF_RANGE: a watch starts, or fell, behind the oldest key
+ * event still kept; the message names that position: resynchronise, then watch from it or from
+ * now).
  */
 function errorDetails(error) {
   const details = {
@@ -301,4 +527,13 @@ function errorDetails(error) {
   return details;
 }
 
-module.exports = { KeyAuthority, errorDetails, ERROR_DOMAIN, UPDATABLE_FIELDS, protoDir };
+module.exports = {
+  KeyAuthority,
+  KeyEventWatch,
+  errorDetails,
+  isResumable,
+  ERROR_DOMAIN,
+  EVENTS_PRUNED,
+  UPDATABLE_FIELDS,
+  protoDir,
+};

@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let api = protox::compile(
         [
             "keyauthority/v1/audit.proto",
+            "keyauthority/v1/event.proto",
             "keyauthority/v1/key.proto",
             "keyauthority/v1/key_service.proto",
             "keyauthority/v1/verify_service.proto",

@@ -5,6 +5,7 @@
 //! outbox. A missed doorbell costs at most one poll interval.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -64,6 +65,8 @@ pub struct EventHub {
     /// Permits to read the outbox (`WatchConfig::concurrent_reads`).
     reads: Arc<Semaphore>,
     config: WatchConfig,
+    /// Watches open now.
+    watchers: Arc<AtomicUsize>,
 }
 
 impl EventHub {
@@ -95,12 +98,18 @@ impl EventHub {
             shutdown: Arc::new(shutdown),
             reads: Arc::new(Semaphore::new(config.concurrent_reads.max(1))),
             config,
+            watchers: Arc::default(),
         };
         (hub, task)
     }
 
     pub fn config(&self) -> &WatchConfig {
         &self.config
+    }
+
+    /// Watches open now, for metrics.
+    pub fn watchers(&self) -> usize {
+        self.watchers.load(Ordering::Relaxed)
     }
 
     /// Ends every watch (the server is shutting down): their streams finish cleanly.
@@ -130,16 +139,17 @@ impl EventHub {
             sender,
         };
         tokio::spawn(watcher.run());
-        Ok(EventSubscription { receiver })
+        Ok(EventSubscription {
+            receiver,
+            starts_after: after,
+        })
     }
 
     /// Refuses a start before the oldest event still kept.
     async fn ensure_kept(&self, after: i64) -> Result<()> {
         let pruned_through = self.store.events_pruned_through().await?;
         if after < pruned_through {
-            return Err(Error::EventsPruned {
-                oldest_kept: pruned_through,
-            });
+            return Err(Error::EventsPruned { pruned_through });
         }
         Ok(())
     }
@@ -149,9 +159,16 @@ impl EventHub {
 /// pruned before the watcher read them) or when the server shuts down.
 pub struct EventSubscription {
     receiver: mpsc::Receiver<Result<KeyEvent>>,
+    starts_after: i64,
 }
 
 impl EventSubscription {
+    /// The position the watch starts after (for `WatchFrom::Now`, the newest event when it
+    /// began): a client that loses the stream before its first event resumes from here.
+    pub fn starts_after(&self) -> i64 {
+        self.starts_after
+    }
+
     pub async fn next(&mut self) -> Option<Result<KeyEvent>> {
         self.receiver.recv().await
     }
@@ -184,6 +201,12 @@ struct Batch {
 
 impl Watcher {
     async fn run(mut self) {
+        self.hub.watchers.fetch_add(1, Ordering::Relaxed);
+        self.follow().await;
+        self.hub.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn follow(&mut self) {
         let mut doorbell = self.hub.doorbell.clone();
         let mut shutdown = self.hub.shutdown.subscribe();
         loop {
@@ -213,7 +236,12 @@ impl Watcher {
                 continue;
             }
             tokio::select! {
-                _ = doorbell.changed() => {}
+                rung = doorbell.changed() => {
+                    // The doorbell's feed ended (the store is closing): poll instead of spinning.
+                    if rung.is_err() {
+                        tokio::time::sleep(self.hub.config.poll_interval).await;
+                    }
+                }
                 () = tokio::time::sleep(self.hub.config.poll_interval) => {}
                 () = self.sender.closed() => return,
                 _ = shutdown.changed() => {}

@@ -12,6 +12,9 @@ use crate::keys::WatchKeyEvents;
 use crate::pb;
 use crate::timestamp;
 
+/// The response header of WatchKeyEvents that names the position the watch starts after.
+pub const STARTS_AFTER_HEADER: &str = "key-authority-starts-after";
+
 /// The stream WatchKeyEvents answers with.
 pub type WatchStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchKeyEventsResponse, Status>> + Send>>;

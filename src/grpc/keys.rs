@@ -147,7 +147,15 @@ macro_rules! key_service {
                 let caller = self.caller(&request).await?;
                 let command = request.into_inner().try_into()?;
                 let events = self.keys.watch_events(&caller, command).await?;
-                Ok(Response::new(super::events::stream(events)))
+                let starts_after = events.starts_after();
+                let mut response = Response::new(super::events::stream(events));
+                // Where the watch starts, so that one opened `from_now` can be resumed exactly
+                // even if it ends before its first event.
+                response.metadata_mut().insert(
+                    super::events::STARTS_AFTER_HEADER,
+                    starts_after.into(),
+                );
+                Ok(response)
             }
 
             $(

@@ -295,6 +295,7 @@ async fn metrics_parse_and_move(db: TestDb) {
         samples.get("key_authority_audit_lockout_events_dropped_total"),
         Some(&0.0)
     );
+    assert_eq!(samples.get("key_authority_event_watchers"), Some(&0.0));
     assert_eq!(
         samples.contains_key("key_authority_change_feed_reconnects_total"),
         db.backend == crate::common::Backend::Postgres

@@ -1,6 +1,9 @@
 """A Python client of key-authority: stubs generated from ../../proto, and a thin typed wrapper.
 
 from keyauthority_client import KeyAuthority, VerifyCode, error_details
+
+KeyAuthority.watch_key_events streams key events (KeyEvent) as a cancellable KeyEventWatch, which
+can resume by itself after a dropped connection.
 """
 
 from ._codegen import ensure_generated
@@ -11,16 +14,20 @@ ensure_generated()
 
 from ._gen.keyauthority.v1 import (  # noqa: E402
     audit_pb2,
+    event_pb2,
     key_pb2,
     key_service_pb2,
     verify_service_pb2,
 )
 from .client import (  # noqa: E402
     ERROR_DOMAIN,
+    EVENTS_PRUNED,
     UPDATABLE_FIELDS,
     ErrorDetails,
     KeyAuthority,
+    KeyEventWatch,
     error_details,
+    is_resumable,
 )
 
 Environment = key_pb2.Environment
@@ -30,9 +37,11 @@ VerifyCode = verify_service_pb2.VerifyCode
 AuditAction = audit_pb2.AuditAction
 ActorKind = audit_pb2.ActorKind
 AuditOutcome = audit_pb2.AuditOutcome
+KeyEvent = event_pb2.KeyEvent
 
 __all__ = [
     "ERROR_DOMAIN",
+    "EVENTS_PRUNED",
     "UPDATABLE_FIELDS",
     "ActorKind",
     "AuditAction",
@@ -40,11 +49,15 @@ __all__ = [
     "Environment",
     "ErrorDetails",
     "KeyAuthority",
+    "KeyEvent",
+    "KeyEventWatch",
     "KeyState",
     "Role",
     "VerifyCode",
     "audit_pb2",
     "error_details",
+    "event_pb2",
+    "is_resumable",
     "key_pb2",
     "key_service_pb2",
     "verify_service_pb2",

@@ -10,12 +10,19 @@ The mutations (issue, rotate, revoke, update, issue_trial) take a ``request_id``
 arguments returns the first call's answer (the same ``secret`` included) and changes nothing; the
 same request id with other arguments is refused with ``FAILED_PRECONDITION``, reason
 ``IDEMPOTENCY_KEY_REUSED``.
+
+:meth:`KeyAuthority.watch_key_events` streams key events (``event_pb2.KeyEvent``) as a
+:class:`KeyEventWatch`: an iterator that can be cancelled from any thread and, with
+``resume=True``, carries on by itself after a dropped connection from the last position it
+delivered.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Iterator, Mapping
+import random
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -25,6 +32,7 @@ from grpc_status import rpc_status
 
 from ._gen.keyauthority.v1 import (
     audit_pb2,
+    event_pb2,
     key_pb2,
     key_service_pb2,
     key_service_pb2_grpc,
@@ -368,6 +376,58 @@ class KeyAuthority:
             if not token:
                 return
 
+    def watch_key_events(
+        self,
+        workspace_id: str = "",
+        *,
+        after_position: int = 0,
+        from_now: bool = False,
+        all_workspaces: bool = False,
+        resume: bool = False,
+    ) -> KeyEventWatch:
+        """Watches a workspace's key events: the stored ones after ``after_position`` (0: from the
+        oldest kept), or only new ones with ``from_now``, then each new one as it commits, in
+        position order. Returns once the server has started the watch (with ``from_now``, what
+        commits after that is delivered) or refused it (the first ``next()`` raises the refusal).
+        Returns a :class:`KeyEventWatch`, an iterator of ``event_pb2.KeyEvent``
+        (``type`` such as ``"key.issued"`` or ``"key.rotated"``; ignore types you do not know).
+        Others than admins may leave ``workspace_id`` empty for their own; an admin may set
+        ``all_workspaces`` (with no ``workspace_id``) to watch every workspace.
+
+        The watch has no deadline (``timeout`` does not apply). Without ``resume`` the iteration
+        ends when the call does: cleanly when the server shuts down, or with the call's
+        ``grpc.RpcError``; watch again with ``after_position`` set to the last position you
+        processed (:attr:`KeyEventWatch.last_position`) to miss nothing and see nothing twice.
+        With ``resume=True`` the watch does that itself, for as long as it is iterated: after the
+        server shut down, the connection broke or the service was briefly unavailable, it waits
+        (100 ms doubling up to 5 s, with jitter, or the service's RetryInfo delay) and watches
+        again after the last position it delivered. Errors that watching again cannot fix are
+        raised either way: ``OUT_OF_RANGE`` with reason ``EVENTS_PRUNED`` (the events after the
+        start were pruned; the message names the oldest position still available), refused
+        credentials or role, a bad request. With ``from_now`` and ``resume``, a call that ends
+        before delivering any event is followed by another ``from_now`` one, skipping what
+        committed in between: pass ``after_position`` to be exact from the start.
+
+        Stop it with :meth:`KeyEventWatch.cancel` (from any thread: the iteration then ends
+        without an error), or use it as a context manager::
+
+            with client.watch_key_events("acme", after_position=saved, resume=True) as events:
+                for event in events:
+                    handle(event)
+                    saved = event.position
+        """
+        request = key_service_pb2.WatchKeyEventsRequest(
+            workspace_id=workspace_id,
+            after_position=after_position,
+            from_now=from_now,
+            all_workspaces=all_workspaces,
+        )
+
+        def open_call(request: key_service_pb2.WatchKeyEventsRequest) -> grpc.Call:
+            return self._keys.WatchKeyEvents(request, metadata=self._key_auth)
+
+        return KeyEventWatch(open_call, request, resume=resume)
+
     # VerifyService ------------------------------------------------------------------------------
 
     def verify_key(
@@ -389,8 +449,144 @@ class KeyAuthority:
         return self._verify.VerifyKey(request, metadata=self._verify_auth, timeout=self.timeout)
 
 
+#: The first pause before a resuming watch watches again; it doubles up to RESUME_MAX_DELAY.
+RESUME_FIRST_DELAY = 0.1
+RESUME_MAX_DELAY = 5.0
+_RETRYABLE_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
+
+
+def is_resumable(error: grpc.RpcError) -> bool:
+    """True when watching again can succeed after this error: the service said it might
+    (``UNAVAILABLE``, ``ABORTED``, ``DEADLINE_EXCEEDED``, or a RetryInfo), or the connection broke
+    under the call (``INTERNAL`` or ``UNKNOWN`` without key-authority's ErrorInfo). Never for
+    ``EVENTS_PRUNED``, refused credentials or a bad request."""
+    details = error_details(error)
+    if details.code in _RETRYABLE_CODES or details.retry_delay is not None:
+        return True
+    transport = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+    return details.code in transport and not details.reason
+
+
+class KeyEventWatch(Iterator[event_pb2.KeyEvent]):
+    """The key events of :meth:`KeyAuthority.watch_key_events`, in position order.
+
+    Iterate it once, in one thread; :meth:`cancel` may be called from any thread and ends the
+    iteration (without an error). :attr:`last_position` is the position of the last event
+    delivered: store it with whatever processing the event caused, and watch again after it.
+    """
+
+    def __init__(
+        self,
+        open_call: Callable[[key_service_pb2.WatchKeyEventsRequest], grpc.Call],
+        request: key_service_pb2.WatchKeyEventsRequest,
+        *,
+        resume: bool = False,
+    ) -> None:
+        self._open_call = open_call
+        self._request = request
+        self._resume = resume
+        self._cancelled = threading.Event()
+        self._lock = threading.Lock()
+        self._call: grpc.Call | None = None
+        #: The position of the last event delivered; None before the first.
+        self.last_position: int | None = None
+        # Open the first call now and wait for the server to start the watch (its response
+        # headers; a refusal's status is raised by the first next()): a from_now watch then
+        # delivers whatever commits after this returns.
+        first = self._start()
+        if first is not None:
+            first.initial_metadata()  # type: ignore[attr-defined]
+        self._events = self._run(first)
+
+    def __iter__(self) -> KeyEventWatch:
+        return self
+
+    def __next__(self) -> event_pb2.KeyEvent:
+        event = next(self._events)
+        self.last_position = event.position
+        return event
+
+    def __enter__(self) -> KeyEventWatch:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Stops the watch: the call in progress is cancelled and the iteration ends. Safe from
+        any thread, and more than once."""
+        self._cancelled.set()
+        with self._lock:
+            call = self._call
+        if call is not None:
+            call.cancel()
+
+    def _start(self) -> grpc.Call | None:
+        call = self._open_call(self._request)
+        with self._lock:
+            self._call = call
+        if self._cancelled.is_set():  # cancelled while the call was being opened
+            call.cancel()
+            return None
+        return call
+
+    def _run(self, first: grpc.Call | None) -> Iterator[event_pb2.KeyEvent]:
+        delay = RESUME_FIRST_DELAY
+        call = first
+        try:
+            while not self._cancelled.is_set():
+                if call is None:
+                    call = self._start()
+                    if call is None:
+                        return
+                wait: float | None = None
+                try:
+                    for answer in call:  # type: ignore[attr-defined]
+                        if not answer.HasField("event"):
+                            continue
+                        self._request.after_position = answer.event.position
+                        self._request.from_now = False
+                        delay = RESUME_FIRST_DELAY
+                        yield answer.event
+                    # The call ended cleanly: the server is shutting down.
+                    if not self._resume:
+                        return
+                except grpc.RpcError as error:
+                    if self._cancelled.is_set():
+                        return
+                    if not self._resume or not is_resumable(error):
+                        raise
+                    retry_delay = error_details(error).retry_delay
+                    if retry_delay is not None:
+                        wait = retry_delay.total_seconds()
+                finally:
+                    call.cancel()
+                    call = None
+                    with self._lock:
+                        self._call = None
+                if wait is None:
+                    wait = delay / 2 + random.uniform(0, delay / 2)
+                delay = min(delay * 2, RESUME_MAX_DELAY)
+                if self._cancelled.wait(wait):
+                    return
+        finally:
+            self._cancelled.set()
+
+
 def _bearer(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+#: The ErrorInfo reason of a watch that starts before the oldest key event still kept.
+EVENTS_PRUNED = "EVENTS_PRUNED"
 
 
 @dataclass(frozen=True)
@@ -400,8 +596,10 @@ class ErrorDetails:
     code: grpc.StatusCode
     message: str
     #: ErrorInfo.reason: a stable code such as ``INVALID_ARGUMENT``, ``KEY_NOT_FOUND``,
-    #: ``ETAG_MISMATCH`` (ABORTED: the key changed since its etag was read) or
-    #: ``IDEMPOTENCY_KEY_REUSED`` (FAILED_PRECONDITION: a request id sent with other arguments).
+    #: ``ETAG_MISMATCH`` (ABORTED: the key changed since its etag was read),
+    #: ``IDEMPOTENCY_KEY_REUSED`` (FAILED_PRECONDITION: a request id sent with other arguments) or
+    #: ``EVENTS_PRUNED`` (OUT_OF_RANGE: a watch starts, or fell, behind the oldest key event still
+    #: kept; the message names that position: resynchronise, then watch from it or from now).
     reason: str = ""
     #: ErrorInfo.domain: ``keyauthority.v1``.
     domain: str = ""

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +123,36 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
     return process.returncode
 
 
+def _launch(
+    binary: Path,
+    target: str,
+    database: Path,
+    log: Path,
+    admin_token: str,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    env = _server_env(admin_token)
+    env.update(extra_env or {})
+    with log.open("ab") as sink:
+        return subprocess.Popen(
+            [
+                str(binary),
+                "serve",
+                "--listen",
+                target,
+                "--database-url",
+                f"sqlite://{database}",
+                "--shutdown-grace",
+                "5s",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     binary = _binary()
@@ -133,24 +163,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         port = _free_port()
         target = f"127.0.0.1:{port}"
         log = folder / f"server-{attempt}.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen(
-                [
-                    str(binary),
-                    "serve",
-                    "--listen",
-                    target,
-                    "--database-url",
-                    f"sqlite://{folder / f'keys-{attempt}.db'}",
-                    "--shutdown-grace",
-                    "5s",
-                ],
-                env=_server_env(admin_token),
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
+        process = _launch(binary, target, folder / f"keys-{attempt}.db", log, admin_token)
         try:
             _wait_serving(process, target, log)
             break
@@ -164,6 +177,67 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     finally:
         code = _stop(process)
     assert code == 0, f"key-authority exited with {code} on SIGTERM:\n{running.log_text()}"
+
+
+class DedicatedServer:
+    """A key-authority of one test's own, which the test may stop and start again on the same
+    address and database (as a restarted replica)."""
+
+    def __init__(self, folder: Path, extra_env: dict[str, str]) -> None:
+        self.binary = _binary()
+        self.folder = folder
+        self.extra_env = extra_env
+        self.admin_token = "kaadmin_pytest_" + secrets.token_hex(16)
+        self.target = f"127.0.0.1:{_free_port()}"
+        self.database = folder / "keys.db"
+        self.log = folder / "server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert self.process is None, "already running"
+        process = _launch(
+            self.binary, self.target, self.database, self.log, self.admin_token, self.extra_env
+        )
+        try:
+            _wait_serving(process, self.target, self.log)
+        except RuntimeError:
+            _stop(process)
+            raise
+        self.process = process
+
+    def stop(self) -> None:
+        """Graceful shutdown (SIGTERM); a clean exit is asserted."""
+        if self.process is None:
+            return
+        code = _stop(self.process)
+        self.process = None
+        assert code == 0, f"key-authority exited with {code} on SIGTERM:\n{self.log_text()}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def client(self, token: str | None = None) -> KeyAuthority:
+        return KeyAuthority(self.target, admin_token=token or self.admin_token)
+
+
+@pytest.fixture
+def dedicated_server(tmp_path: Path) -> Iterator[Callable[..., DedicatedServer]]:
+    """Starts servers of this test's own, with extra environment (KEY_AUTHORITY_...)."""
+    started: list[DedicatedServer] = []
+
+    def start(**extra_env: str) -> DedicatedServer:
+        folder = tmp_path / f"server-{len(started)}"
+        folder.mkdir()
+        running = DedicatedServer(folder, extra_env)
+        started.append(running)
+        running.start()
+        return running
+
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ use crate::Error;
 use crate::pb;
 use crate::pb::key_service_client::KeyServiceClient;
 use crate::pb::verify_service_client::VerifyServiceClient;
+use crate::watch::{self, KeyEventStream};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -251,6 +252,66 @@ impl KeyAuthorityClient {
             .await
     }
 
+    /// Watches a workspace's key events: the stored ones after `after_position` (0: from the
+    /// oldest kept), or only new ones with `from_now`, then each new one as it commits, in
+    /// position order. Resolves once the service accepted the watch (refusals such as
+    /// `PERMISSION_DENIED` or [`EVENTS_PRUNED`](Error::is_events_pruned) come here); then the
+    /// [`KeyEventStream`] yields `Result<pb::KeyEvent, Error>`. An admin names the workspace, or
+    /// sets `all_workspaces` (admins only) with an empty `workspace_id`.
+    ///
+    /// The stream ends when the call does: with an `Err` (the connection broke, ...) or cleanly
+    /// (the server is shutting down). Watch again with `after_position` set to the last position
+    /// you processed ([`KeyEventStream::last_position`]) to miss nothing and see nothing twice,
+    /// or let [`watch_key_events_resuming`](Self::watch_key_events_resuming) do it. Drop the
+    /// stream to cancel the watch. [`with_timeout`](Self::with_timeout) bounds the wait for the
+    /// service to accept the watch, not the watch itself.
+    ///
+    /// ```no_run
+    /// # async fn example(client: key_authority_client::KeyAuthorityClient)
+    /// # -> Result<(), key_authority_client::Error> {
+    /// use key_authority_client::pb;
+    /// use tokio_stream::StreamExt as _;
+    ///
+    /// let mut events = client
+    ///     .watch_key_events(pb::WatchKeyEventsRequest {
+    ///         workspace_id: "acme".into(),
+    ///         after_position: 0, // or the last position this consumer processed
+    ///         ..Default::default()
+    ///     })
+    ///     .await?;
+    /// while let Some(event) = events.next().await {
+    ///     let event = event?;
+    ///     match event.r#type.as_str() {
+    ///         "key.rotated" => println!("{} -> {}", event.key_id, event.new_key_id),
+    ///         other => println!("{other} {}", event.key_id), // ignore types you do not know
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn watch_key_events(
+        &self,
+        request: pb::WatchKeyEventsRequest,
+    ) -> Result<KeyEventStream, Error> {
+        Ok(watch::plain(self.open_watch(request).await?))
+    }
+
+    /// Like [`watch_key_events`](Self::watch_key_events), but the stream outlives its calls:
+    /// when a call ends (the server shut down, the connection broke, the service was briefly
+    /// unavailable) it watches again after the last position it delivered, after a pause that
+    /// starts at 100 ms and doubles up to 5 s (with jitter; the service's `RetryInfo` delay when
+    /// it sends one), for as long as the stream is kept. So it misses nothing and delivers
+    /// nothing twice, across restarts and replicas.
+    ///
+    /// Errors that watching again cannot fix (refused credentials or role, a bad request,
+    /// [`EVENTS_PRUNED`](Error::is_events_pruned)) are yielded once, and the stream ends. It
+    /// connects on the first poll. With `from_now`, a call that ends before delivering any event
+    /// is followed by another `from_now` one, which skips what committed in between: to be exact
+    /// from the start, pass an `after_position` instead. Drop the stream to stop.
+    pub fn watch_key_events_resuming(&self, request: pb::WatchKeyEventsRequest) -> KeyEventStream {
+        watch::resuming(self.clone(), request)
+    }
+
     /// Verifies a key. A refused key is an `Ok` answer with `valid == false` and a
     /// [`code`](pb::VerifyKeyResponse::code) saying why (`REVOKED`, `DISABLED`, ...); an `Err`
     /// means the request was bad or the service could not decide (`UNAVAILABLE`): never treat
@@ -272,15 +333,38 @@ impl KeyAuthorityClient {
         self.finish(client.verify_key(request)).await
     }
 
+    /// Opens one WatchKeyEvents call; the timeout bounds the wait for the service to accept it
+    /// (its response headers), never the stream.
+    pub(crate) async fn open_watch(
+        &self,
+        request: pb::WatchKeyEventsRequest,
+    ) -> Result<tonic::Streaming<pb::WatchKeyEventsResponse>, Error> {
+        let mut client = self.keys.clone();
+        let call = client.watch_key_events(self.authorized(request));
+        let answer = match self.timeout {
+            Some(timeout) => tokio::time::timeout(timeout, call)
+                .await
+                .map_err(|_| Error::timeout(timeout))?,
+            None => call.await,
+        };
+        answer.map(tonic::Response::into_inner).map_err(Error::from)
+    }
+
     fn key_request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = self.authorized(message);
+        if let Some(timeout) = self.timeout {
+            request.set_timeout(timeout);
+        }
+        request
+    }
+
+    /// A KeyService request with the bearer token, and no deadline.
+    fn authorized<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         if let Some(token) = &self.bearer {
             request
                 .metadata_mut()
                 .insert("authorization", token.clone());
-        }
-        if let Some(timeout) = self.timeout {
-            request.set_timeout(timeout);
         }
         request
     }

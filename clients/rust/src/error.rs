@@ -24,6 +24,12 @@ use tonic_types::{ErrorInfo, StatusExt as _};
 /// [`IDEMPOTENCY_KEY_REUSED`](Self::IDEMPOTENCY_KEY_REUSED) (a `request_id` sent again with other
 /// parameters; [`is_idempotency_key_reused`](Self::is_idempotency_key_reused)). Neither is
 /// [retryable](Self::is_retryable) as it stands.
+///
+/// A watch of key events that starts before the oldest event still kept is [`Code::OutOfRange`]
+/// with the reason [`EVENTS_PRUNED`](Self::EVENTS_PRUNED)
+/// ([`is_events_pruned`](Self::is_events_pruned)); its [`message`](Self::message) names the oldest
+/// position still available. Watching again from the same position fails again: resynchronise
+/// (read the keys with ListKeys), then watch `from_now` or after that position.
 #[derive(Clone)]
 pub struct Error(Box<Inner>);
 
@@ -40,6 +46,9 @@ impl Error {
     /// The reason of a call whose `request_id` was used before with other parameters
     /// (`FAILED_PRECONDITION`).
     pub const IDEMPOTENCY_KEY_REUSED: &'static str = "IDEMPOTENCY_KEY_REUSED";
+    /// The reason of a WatchKeyEvents that starts before the oldest event still kept
+    /// (`OUT_OF_RANGE`): the events it asks for were pruned.
+    pub const EVENTS_PRUNED: &'static str = "EVENTS_PRUNED";
 
     /// The gRPC status code.
     pub fn code(&self) -> Code {
@@ -94,6 +103,13 @@ impl Error {
     pub fn is_idempotency_key_reused(&self) -> bool {
         self.code() == Code::FailedPrecondition
             && self.reason() == Some(Self::IDEMPOTENCY_KEY_REUSED)
+    }
+
+    /// True for a WatchKeyEvents that starts (or, reading too slowly, fell) behind the oldest
+    /// event still kept (`OUT_OF_RANGE`, reason `EVENTS_PRUNED`): the events in between are gone,
+    /// so resynchronise, then watch from now or from the oldest position the message names.
+    pub fn is_events_pruned(&self) -> bool {
+        self.code() == Code::OutOfRange && self.reason() == Some(Self::EVENTS_PRUNED)
     }
 
     /// The underlying status, with its metadata and raw details.
@@ -237,6 +253,24 @@ mod tests {
         assert!(!error.is_etag_mismatch());
         assert!(!error.is_retryable());
         assert_eq!(error.reason(), Some(Error::IDEMPOTENCY_KEY_REUSED));
+    }
+
+    #[test]
+    fn pruned_events_are_recognised_and_final() {
+        let details = ErrorDetails::with_error_info(
+            "EVENTS_PRUNED",
+            "keyauthority.v1",
+            std::collections::HashMap::new(),
+        );
+        let error = Error::from(Status::with_error_details(
+            Code::OutOfRange,
+            "events up to position 7 were pruned",
+            details,
+        ));
+        assert!(error.is_events_pruned());
+        assert!(!error.is_retryable());
+        assert_eq!(error.reason(), Some(Error::EVENTS_PRUNED));
+        assert!(!Error::from(Status::out_of_range("too large")).is_events_pruned());
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //!
 //! - [`pb`]: the generated messages and raw tonic stubs of `keyauthority.v1`.
 //! - [`KeyAuthorityClient`]: `connect`, `with_bearer_token`, one method per RPC.
+//! - [`KeyEventStream`]: WatchKeyEvents as a typed `Stream` of [`pb::KeyEvent`], plain or
+//!   resuming by itself after a dropped connection.
 //! - [`Error`]: the gRPC code, the `ErrorInfo` reason and the `RetryInfo` delay of a refusal.
 //! - [`VerifyKeyLayer`]: verifies `authorization: Bearer <key>` with `VerifyKey` before the
 //!   inner service runs, and hands it a [`VerifiedKey`].
@@ -14,12 +16,14 @@
 mod client;
 mod error;
 mod layer;
+mod watch;
 
 pub use client::KeyAuthorityClient;
 pub use error::Error;
 pub use layer::{ERROR_DOMAIN, MAX_CACHE_TTL, VerifiedKey, VerifyKeyLayer, VerifyKeyService};
 /// The decoded `google.rpc` detail types that [`Error`] exposes.
 pub use tonic_types::{ErrorInfo, RetryInfo};
+pub use watch::KeyEventStream;
 
 /// Generated protobuf messages and tonic client stubs of `keyauthority.v1` (no server code).
 pub mod pb {

@@ -39,8 +39,27 @@ impl KeyAuthority {
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
+        Self::start_in(dir, SocketAddr::from(([127, 0, 0, 1], 0)), adjust).await
+    }
+
+    /// Stops the server gracefully and starts it again on the same address and database, so
+    /// clients reconnect to it as to a restarted (or another) replica.
+    pub async fn restart(self) -> Self {
+        let Self {
+            server, _dir: dir, ..
+        } = self;
+        let address = server.local_addr;
+        server.shutdown().await.expect("clean shutdown");
+        Self::start_in(dir, address, |_| {}).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        listen: SocketAddr,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config::with_database(format!("sqlite://{}/db", dir.path().display()));
-        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.listen = listen;
         config.auth.admin_tokens = vec![ADMIN_TOKEN.to_owned()];
         // Cheap argon2: these tests are about the client, not the hash.
         config.hash_params = HashParams {

@@ -1,8 +1,10 @@
 //! End-to-end tests of the client crate against the real key-authority server, started in this
 //! process on a fresh SQLite database: the typed client, its error details, request ids, UpdateKey
-//! and the audit trail, and VerifyKeyLayer protecting a small gRPC service (and a plain HTTP one).
+//! and the audit trail, WatchKeyEvents (plain, and resuming across a restart), and VerifyKeyLayer
+//! protecting a small gRPC service (and a plain HTTP one).
 
 mod client;
 mod harness;
 mod layer;
 mod update;
+mod watch;
