@@ -235,13 +235,15 @@ impl Watcher {
             if batch.full {
                 continue;
             }
-            tokio::select! {
-                rung = doorbell.changed() => {
-                    // The doorbell's feed ended (the store is closing): poll instead of spinning.
-                    if rung.is_err() {
-                        tokio::time::sleep(self.hub.config.poll_interval).await;
-                    }
+            let rung = async {
+                // The doorbell stopped (its feed ended, or the server is shutting down): poll
+                // instead of spinning, and still end at once on shutdown.
+                if doorbell.changed().await.is_err() {
+                    std::future::pending::<()>().await;
                 }
+            };
+            tokio::select! {
+                () = rung => {}
                 () = tokio::time::sleep(self.hub.config.poll_interval) => {}
                 () = self.sender.closed() => return,
                 _ = shutdown.changed() => {}

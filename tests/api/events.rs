@@ -583,8 +583,22 @@ async fn a_watch_replays_the_stored_events_then_follows(db: TestDb) {
     let three = marker(&mut app, "acme").await;
     assert_eq!(next(&mut from_start).await.key_id, three);
 
-    // From now: only what commits after the watch starts.
-    let mut from_now = watch(&mut app.keys, acme_from_now()).await;
+    // From now: only what commits after the watch starts, which it names.
+    let response = app.keys.watch_key_events(acme_from_now()).await.unwrap();
+    let starts_after = response.metadata().get("key-authority-starts-after");
+    assert_eq!(
+        starts_after.and_then(|value| value.to_str().ok()),
+        Some(
+            stored_events(&db)
+                .await
+                .last()
+                .unwrap()
+                .0
+                .to_string()
+                .as_str()
+        )
+    );
+    let mut from_now = response.into_inner();
     let four = marker(&mut app, "acme").await;
     let first_new = next(&mut from_now).await;
     assert_eq!(
@@ -894,9 +908,23 @@ async fn pruned_events_are_out_of_range(db: TestDb) {
     assert_eq!(status.code(), Code::OutOfRange);
     assert_eq!(reason(&status), "EVENTS_PRUNED");
     assert!(
-        status.message().contains(&format!("position {pruned}")),
-        "names where to resume: {}",
+        status
+            .message()
+            .contains(&format!("position {}", pruned + 1)),
+        "names the oldest position kept: {}",
         status.message()
+    );
+    let info = {
+        use tonic_types::StatusExt as _;
+        status.get_details_error_info().expect("ErrorInfo")
+    };
+    assert_eq!(
+        info.metadata.get("oldest_kept_position"),
+        Some(&(pruned + 1).to_string())
+    );
+    assert_eq!(
+        info.metadata.get("after_position"),
+        Some(&pruned.to_string())
     );
     // From there on, and from now, watches work; the watchers that kept up go on.
     let mut resumed = watch(&mut app.keys, acme_after(pruned)).await;
