@@ -966,7 +966,41 @@ async fn shutdown_ends_open_watches(db: TestDb) {
     assert!(matches!(end, Ok(None)), "the stream ended cleanly: {end:?}");
 }
 
+/// The position a watch starts after is in a response header: a watch opened `from_now` that ends
+/// before its first event resumes from there and misses nothing.
+async fn a_watch_names_where_it_starts(db: TestDb) {
+    let mut app = TestApp::spawn(&db).await;
+    marker(&mut app, "acme").await;
+    let starts_after = |response: &tonic::Response<Events>| -> i64 {
+        response
+            .metadata()
+            .get("key-authority-starts-after")
+            .expect("the header")
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let stored = stored_events(&db).await.len() as i64;
+    let from_now = app.keys.watch_key_events(acme_from_now()).await.unwrap();
+    let resume_after = starts_after(&from_now);
+    assert!(resume_after >= stored, "after every stored event");
+    drop(from_now);
+    // Committed while nobody watched: a resume from the header's position gets it.
+    let missed = marker(&mut app, "acme").await;
+    let resumed = app
+        .keys
+        .watch_key_events(acme_after(resume_after))
+        .await
+        .unwrap();
+    assert_eq!(starts_after(&resumed), resume_after);
+    let mut events = resumed.into_inner();
+    assert_eq!(next(&mut events).await.key_id, missed);
+    app.stop().await;
+}
+
 on_both_databases!(
+    a_watch_names_where_it_starts,
     each_mutation_announces_its_event,
     a_lockout_is_announced_behind,
     each_expiry_is_announced_once,
