@@ -185,18 +185,16 @@ pub async fn prune(store: &dyn Store, config: &WatchConfig) -> Result<u64> {
     }
 }
 
-/// Announces every key whose expiry passed and was not announced yet, in batches; returns how
-/// many `key.expired` events were written.
+/// Announces every key whose expiry passed and was not announced yet, in batches, until none is
+/// left; returns how many `key.expired` events were written.
 pub async fn announce_expired(store: &dyn Store) -> Result<u64> {
     let mut announced = 0;
     loop {
-        let written = store
+        let sweep = store
             .announce_expired_keys(now_micros(), EXPIRY_BATCH)
             .await?;
-        announced += written;
-        // Fewer (a key revoked before its end is marked, not announced) may still leave more:
-        // the next sweep takes them.
-        if written < u64::from(EXPIRY_BATCH) {
+        announced += sweep.announced;
+        if sweep.marked < u64::from(EXPIRY_BATCH) {
             return Ok(announced);
         }
     }

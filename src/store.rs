@@ -89,6 +89,15 @@ pub struct UsageDelta {
     pub last_used_time: UnixMicros,
 }
 
+/// One batch of the expiry sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExpirySweep {
+    /// Keys whose end was taken care of (announced, or silently for a key revoked before it).
+    pub marked: u64,
+    /// `key.expired` events written.
+    pub announced: u64,
+}
+
 /// Connections of the database pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStats {
@@ -244,9 +253,9 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_key_events_before(&self, before: UnixMicros, limit: u32) -> Result<u64>;
 
     /// Announces, once per key, up to `limit` keys whose expiry passed by `now` (`key.expired`,
-    /// at the key's expire time; none for a key revoked before it ended); returns how many
-    /// events it wrote.
-    async fn announce_expired_keys(&self, now: UnixMicros, limit: u32) -> Result<u64>;
+    /// at the key's expire time; none for a key revoked before it ended): how many keys it took
+    /// and how many events it wrote.
+    async fn announce_expired_keys(&self, now: UnixMicros, limit: u32) -> Result<ExpirySweep>;
 
     /// Adds a batch of usage to the keys' counters in one transaction.
     async fn record_usage(&self, deltas: &[UsageDelta]) -> Result<()>;

@@ -609,7 +609,7 @@ macro_rules! impl_sql_store {
                 &self,
                 now: $crate::timestamp::UnixMicros,
                 limit: u32,
-            ) -> $crate::error::Result<u64> {
+            ) -> $crate::error::Result<$crate::store::ExpirySweep> {
                 let mut tx = begin_mutation(&self.pool).await?;
                 let mut ended: Vec<(String, String, i64, Option<i64>)> =
                     sqlx::query_as($crate::store::sql::MARK_EXPIRIES_ANNOUNCED)
@@ -619,6 +619,7 @@ macro_rules! impl_sql_store {
                         .await?;
                 // Announced in the order the keys ended.
                 ended.sort_by(|a, b| (a.2, &a.0).cmp(&(b.2, &b.0)));
+                let marked = ended.len() as u64;
                 let mut announced = 0;
                 for (key_id, workspace_id, expire_time, revoke_time) in ended {
                     // A key revoked before its end never expired: it is marked, not announced.
@@ -630,7 +631,7 @@ macro_rules! impl_sql_store {
                 }
                 tx.commit().await?;
                 self.events_committed();
-                Ok(announced)
+                Ok($crate::store::ExpirySweep { marked, announced })
             }
 
             #[tracing::instrument(name = "store.record_usage", skip_all, fields(keys = deltas.len()))]

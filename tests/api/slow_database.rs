@@ -18,8 +18,8 @@ use key_authority::key::{
 use key_authority::keys::page_token::PageTokenCodec;
 use key_authority::keys::{Actor, Expiration, KeyManager, KeySpec, TrialConfig};
 use key_authority::store::{
-    self, Changes, DoneRequest, ListQuery, Mutation, PoolStats, Revocation, Rotation, Store,
-    StoreKind, UsageDelta,
+    self, Changes, DoneRequest, ExpirySweep, ListQuery, Mutation, PoolStats, Revocation, Rotation,
+    Store, StoreKind, UsageDelta,
 };
 use key_authority::timestamp::{UnixMicros, now_micros};
 use key_authority::verify::{UsageRecorder, Verdict, Verifier, VerifyConfig, VerifyRequest};
@@ -158,7 +158,7 @@ impl Store for SlowReadStore {
         self.inner.delete_key_events_before(before, limit).await
     }
 
-    async fn announce_expired_keys(&self, now: UnixMicros, limit: u32) -> Result<u64> {
+    async fn announce_expired_keys(&self, now: UnixMicros, limit: u32) -> Result<ExpirySweep> {
         self.inner.announce_expired_keys(now, limit).await
     }
 

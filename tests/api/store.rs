@@ -15,7 +15,7 @@ use key_authority::key::{
     WorkspaceId,
 };
 use key_authority::store::{
-    self, Change, ListQuery, Mutation, RequestClaim, Store, StoreKind, UsageDelta,
+    self, Change, ExpirySweep, ListQuery, Mutation, RequestClaim, Store, StoreKind, UsageDelta,
 };
 use key_authority::timestamp::UnixMicros;
 use tokio_stream::StreamExt as _;
@@ -1196,18 +1196,38 @@ async fn expiries_are_announced_once(db: TestDb) {
     }
 
     // One at a time, earliest first; the key revoked before its end takes its turn, silently.
-    assert_eq!(store.announce_expired_keys(NOW, 1).await.unwrap(), 1);
-    assert_eq!(store.announce_expired_keys(NOW, 1).await.unwrap(), 0);
-    assert_eq!(store.announce_expired_keys(NOW, 1).await.unwrap(), 1);
-    assert_eq!(store.announce_expired_keys(NOW, 10).await.unwrap(), 0);
+    let sweep = |marked, announced| ExpirySweep { marked, announced };
+    assert_eq!(
+        store.announce_expired_keys(NOW, 1).await.unwrap(),
+        sweep(1, 1)
+    );
+    assert_eq!(
+        store.announce_expired_keys(NOW, 1).await.unwrap(),
+        sweep(1, 0)
+    );
+    assert_eq!(
+        store.announce_expired_keys(NOW, 1).await.unwrap(),
+        sweep(1, 1)
+    );
+    assert_eq!(
+        store.announce_expired_keys(NOW, 10).await.unwrap(),
+        sweep(0, 0)
+    );
     // Both replicas sweep when the last one has ended.
     let at = NOW + 61 * SECOND;
     let (one, two) = tokio::join!(
         store.announce_expired_keys(at, 10),
         replica.announce_expired_keys(at, 10)
     );
-    assert_eq!(one.unwrap() + two.unwrap(), 1, "once, by either replica");
-    assert_eq!(store.announce_expired_keys(at, 10).await.unwrap(), 0);
+    assert_eq!(
+        one.unwrap().announced + two.unwrap().announced,
+        1,
+        "once, by either replica"
+    );
+    assert_eq!(
+        store.announce_expired_keys(at, 10).await.unwrap(),
+        sweep(0, 0)
+    );
 
     let expired: Vec<KeyEvent> = all_key_events(&*store, None, 0)
         .await
