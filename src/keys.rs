@@ -685,7 +685,14 @@ impl KeyManager {
             caller.authorize(Action::Read)?;
             Some(workspace_id.as_str().to_owned())
         };
-        events.subscribe(workspace_id, command.from).await
+        // A watch outlives the call that opened it: an API key's ends when the key does.
+        let credential = match caller {
+            Caller::ApiKey { key_id, .. } => Some(key_id.clone()),
+            Caller::Admin | Caller::User { .. } => None,
+        };
+        events
+            .subscribe(workspace_id, command.from, credential)
+            .await
     }
 
     /// ListAuditEvents: a page of the caller's workspace's audit events, newest first.

@@ -119,13 +119,19 @@ impl EventHub {
 
     /// A watch of `workspace_id`'s events (every workspace's with `None`) from `from`.
     /// `EventsPruned` if events after the starting position were pruned already.
+    ///
+    /// `credential`, the key id of an API key that opened the watch: the watch ends (with
+    /// UNAUTHENTICATED) as soon as an event revokes, disables or expires that key, as every
+    /// other call of a revoked key is refused at once.
     pub async fn subscribe(
         &self,
         workspace_id: Option<String>,
         from: WatchFrom,
+        credential: Option<String>,
     ) -> Result<EventSubscription> {
+        let latest = self.store.latest_event_position().await?;
         let after = match from {
-            WatchFrom::Now => self.store.latest_event_position().await?,
+            WatchFrom::Now => latest,
             WatchFrom::After(position) => {
                 self.ensure_kept(position).await?;
                 position
@@ -137,6 +143,8 @@ impl EventHub {
             workspace_id,
             after,
             sender,
+            // Only what happens from now on can end it: the key was valid when it opened.
+            credential: credential.map(|key_id| (key_id, latest)),
         };
         tokio::spawn(watcher.run());
         Ok(EventSubscription {
@@ -187,6 +195,8 @@ struct Watcher {
     /// read past (other workspaces' events are gaps in its positions, not missed events).
     after: i64,
     sender: mpsc::Sender<Result<KeyEvent>>,
+    /// The API key that opened the watch, and the newest position when it did.
+    credential: Option<(String, i64)>,
 }
 
 /// What one read of the outbox found.
@@ -224,9 +234,17 @@ impl Watcher {
             };
             for event in batch.events {
                 self.after = event.position;
+                let ends_credential = self.ends_credential(&event);
                 tokio::select! {
                     sent = self.sender.send(Ok(event)) => if sent.is_err() { return },
                     _ = shutdown.changed() => return,
+                }
+                if ends_credential {
+                    let refusal = Error::InvalidCredentials(
+                        "the API key that opened this watch was revoked, disabled or expired",
+                    );
+                    let _ = self.sender.send(Err(refusal)).await;
+                    return;
                 }
             }
             if let Some(read_through) = batch.read_through {
@@ -249,6 +267,16 @@ impl Watcher {
                 _ = shutdown.changed() => {}
             }
         }
+    }
+
+    /// Whether `event`, committed after the watch opened, ends the API key that opened it.
+    fn ends_credential(&self, event: &KeyEvent) -> bool {
+        const ENDINGS: [&str; 3] = ["key.revoked", "key.disabled", "key.expired"];
+        self.credential.as_ref().is_some_and(|(key_id, opened_at)| {
+            event.position > *opened_at
+                && event.key_id == *key_id
+                && ENDINGS.contains(&event.event_type.as_str())
+        })
     }
 
     /// The next events; `EventsPruned` when the pruning overtook this watcher.

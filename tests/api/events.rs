@@ -999,7 +999,59 @@ async fn a_watch_names_where_it_starts(db: TestDb) {
     app.stop().await;
 }
 
+/// A watch opened by an API key ends when that key is revoked or disabled, as every other call
+/// of the key would be refused at once; events about other keys do not end it.
+async fn a_watch_ends_with_the_api_key_that_opened_it(db: TestDb) {
+    let mut app = TestApp::spawn(&db).await;
+    for ending in ["revoke", "disable"] {
+        let watcher = app
+            .issue_with(pb::IssueKeyRequest {
+                workspace_id: "acme".into(),
+                name: format!("watcher until {ending}"),
+                role: pb::Role::Viewer as i32,
+                ..Default::default()
+            })
+            .await;
+        let watcher_id = key_of(&watcher).key_id.clone();
+        let mut events = watch(
+            &mut keys_as(&app.channel, Some(&watcher.secret)),
+            pb::WatchKeyEventsRequest {
+                from_now: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        let other = marker(&mut app, "acme").await;
+        assert_eq!(next(&mut events).await.key_id, other);
+        if ending == "revoke" {
+            app.revoke("acme", &watcher_id).await.unwrap();
+        } else {
+            app.keys
+                .update_key(update(
+                    &watcher_id,
+                    pb::Key {
+                        enabled: false,
+                        ..Default::default()
+                    },
+                    &["enabled"],
+                ))
+                .await
+                .unwrap();
+        }
+        let last = next(&mut events).await;
+        assert_eq!(last.key_id, watcher_id);
+        let status = tokio::time::timeout(PATIENCE, events.message())
+            .await
+            .expect("an answer in time")
+            .expect_err("the watch ends");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{ending}");
+        assert_eq!(reason(&status), "INVALID_CREDENTIALS");
+    }
+    app.stop().await;
+}
+
 on_both_databases!(
+    a_watch_ends_with_the_api_key_that_opened_it,
     a_watch_names_where_it_starts,
     each_mutation_announces_its_event,
     a_lockout_is_announced_behind,
