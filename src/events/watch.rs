@@ -32,6 +32,9 @@ pub struct WatchConfig {
     /// Watchers reading the outbox at once. Every commit wakes every watcher: however many
     /// there are, they hold at most this many of the pool's connections, and the API the rest.
     pub concurrent_reads: usize,
+    /// Watches open at once on this replica; one more is refused (OVERLOADED), so no caller can
+    /// make the replica hold tasks without bound by opening watches on many connections.
+    pub max_watchers: usize,
 }
 
 impl Default for WatchConfig {
@@ -43,6 +46,7 @@ impl Default for WatchConfig {
             retention: Duration::from_secs(7 * 24 * 60 * 60),
             expiry_sweep_interval: Duration::from_secs(10),
             concurrent_reads: 4,
+            max_watchers: 1024,
         }
     }
 }
@@ -137,6 +141,11 @@ impl EventHub {
                 position
             }
         };
+        // Counted here, before the watcher's task exists, so racing subscribers cannot overshoot.
+        if self.watchers.fetch_add(1, Ordering::Relaxed) >= self.config.max_watchers {
+            self.watchers.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::Overloaded);
+        }
         let (sender, receiver) = mpsc::channel(self.config.buffer.max(1));
         let watcher = Watcher {
             hub: self.clone(),
@@ -210,8 +219,8 @@ struct Batch {
 }
 
 impl Watcher {
+    /// Follows until the watch ends; `subscribe` counted it open.
     async fn run(mut self) {
-        self.hub.watchers.fetch_add(1, Ordering::Relaxed);
         self.follow().await;
         self.hub.watchers.fetch_sub(1, Ordering::Relaxed);
     }

@@ -319,25 +319,45 @@ pub fn reason(status: &tonic::Status) -> String {
         .unwrap_or_default()
 }
 
-/// Every audit event of the database, oldest first: (key id, action, actor).
-pub async fn audit_events(db: &TestDb) -> Vec<(String, String, String)> {
-    const QUERY: &str = "select key_id, action, actor from audit_event order by event_id";
+/// The rows `sql` selects, read straight from the test's database (SQLite or PostgreSQL).
+pub async fn query_rows<T>(db: &TestDb, sql: &'static str) -> Vec<T>
+where
+    T: Send
+        + Unpin
+        + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+        + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
     match db.backend {
         Backend::Sqlite => {
             let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-            sqlx::query_as(QUERY)
+            sqlx::query_as(sql)
                 .fetch_all(&mut connection)
                 .await
                 .unwrap()
         }
         Backend::Postgres => {
             let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::query_as(QUERY)
+            sqlx::query_as(sql)
                 .fetch_all(&mut connection)
                 .await
                 .unwrap()
         }
     }
+}
+
+/// The one value a one-row, one-column `sql` selects.
+pub async fn query_value(db: &TestDb, sql: &'static str) -> i64 {
+    let rows: Vec<(i64,)> = query_rows(db, sql).await;
+    rows.first().expect("one row").0
+}
+
+/// Every audit event of the database, oldest first: (key id, action, actor).
+pub async fn audit_events(db: &TestDb) -> Vec<(String, String, String)> {
+    query_rows(
+        db,
+        "select key_id, action, actor from audit_event order by event_id",
+    )
+    .await
 }
 
 /// Runs each listed `async fn(TestDb)` as two tests: one on SQLite, one on PostgreSQL.

@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 use key_authority::pb;
 use prost::Message as _;
 use prost_types::FieldMask;
-use sqlx::Connection;
 use tonic::{Code, Streaming};
 
 use crate::common::{
-    Backend, KeysClient, TestApp, TestDb, jwt_user, key_of, keys_as, on_both_databases, reason,
-    test_config, with_dashboard_jwts,
+    Backend, KeysClient, TestApp, TestDb, jwt_user, key_of, keys_as, on_both_databases, query_rows,
+    query_value, reason, test_config, with_dashboard_jwts,
 };
 use crate::verify::forge_numbered;
 
@@ -137,46 +136,21 @@ fn types(events: &[pb::KeyEvent]) -> Vec<(&str, &str)> {
 
 /// Every event the database holds, in position order.
 async fn stored_events(db: &TestDb) -> Vec<Summary> {
-    const QUERY: &str = "select position, event_id, event_type, workspace_id, key_id \
-                         from key_event order by position";
-    match db.backend {
-        Backend::Sqlite => {
-            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-            sqlx::query_as(QUERY)
-                .fetch_all(&mut connection)
-                .await
-                .unwrap()
-        }
-        Backend::Postgres => {
-            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::query_as(QUERY)
-                .fetch_all(&mut connection)
-                .await
-                .unwrap()
-        }
-    }
+    query_rows(
+        db,
+        "select position, event_id, event_type, workspace_id, key_id \
+         from key_event order by position",
+    )
+    .await
 }
 
 /// The highest position the pruning has deleted.
 async fn pruned_through(db: &TestDb) -> i64 {
-    const QUERY: &str = "select through_position from key_event_pruned where id = 1";
-    let (position,): (i64,) = match db.backend {
-        Backend::Sqlite => {
-            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-            sqlx::query_as(QUERY)
-                .fetch_one(&mut connection)
-                .await
-                .unwrap()
-        }
-        Backend::Postgres => {
-            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::query_as(QUERY)
-                .fetch_one(&mut connection)
-                .await
-                .unwrap()
-        }
-    };
-    position
+    query_value(
+        db,
+        "select through_position from key_event_pruned where id = 1",
+    )
+    .await
 }
 
 /// Waits (bounded) until the pruning has deleted every event up to `position`: it runs on its
@@ -1050,7 +1024,37 @@ async fn a_watch_ends_with_the_api_key_that_opened_it(db: TestDb) {
     app.stop().await;
 }
 
+/// Watches are capped per replica: one more is refused at once (and a closed one frees its
+/// place), so opening watches on many connections cannot pile up tasks without bound.
+async fn watches_are_capped_per_replica(db: TestDb) {
+    let mut config = test_config(&db);
+    config.events.max_watchers = 1;
+    let mut app = TestApp::spawn_with(config).await;
+    let first = watch(&mut app.keys, acme_from_now()).await;
+    let status = refusal(&mut app.keys, acme_from_now()).await;
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(reason(&status), "OVERLOADED");
+    drop(first);
+    // The closed watch's task notices its reader is gone and gives its place back.
+    let deadline = Instant::now() + PATIENCE;
+    let mut again = loop {
+        match app.keys.watch_key_events(acme_from_now()).await {
+            Ok(response) => break response.into_inner(),
+            Err(status) => {
+                assert_eq!(reason(&status), "OVERLOADED");
+                assert!(Instant::now() < deadline, "the place was never freed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let key_id = marker(&mut app, "acme").await;
+    assert_eq!(next(&mut again).await.key_id, key_id);
+    drop(again);
+    app.stop().await;
+}
+
 on_both_databases!(
+    watches_are_capped_per_replica,
     a_watch_ends_with_the_api_key_that_opened_it,
     a_watch_names_where_it_starts,
     each_mutation_announces_its_event,

@@ -4,12 +4,11 @@
 use std::time::Duration;
 
 use key_authority::pb;
-use sqlx::Connection;
 use tonic::Code;
 
 use crate::common::{
     Backend, Claims, KeysClient, TestApp, TestDb, audit_events, claims, code, hs256, key_of,
-    keys_as, on_both_databases, reason, test_config, with_dashboard_jwts,
+    keys_as, on_both_databases, query_value, reason, test_config, with_dashboard_jwts,
 };
 
 const REQUEST_ID: &str = "6f1c2a9e-3b7d-4c55-9a0e-2f4b8d1e7c30";
@@ -61,24 +60,7 @@ async fn key_count(client: &mut KeysClient, workspace_id: &str) -> i64 {
 
 /// The request claims in the database.
 async fn claim_count(db: &TestDb) -> i64 {
-    const QUERY: &str = "select count(*) from idempotent_request";
-    let (count,): (i64,) = match db.backend {
-        Backend::Sqlite => {
-            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-            sqlx::query_as(QUERY)
-                .fetch_one(&mut connection)
-                .await
-                .unwrap()
-        }
-        Backend::Postgres => {
-            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::query_as(QUERY)
-                .fetch_one(&mut connection)
-                .await
-                .unwrap()
-        }
-    };
-    count
+    query_value(db, "select count(*) from idempotent_request").await
 }
 
 fn with_header<T>(message: T, request_id: &str) -> tonic::Request<T> {
