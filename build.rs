@@ -16,6 +16,7 @@ const PROTOS: &[&str] = &[
     "proto/keyauthority/v1/key.proto",
     "proto/keyauthority/v1/key_service.proto",
     "proto/keyauthority/v1/verify_service.proto",
+    "proto/keyauthority/v1/webhook.proto",
 ];
 
 /// The servers' codec, as the generated code names it (it is included in `crate::pb`).
