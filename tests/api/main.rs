@@ -29,3 +29,5 @@ mod trial;
 mod update;
 mod validation;
 mod verify;
+mod webhook_receiver;
+mod webhooks;
