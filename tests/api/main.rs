@@ -30,4 +30,5 @@ mod update;
 mod validation;
 mod verify;
 mod webhook_receiver;
+mod webhook_store;
 mod webhooks;
