@@ -397,7 +397,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KEY_AUTHORITY_WEBHOOK_TIMEOUT", default_value_t = shown(defaults().webhooks.timeout))]
     pub webhook_timeout: humantime::Duration,
 
-    /// How long a webhook delivery is retried, counted from its first attempt.
+    /// How long a webhook delivery is retried, counted from when it was queued (when its event
+    /// happened, or when it was redelivered).
     #[arg(long, env = "KEY_AUTHORITY_WEBHOOK_RETRY_PERIOD", default_value_t = shown(defaults().webhooks.retry_period))]
     pub webhook_retry_period: humantime::Duration,
 

@@ -34,7 +34,7 @@ pub struct WebhookConfig {
     pub allow_private_targets: bool,
     /// One attempt's limit, connecting included.
     pub timeout: Duration,
-    /// How long a delivery is retried, from its first attempt.
+    /// How long a delivery is retried, from when it was queued.
     pub retry_period: Duration,
     /// The delay after the first failed attempt; doubled after each next one.
     pub backoff_base: Duration,

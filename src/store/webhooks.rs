@@ -44,8 +44,9 @@ pub trait WebhookStore: Send + Sync {
         now: UnixMicros,
     ) -> Result<Delivery>;
 
-    /// Leases up to `limit` webhooks that have work due (a pending delivery, or events after
-    /// their cursor) and no live lease, until `lease_until`.
+    /// Leases up to `limit` webhooks that have work (a pending delivery due, or events after
+    /// their cursor to queue, due or not: their retry periods count from queueing) and no live
+    /// lease, until `lease_until`.
     async fn claim_webhooks(
         &self,
         owner: &str,
@@ -158,10 +159,10 @@ macro_rules! claim_webhooks {
     ($locking:literal) => {
         concat!(
             "update webhook set lease_owner = $1, lease_until = $2 where webhook_id in (\
-             select w.webhook_id from webhook w where w.due_time <= $3 \
-             and (w.lease_until is null or w.lease_until < $3) \
-             and (exists (select 1 from webhook_delivery d where d.webhook_id = w.webhook_id \
-                 and d.state = 'pending') \
+             select w.webhook_id from webhook w \
+             where (w.lease_until is null or w.lease_until < $3) \
+             and ((w.due_time <= $3 and exists (select 1 from webhook_delivery d \
+                 where d.webhook_id = w.webhook_id and d.state = 'pending')) \
              or exists (select 1 from key_event e where e.workspace_id = w.workspace_id \
                  and e.position > w.cursor_position)) \
              order by w.due_time limit $4",

@@ -129,6 +129,7 @@ impl Dispatcher {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let mut doorbell_rings = true;
         loop {
             let free = slots.available_permits();
             if free > 0 {
@@ -162,7 +163,9 @@ impl Dispatcher {
             }
             let wait = self.wait_time();
             tokio::select! {
-                _ = doorbell.changed() => {}
+                // A doorbell whose sender is gone (the hub stopped) is never ready again, rather
+                // than ready at once forever.
+                rung = doorbell.changed(), if doorbell_rings => doorbell_rings = rung.is_ok(),
                 _ = self.finished.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.wait_for(|down| *down) => return,
@@ -341,10 +344,12 @@ impl Dispatcher {
     }
 
     /// After a failed attempt: the next one after an exponential, jittered delay, unless the
-    /// retry period (from the first attempt) is over. The last retry falls at its end.
+    /// retry period is over. The last retry falls at its end. The period counts from when the
+    /// delivery was queued (as its event happened), not from its first attempt: behind an
+    /// endpoint that was down for a day, the deliveries queued meanwhile get one attempt each
+    /// instead of a day each, so the queue drains once the endpoint is back.
     fn retry_or_give_up(&self, delivery: &Delivery, attempt: &Attempt) -> AttemptResult {
-        let first = delivery.first_attempt_time.unwrap_or(attempt.attempt_time);
-        let give_up_at = first + duration_micros(self.config.retry_period);
+        let give_up_at = delivery.create_time + duration_micros(self.config.retry_period);
         if attempt.attempt_time >= give_up_at {
             return AttemptResult::GaveUp;
         }

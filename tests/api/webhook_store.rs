@@ -175,6 +175,34 @@ async fn leases_are_exclusive_and_run_out(db: TestDb) {
             .await
             .is_empty()
     );
+    // A new event is queued at once all the same (retry periods count from queueing).
+    insert(store.as_ref(), &new_key("acme", NOW, 0)).await;
+    let newer = events_of(store.as_ref(), "acme").await.pop().unwrap();
+    assert_eq!(
+        claim(store.as_ref(), "q", retry_at - SECOND).await,
+        std::slice::from_ref(&hook.webhook_id)
+    );
+    let q = lease(&hook, "q");
+    let newer_events = std::slice::from_ref(&newer);
+    assert!(
+        hooks
+            .queue_deliveries(
+                &q,
+                event.position,
+                newer.position,
+                newer_events,
+                NOW,
+                retry_at
+            )
+            .await
+            .unwrap()
+    );
+    hooks.release_webhook(&q, retry_at).await.unwrap();
+    assert!(
+        claim(store.as_ref(), "c", retry_at - SECOND)
+            .await
+            .is_empty()
+    );
     assert_eq!(
         claim(store.as_ref(), "c", retry_at).await,
         std::slice::from_ref(&hook.webhook_id)
@@ -186,6 +214,25 @@ async fn leases_are_exclusive_and_run_out(db: TestDb) {
                 &c,
                 &pending,
                 &attempt(2, 200, retry_at),
+                AttemptResult::Delivered,
+                retry_at + SECOND
+            )
+            .await
+            .unwrap()
+    );
+    // The oldest pending one is next: the newer event's.
+    let next = hooks
+        .next_delivery(&hook.webhook_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.event_id, newer.event_id);
+    assert!(
+        hooks
+            .record_attempt(
+                &c,
+                &next,
+                &attempt(1, 200, retry_at),
                 AttemptResult::Delivered,
                 retry_at + SECOND
             )
@@ -210,10 +257,10 @@ async fn leases_are_exclusive_and_run_out(db: TestDb) {
         })
         .await
         .unwrap();
-    assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].state, DeliveryState::Succeeded);
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[1].state, DeliveryState::Succeeded);
     assert_eq!(
-        listed[0].attempts,
+        listed[1].attempts,
         [attempt(1, 500, NOW + SECOND), attempt(2, 200, retry_at)],
         "the lost lease's attempt was not recorded"
     );

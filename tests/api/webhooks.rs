@@ -364,12 +364,9 @@ async fn a_delivery_is_given_up_after_the_retry_period_and_can_be_redelivered(db
         let at = at.unwrap();
         at.seconds * 1_000_000 + i64::from(at.nanos / 1000)
     };
-    let first_try = micros(&given_up.attempts[0].attempt_time);
+    let queued = micros(&given_up.create_time);
     let last_try = micros(&given_up.attempts.last().unwrap().attempt_time);
-    assert!(
-        last_try - first_try >= 400_000,
-        "retried for the whole period"
-    );
+    assert!(last_try - queued >= 400_000, "retried for the whole period");
     assert_eq!(given_up.next_attempt_time, None);
 
     // Redelivered by hand, once the endpoint works again: the same event, the same webhook-id.
