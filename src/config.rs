@@ -18,6 +18,7 @@ use crate::keys::{KeyLimits, TrialConfig};
 use crate::server::OverloadConfig;
 use crate::telemetry::LogFormat;
 use crate::verify::{LockoutConfig, UsageConfig, VerifyConfig};
+use crate::webhooks::WebhookConfig;
 
 /// Everything the server needs, already validated.
 #[derive(Debug, Clone)]
@@ -55,6 +56,8 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     /// Key events: how watchers read them, how long they are kept, how often expiries are found.
     pub events: WatchConfig,
+    /// Webhooks: which targets are allowed, how deliveries are timed and retried.
+    pub webhooks: WebhookConfig,
 }
 
 /// PEM material for TLS, already read from disk.
@@ -100,6 +103,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             idempotency: IdempotencyConfig::default(),
             events: WatchConfig::default(),
+            webhooks: WebhookConfig::default(),
         }
     }
 }
@@ -380,6 +384,46 @@ pub struct ServeArgs {
     #[arg(long, env = "KEY_AUTHORITY_EXPIRY_SWEEP_INTERVAL", default_value_t = shown(defaults().events.expiry_sweep_interval))]
     pub expiry_sweep_interval: humantime::Duration,
 
+    /// Let webhooks point at loopback and private addresses (a receiver on the same host or
+    /// network). Link-local and cloud metadata addresses, and this server itself, stay refused.
+    #[arg(
+        long,
+        env = "KEY_AUTHORITY_WEBHOOK_ALLOW_PRIVATE_TARGETS",
+        default_value_t = false
+    )]
+    pub webhook_allow_private_targets: bool,
+
+    /// The limit of one webhook request, connecting included; a slower endpoint is retried.
+    #[arg(long, env = "KEY_AUTHORITY_WEBHOOK_TIMEOUT", default_value_t = shown(defaults().webhooks.timeout))]
+    pub webhook_timeout: humantime::Duration,
+
+    /// How long a webhook delivery is retried, counted from its first attempt.
+    #[arg(long, env = "KEY_AUTHORITY_WEBHOOK_RETRY_PERIOD", default_value_t = shown(defaults().webhooks.retry_period))]
+    pub webhook_retry_period: humantime::Duration,
+
+    /// The delay after a webhook delivery's first failed attempt; it doubles after each next
+    /// one (with jitter), up to --webhook-backoff-max.
+    #[arg(long, env = "KEY_AUTHORITY_WEBHOOK_BACKOFF_BASE", default_value_t = shown(defaults().webhooks.backoff_base))]
+    pub webhook_backoff_base: humantime::Duration,
+
+    /// The longest delay between two attempts of a webhook delivery.
+    #[arg(long, env = "KEY_AUTHORITY_WEBHOOK_BACKOFF_MAX", default_value_t = shown(defaults().webhooks.backoff_max))]
+    pub webhook_backoff_max: humantime::Duration,
+
+    /// Webhooks this replica sends to at once (each has one delivery in flight at most).
+    #[arg(long, env = "KEY_AUTHORITY_WEBHOOK_CONCURRENCY", default_value_t = defaults().webhooks.concurrency)]
+    pub webhook_concurrency: usize,
+
+    /// Webhooks a workspace may have.
+    #[arg(long, env = "KEY_AUTHORITY_WEBHOOKS_PER_WORKSPACE", default_value_t = defaults().webhooks.max_per_workspace)]
+    pub webhooks_per_workspace: usize,
+
+    /// A file of at least 32 random bytes: the key webhook signing secrets are derived under,
+    /// kept out of the database. Unset, a key stored in the database is used. Every replica must
+    /// read the same file; changing it changes every webhook's secret.
+    #[arg(long, env = "KEY_AUTHORITY_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+
     /// Serve Prometheus metrics at http://ADDRESS/metrics.
     #[arg(long, env = "KEY_AUTHORITY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -413,6 +457,19 @@ pub struct ServeArgs {
     /// PEM CA certificate: require client certificates signed by it (mutual TLS).
     #[arg(long, env = "KEY_AUTHORITY_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+}
+
+/// A key from a file: at least `MIN_SECRET_LEN` bytes.
+fn read_secret_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    let secret = read_file(path, what)?;
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(format!(
+            "{what} {} must hold at least {MIN_SECRET_LEN} bytes, it holds {}",
+            path.display(),
+            secret.len()
+        ));
+    }
+    Ok(secret)
 }
 
 fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
@@ -452,21 +509,16 @@ impl ServeArgs {
             audience: self.jwt_audience,
             leeway: Duration::from(self.jwt_leeway),
         });
-        let idempotency_secret = match &self.idempotency_secret_file {
-            None => None,
-            Some(path) => {
-                let secret = read_file(path, "idempotency secret file")?;
-                if secret.len() < MIN_SECRET_LEN {
-                    return Err(format!(
-                        "idempotency secret file {} must hold at least {MIN_SECRET_LEN} bytes, \
-                         it holds {}",
-                        path.display(),
-                        secret.len()
-                    ));
-                }
-                Some(secret)
-            }
-        };
+        let idempotency_secret = self
+            .idempotency_secret_file
+            .as_deref()
+            .map(|path| read_secret_file(path, "idempotency secret file"))
+            .transpose()?;
+        let webhook_secret = self
+            .webhook_secret_file
+            .as_deref()
+            .map(|path| read_secret_file(path, "webhook secret file"))
+            .transpose()?;
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsConfig {
                 cert_pem: read_file(cert, "TLS certificate")?,
@@ -520,6 +572,19 @@ impl ServeArgs {
                 expiry_sweep_interval: Duration::from(self.expiry_sweep_interval)
                     .max(Duration::from_millis(10)),
                 ..WatchConfig::default()
+            },
+            webhooks: WebhookConfig {
+                allow_private_targets: self.webhook_allow_private_targets,
+                timeout: Duration::from(self.webhook_timeout).max(Duration::from_millis(10)),
+                retry_period: Duration::from(self.webhook_retry_period),
+                backoff_base: Duration::from(self.webhook_backoff_base)
+                    .max(Duration::from_millis(10)),
+                backoff_max: Duration::from(self.webhook_backoff_max)
+                    .max(Duration::from_millis(10)),
+                concurrency: self.webhook_concurrency.max(1),
+                max_per_workspace: self.webhooks_per_workspace,
+                secret: webhook_secret,
+                ..WebhookConfig::default()
             },
             tls,
             metrics_listen: self.metrics_listen,

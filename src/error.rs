@@ -61,6 +61,18 @@ pub enum Error {
         .pruned_through + 1
     )]
     EventsPruned { pruned_through: i64 },
+    /// A webhook URL whose address this server must not send requests to.
+    #[error("invalid url: {0}")]
+    WebhookTargetForbidden(String),
+    /// No webhook with this id in this workspace.
+    #[error("webhook not found")]
+    WebhookNotFound,
+    /// No stored event with this id in this workspace (never written, or pruned).
+    #[error("event not found: it is not an event of this workspace, or it was pruned")]
+    EventNotFound,
+    /// The workspace has as many webhooks as a workspace may.
+    #[error("the workspace already has {0} webhooks, the most it may have: delete one first")]
+    TooManyWebhooks(usize),
     /// The key was already rotated; rotate its successor instead.
     #[error("key {key_id} was already rotated to {successor}")]
     KeyAlreadyRotated { key_id: String, successor: String },
@@ -112,6 +124,12 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<std::convert::Infallible> for Error {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
+
 /// Caller-supplied text quoted in a message: escaped as a Rust string literal (control characters
 /// show as escapes) and cut to its first 32 characters, so that no request can make an answer's
 /// `grpc-message` large.
@@ -151,6 +169,10 @@ impl Error {
             Self::KeyDisabled(_) => "KEY_DISABLED",
             Self::EtagMismatch => "ETAG_MISMATCH",
             Self::EventsPruned { .. } => "EVENTS_PRUNED",
+            Self::WebhookTargetForbidden(_) => "WEBHOOK_TARGET_FORBIDDEN",
+            Self::WebhookNotFound => "WEBHOOK_NOT_FOUND",
+            Self::EventNotFound => "EVENT_NOT_FOUND",
+            Self::TooManyWebhooks(_) => "TOO_MANY_WEBHOOKS",
             Self::IdempotencyKeyReused(..) => "IDEMPOTENCY_KEY_REUSED",
             Self::DuplicateRequest => "DUPLICATE_REQUEST",
             Self::MissingCredentials => "MISSING_AUTH_HEADER",
@@ -174,8 +196,10 @@ impl Error {
         match self {
             Self::MalformedRequest(_)
             | Self::InvalidArgument { .. }
-            | Self::InvalidPageToken(_) => Code::InvalidArgument,
-            Self::KeyNotFound => Code::NotFound,
+            | Self::InvalidPageToken(_)
+            | Self::WebhookTargetForbidden(_) => Code::InvalidArgument,
+            Self::KeyNotFound | Self::WebhookNotFound | Self::EventNotFound => Code::NotFound,
+            Self::TooManyWebhooks(_) => Code::FailedPrecondition,
             Self::KeyRevoked(_)
             | Self::KeyExpired(_)
             | Self::KeyAlreadyRotated { .. }
@@ -237,6 +261,10 @@ impl From<Error> for Status {
         if let Error::InvalidArgument { field, reason } = &error {
             metadata.insert("field".to_owned(), (*field).to_owned());
             details.add_bad_request_violation(*field, reason.clone());
+        }
+        if let Error::WebhookTargetForbidden(reason) = &error {
+            metadata.insert("field".to_owned(), "url".to_owned());
+            details.add_bad_request_violation("url", reason.clone());
         }
         if let Error::InvalidPageToken(_) = &error {
             metadata.insert("field".to_owned(), "page_token".to_owned());

@@ -29,6 +29,22 @@ pub enum EventType {
 }
 
 impl EventType {
+    pub const ALL: [Self; 8] = [
+        Self::Issued,
+        Self::Rotated,
+        Self::Revoked,
+        Self::Updated,
+        Self::Disabled,
+        Self::Enabled,
+        Self::Locked,
+        Self::Expired,
+    ];
+
+    /// The type with this name (`key.issued`, ...).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+
     /// The name in events and webhooks: `key.issued`, ...
     pub fn as_str(self) -> &'static str {
         match self {

@@ -8,6 +8,7 @@ mod events;
 mod keys;
 mod verify;
 mod verify_reply;
+mod webhooks;
 
 pub use codec::ServerCodec;
 pub use keys::KeyServiceImpl;

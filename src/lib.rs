@@ -17,6 +17,7 @@ pub mod store;
 pub mod telemetry;
 pub mod timestamp;
 pub mod verify;
+pub mod webhooks;
 
 /// Generated protobuf types and gRPC stubs of `keyauthority.v1`.
 pub mod pb {

@@ -59,6 +59,8 @@ pub struct Sources {
     pub change_feed: Option<watch::Receiver<u64>>,
     /// WatchKeyEvents' watchers.
     pub events: crate::events::EventHub,
+    /// What this replica's webhook dispatcher has sent.
+    pub webhooks: Arc<crate::webhooks::DispatchStats>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -290,6 +292,50 @@ impl prometheus_client::collector::Collector for Sources {
             "event_watchers",
             "WatchKeyEvents streams open on this replica",
             self.events.watchers() as f64,
+        )?;
+
+        let webhooks = &self.webhooks;
+        let read = |counter: &std::sync::atomic::AtomicU64| {
+            counter.load(std::sync::atomic::Ordering::Relaxed) as f64
+        };
+        counter(
+            e,
+            "webhook_attempts",
+            "Webhook requests sent by this replica (each attempt of each delivery)",
+            read(&webhooks.attempts),
+        )?;
+        counter(
+            e,
+            "webhook_attempt_failures",
+            "Webhook requests that failed: no answer in time, no connection, or a non-2xx status",
+            read(&webhooks.failed_attempts),
+        )?;
+        counter(
+            e,
+            "webhook_deliveries",
+            "Webhook deliveries that succeeded (a 2xx answer)",
+            read(&webhooks.delivered),
+        )?;
+        counter(
+            e,
+            "webhook_deliveries_failed",
+            "Webhook deliveries given up after the retry period",
+            read(&webhooks.gave_up),
+        )?;
+        gauge(
+            e,
+            "webhook_delivery_lag_seconds",
+            "From queueing to success, of the last webhook delivery this replica made",
+            webhooks
+                .last_lag_micros
+                .load(std::sync::atomic::Ordering::Relaxed) as f64
+                / 1e6,
+        )?;
+        gauge(
+            e,
+            "webhooks_in_flight",
+            "Webhooks this replica is sending to now",
+            read(&webhooks.in_flight),
         )?;
 
         if let Some(listening) = &self.change_feed {

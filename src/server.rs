@@ -2,6 +2,7 @@
 //! authentication) from a `Config`. Serving and draining are in `serving`, grpc.health in
 //! `health`, the periodic background work in `background`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
@@ -18,6 +19,7 @@ use crate::keys::page_token::PageTokenCodec;
 use crate::metrics::{Metrics, Sources};
 use crate::store::{self, Store};
 use crate::verify::{ChangeFeedStatus, UsageRecorder, Verifier, follow_changes};
+use crate::webhooks::{Dispatcher, SigningKeys, TargetPolicy, WebhookManager, signing};
 
 mod background;
 mod health;
@@ -48,16 +50,21 @@ pub struct App {
     /// WatchKeyEvents' watchers, and the task that rings their doorbell.
     pub events: EventHub,
     pub event_doorbell: JoinHandle<()>,
+    /// The webhook RPCs, and the sending of webhooks (run by `background`).
+    pub webhooks: Arc<WebhookManager>,
+    pub dispatcher: Arc<Dispatcher>,
 }
 
 impl App {
-    pub async fn build(config: &Config) -> Result<Self> {
+    /// `own_addresses`: where this server listens, which no webhook may point at.
+    pub async fn build(config: &Config, own_addresses: Vec<SocketAddr>) -> Result<Self> {
         let store = store::open(&config.database_url, config.db_max_connections).await?;
         let hasher = SecretHasher::new(config.hash_params)
             .map_err(|reason| Error::invalid("argon2", reason))?;
         let threads = HashThreads::new(config.argon2_threads, config.argon2_priority)?;
         let hashes = HashPool::new(hasher, threads).with_unproven_budget(config.argon2_unproven);
-        let page_tokens = PageTokenCodec::new(store.shared_secret("page_token_mac").await?);
+        let page_token_key = store.shared_secret("page_token_mac").await?;
+        let page_tokens = PageTokenCodec::new(page_token_key.clone());
         // Kept out of the database when the operator gives a file (README, "Safe retries").
         let idempotency_key = match &config.idempotency.secret {
             Some(secret) => secret.clone(),
@@ -94,6 +101,13 @@ impl App {
             .with_idempotency(Idempotency::new(idempotency_key, config.idempotency.window))
             .with_events(events.clone()),
         );
+        let (webhooks, dispatcher) = webhooks(
+            config,
+            store.clone(),
+            own_addresses,
+            PageTokenCodec::new(page_token_key),
+        )
+        .await?;
         let auth = Arc::new(Authenticator::new(&config.auth, verifier.clone())?);
         // Replicas sharing the database tell each other about key changes; a database that only
         // this process uses (SQLite) has no changes to follow.
@@ -108,6 +122,7 @@ impl App {
                 .as_ref()
                 .map(|(_, status)| status.listening.clone()),
             events: events.clone(),
+            webhooks: dispatcher.stats(),
         });
         Ok(Self {
             metrics,
@@ -117,6 +132,8 @@ impl App {
             lockout_writer,
             events,
             event_doorbell,
+            webhooks,
+            dispatcher,
             store,
             keys,
             verifier,
@@ -125,4 +142,38 @@ impl App {
             rate_limits,
         })
     }
+}
+
+/// The webhook RPCs' manager and the dispatcher that sends, sharing the target rules and the
+/// signing key (from the operator's file, else one kept in the database).
+async fn webhooks(
+    config: &Config,
+    store: Arc<dyn Store>,
+    own_addresses: Vec<SocketAddr>,
+    page_tokens: PageTokenCodec,
+) -> Result<(Arc<WebhookManager>, Arc<Dispatcher>)> {
+    let policy = Arc::new(TargetPolicy {
+        allow_private: config.webhooks.allow_private_targets,
+        own_addresses,
+    });
+    let key = match &config.webhooks.secret {
+        Some(secret) => secret.clone(),
+        None => store.shared_secret(signing::SHARED_SECRET_NAME).await?,
+    };
+    let keys = SigningKeys::new(key);
+    let dispatcher = Arc::new(Dispatcher::new(
+        store.clone(),
+        policy.clone(),
+        keys.clone(),
+        config.webhooks.clone(),
+    )?);
+    let manager = Arc::new(WebhookManager::new(
+        store,
+        policy,
+        keys,
+        config.webhooks.clone(),
+        page_tokens,
+        dispatcher.clone(),
+    ));
+    Ok((manager, dispatcher))
 }

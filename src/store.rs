@@ -7,6 +7,7 @@ mod postgres;
 mod row;
 mod sql;
 mod sqlite;
+pub mod webhooks;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio_stream::Stream;
 
 pub use postgres::{KEY_CHANGED_CHANNEL, LISTENER_APPLICATION_NAME, PostgresStore};
 pub use sqlite::SqliteStore;
+pub use webhooks::WebhookStore;
 
 pub use crate::audit::AuditRecord;
 use crate::audit::{AuditEvent, AuditQuery};
@@ -270,6 +272,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// A random secret shared by every replica on this database, created on first use.
     async fn shared_secret(&self, name: &str) -> Result<Vec<u8>>;
+
+    /// The webhooks' part of the store (`store/webhooks.rs`).
+    fn webhooks(&self) -> &dyn WebhookStore;
 
     /// Succeeds when the database answers.
     async fn ping(&self) -> Result<()>;

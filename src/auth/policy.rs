@@ -14,6 +14,7 @@
 //! | UpdateKey | yes | no | yes | yes | developer and up, or itself |
 //! | UpdateKey: make a key live longer | yes | no | yes | yes | never |
 //! | UpdateKey: widen itself (scopes, role) | - | - | - | - | never |
+//! | CreateWebhook, ListWebhooks, DeleteWebhook, ListWebhookDeliveries, RedeliverWebhookEvent | yes | no | yes | yes | developer and up |
 //!
 //! Nobody grants a role above their own, nor changes (rotates, updates) a key whose role is above
 //! their own. IssueKey never makes trial keys; a dashboard JWT never
@@ -236,6 +237,10 @@ pub enum Action<'a> {
     ReadAudit,
     /// WatchKeyEvents over every workspace: admins only.
     ReadAllWorkspaces,
+    /// CreateWebhook, ListWebhooks, DeleteWebhook, ListWebhookDeliveries,
+    /// RedeliverWebhookEvent: a webhook sends the workspace's events out, so even reading them
+    /// (their URLs) takes a developer.
+    ManageWebhooks,
 }
 
 impl Caller {
@@ -319,6 +324,9 @@ impl Caller {
             ) => require(*role, Role::Developer, "revoke or rotate keys"),
             (Self::User { role, .. } | Self::ApiKey { role, .. }, Action::Update { .. }) => {
                 require(*role, Role::Developer, "update keys")
+            }
+            (Self::User { role, .. } | Self::ApiKey { role, .. }, Action::ManageWebhooks) => {
+                require(*role, Role::Developer, "manage webhooks")
             }
         }
     }
@@ -496,6 +504,26 @@ mod tests {
             });
             let expected_self = revoke_self || matches!(caller, Caller::ApiKey { .. });
             assert_eq!(self_allowed, expected_self, "{caller:?} self");
+        }
+    }
+
+    #[test]
+    fn managing_webhooks_takes_a_developer() {
+        use Role::*;
+        for (caller, allowed) in [
+            (Caller::Admin, true),
+            (user(Viewer), false),
+            (user(Developer), true),
+            (user(AccountAdmin), true),
+            (api_key(Viewer), false),
+            (api_key(Developer), true),
+            (api_key(Trial), false),
+        ] {
+            assert_eq!(
+                caller.authorize(Action::ManageWebhooks).is_ok(),
+                allowed,
+                "{caller:?}"
+            );
         }
     }
 

@@ -121,6 +121,16 @@ impl EventHub {
         self.shutdown.send_replace(true);
     }
 
+    /// Rings (changes) when events may have been committed, on any replica.
+    pub fn doorbell(&self) -> watch::Receiver<u64> {
+        self.doorbell.clone()
+    }
+
+    /// Turns true at `shut_down`.
+    pub fn shutting_down(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
     /// A watch of `workspace_id`'s events (every workspace's with `None`) from `from`.
     /// `EventsPruned` if events after the starting position were pruned already.
     ///

@@ -15,18 +15,28 @@ use crate::keys::idempotency::parse_request_id;
 use crate::pb;
 use crate::telemetry::rpc::call_trace_id;
 use crate::verify::ClientIp;
+use crate::webhooks::WebhookManager;
 
 /// The header HTTP gateways forward a client's idempotency key in; the same as `request_id`.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
 pub struct KeyServiceImpl {
     keys: Arc<KeyManager>,
+    webhooks: Arc<WebhookManager>,
     auth: Arc<Authenticator>,
 }
 
 impl KeyServiceImpl {
-    pub fn new(keys: Arc<KeyManager>, auth: Arc<Authenticator>) -> Self {
-        Self { keys, auth }
+    pub fn new(
+        keys: Arc<KeyManager>,
+        webhooks: Arc<WebhookManager>,
+        auth: Arc<Authenticator>,
+    ) -> Self {
+        Self {
+            keys,
+            webhooks,
+            auth,
+        }
     }
 
     /// Where the request came from: its peer, and whether it carries a front end's token.
@@ -123,7 +133,9 @@ request_id_field! {
     }
     without {
         pb::GetKeyRequest, pb::ListKeysRequest, pb::ListAuditEventsRequest,
-        pb::RevokeTrialKeyRequest
+        pb::RevokeTrialKeyRequest, pb::CreateWebhookRequest, pb::ListWebhooksRequest,
+        pb::DeleteWebhookRequest, pb::ListWebhookDeliveriesRequest,
+        pb::RedeliverWebhookEventRequest
     }
 }
 
@@ -134,6 +146,7 @@ request_id_field! {
 macro_rules! key_service {
     (
         authenticated { $($rpc:ident($request:ty) -> $response:ty = $operation:ident;)* }
+        webhooks { $($hook_rpc:ident($hook_request:ty) -> $hook_response:ty = $hook_operation:ident;)* }
         anonymous { $($open_rpc:ident($open_request:ty) -> $open_response:ty = $open_operation:ident;)* }
     ) => {
         #[tonic::async_trait]
@@ -171,6 +184,19 @@ macro_rules! key_service {
                 }
             )*
             $(
+                async fn $hook_rpc(
+                    &self,
+                    request: Request<$hook_request>,
+                ) -> Result<Response<$hook_response>, Status> {
+                    let caller = self.caller(&request).await?;
+                    let context = call_context(&request)?;
+                    // Some requests convert infallibly; `Error::from` unifies both kinds.
+                    let command = request.into_inner().try_into().map_err(Error::from)?;
+                    let result = self.webhooks.$hook_operation(&caller, &context, command).await?;
+                    Ok(Response::new(result.into()))
+                }
+            )*
+            $(
                 async fn $open_rpc(
                     &self,
                     request: Request<$open_request>,
@@ -197,6 +223,13 @@ key_service! {
         rotate_key(pb::RotateKeyRequest) -> pb::RotateKeyResponse = rotate;
         update_key(pb::UpdateKeyRequest) -> pb::UpdateKeyResponse = update;
         list_audit_events(pb::ListAuditEventsRequest) -> pb::ListAuditEventsResponse = list_audit_events;
+    }
+    webhooks {
+        create_webhook(pb::CreateWebhookRequest) -> pb::CreateWebhookResponse = create;
+        list_webhooks(pb::ListWebhooksRequest) -> pb::ListWebhooksResponse = list;
+        delete_webhook(pb::DeleteWebhookRequest) -> pb::DeleteWebhookResponse = delete;
+        list_webhook_deliveries(pb::ListWebhookDeliveriesRequest) -> pb::ListWebhookDeliveriesResponse = list_deliveries;
+        redeliver_webhook_event(pb::RedeliverWebhookEventRequest) -> pb::RedeliverWebhookEventResponse = redeliver;
     }
     anonymous {
         issue_trial_key(pb::IssueTrialKeyRequest) -> pb::IssueTrialKeyResponse = issue_trial;

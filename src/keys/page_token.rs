@@ -93,7 +93,7 @@ impl PageTokenCodec {
 
     /// The event id a ListAuditEvents token continues after.
     pub fn decode_audit(&self, token: &str, listing: &str) -> Result<i64, Error> {
-        const FOREIGN: Error = Error::InvalidPageToken("not a token issued by ListAuditEvents");
+        const FOREIGN: Error = Error::InvalidPageToken("not a token issued for this listing");
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| FOREIGN)?;
         if bytes.len() != AUDIT_PAYLOAD_LEN + MAC_LEN || bytes[0] != AUDIT_VERSION {
             return Err(FOREIGN);

@@ -14,6 +14,7 @@ use crate::events::{self, WatchConfig};
 use crate::keys::KeyManager;
 use crate::keys::idempotency::IdempotencyConfig;
 use crate::store::Store;
+use crate::webhooks;
 
 /// How often expired cache entries and lockouts are dropped when no traffic does it.
 const CACHE_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
@@ -34,6 +35,11 @@ pub(super) fn spawn(app: &App) -> Vec<JoinHandle<()>> {
             *app.events.config(),
         )),
         tokio::spawn(prune_request_ids(app.keys.clone(), app.idempotency.clone())),
+        tokio::spawn(
+            app.dispatcher
+                .clone()
+                .run(app.events.doorbell(), app.events.shutting_down()),
+        ),
         tokio::spawn(
             app.verifier
                 .clone()
@@ -80,8 +86,8 @@ async fn prune_request_ids(keys: Arc<KeyManager>, config: IdempotencyConfig) {
     }
 }
 
-/// Deletes key events past their retention, in bounded batches (on the audit pruning's
-/// schedule).
+/// Deletes key events past their retention, and the finished webhook deliveries of that age, in
+/// bounded batches (on the audit pruning's schedule).
 async fn prune_key_events(store: Arc<dyn Store>, every: Duration, config: WatchConfig) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -91,6 +97,12 @@ async fn prune_key_events(store: Arc<dyn Store>, every: Duration, config: WatchC
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "key events past their retention deleted"),
             Err(error) => tracing::warn!(%error, "key event pruning failed"),
+        }
+        // Finished webhook deliveries go with the events they delivered.
+        match webhooks::prune_deliveries(store.as_ref(), config.retention).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "finished webhook deliveries deleted"),
+            Err(error) => tracing::warn!(%error, "webhook delivery pruning failed"),
         }
     }
 }

@@ -48,12 +48,21 @@ pub async fn serve_on(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let app = App::build(&config).await?;
     let metrics_listener = match config.metrics_listen {
         Some(address) => Some(metrics::bind(address).await?),
         None => None,
     };
+    let app = App::build(&config, own_addresses(&listener, metrics_listener.as_ref())).await?;
     run(listener, metrics_listener, app, config, shutdown).await
+}
+
+/// The addresses this server listens on: never a webhook's target.
+fn own_addresses(listener: &TcpListener, metrics: Option<&TcpListener>) -> Vec<SocketAddr> {
+    [Some(listener), metrics]
+        .into_iter()
+        .flatten()
+        .filter_map(|listener| listener.local_addr().ok())
+        .collect()
 }
 
 async fn run(
@@ -100,9 +109,12 @@ async fn run(
         let _ = draining_tx.send(());
     };
 
-    let key_service =
-        KeyServiceServer::new(KeyServiceImpl::new(app.keys.clone(), app.auth.clone()))
-            .max_decoding_message_size(MAX_KEY_SERVICE_MESSAGE);
+    let key_service = KeyServiceServer::new(KeyServiceImpl::new(
+        app.keys.clone(),
+        app.webhooks.clone(),
+        app.auth.clone(),
+    ))
+    .max_decoding_message_size(MAX_KEY_SERVICE_MESSAGE);
     let verify_service = VerifyServiceServer::new(VerifyServiceImpl::new(
         app.verifier.clone(),
         app.auth.clone(),
@@ -256,12 +268,12 @@ impl RunningServer {
         let local_addr = listener
             .local_addr()
             .map_err(|error| Error::Internal(error.to_string()))?;
-        // Built before spawning, so a bad database URL fails here and not at shutdown.
-        let app = App::build(&config).await?;
         let metrics_listener = match config.metrics_listen {
             Some(address) => Some(metrics::bind(address).await?),
             None => None,
         };
+        // Built before spawning, so a bad database URL fails here and not at shutdown.
+        let app = App::build(&config, own_addresses(&listener, metrics_listener.as_ref())).await?;
         let metrics_addr = metrics_listener
             .as_ref()
             .and_then(|listener| listener.local_addr().ok());

@@ -95,6 +95,11 @@ impl PostgresStore {
 }
 
 impl_sql_store!(PostgresStore, Postgres);
+super::webhooks::impl_sql_webhook_store!(
+    PostgresStore,
+    Postgres,
+    super::webhooks::CLAIM_WEBHOOKS_POSTGRES
+);
 
 /// PostgreSQL's SQLSTATE codes, by what they mean to a caller.
 pub(super) fn classify_error(error: &PgDatabaseError) -> Outcome {

@@ -709,6 +709,10 @@ macro_rules! impl_sql_store {
                 Ok(value)
             }
 
+            fn webhooks(&self) -> &dyn $crate::store::WebhookStore {
+                self
+            }
+
             async fn ping(&self) -> $crate::error::Result<()> {
                 sqlx::query("select 1").execute(&self.pool).await?;
                 Ok(())

@@ -80,6 +80,11 @@ impl SqliteStore {
 }
 
 impl_sql_store!(SqliteStore, Sqlite);
+super::webhooks::impl_sql_webhook_store!(
+    SqliteStore,
+    Sqlite,
+    super::webhooks::CLAIM_WEBHOOKS_SQLITE
+);
 
 /// SQLite's (extended) result codes, by what they mean to a caller.
 pub(super) fn classify_error(error: &SqliteError) -> Outcome {

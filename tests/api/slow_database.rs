@@ -77,6 +77,10 @@ impl Store for SlowReadStore {
         self.inner.list_keys(query).await
     }
 
+    fn webhooks(&self) -> &dyn store::WebhookStore {
+        self.inner.webhooks()
+    }
+
     async fn revoke_key(
         &self,
         workspace_id: &WorkspaceId,
