@@ -29,7 +29,7 @@ pub use tonic_types::{ErrorInfo, RetryInfo};
 pub use watch::KeyEventStream;
 pub use webhook::{
     DEFAULT_WEBHOOK_TOLERANCE, WEBHOOK_SECRET_PREFIX, WebhookActor, WebhookError, WebhookEventData,
-    WebhookPayload, WebhookVerifier, verify_webhook,
+    WebhookFieldChange, WebhookPayload, WebhookVerifier, verify_webhook,
 };
 
 /// Generated protobuf messages and tonic client stubs of `keyauthority.v1` (no server code).

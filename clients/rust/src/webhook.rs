@@ -295,7 +295,7 @@ pub struct WebhookEventData {
     pub actor: WebhookActor,
     /// The fields that changed, as in the audit trail.
     #[serde(default)]
-    pub changes: Vec<serde_json::Value>,
+    pub changes: Vec<WebhookFieldChange>,
     /// For `key.rotated`: the successor's key id.
     #[serde(default)]
     pub new_key_id: Option<String>,
@@ -304,11 +304,26 @@ pub struct WebhookEventData {
     pub old_key_expire_time: Option<String>,
 }
 
+/// One field a key event changed, with its values as JSON (`null` for unset or, for a new key,
+/// the old value).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[non_exhaustive]
+pub struct WebhookFieldChange {
+    /// The field's name in Key, such as `scopes` or `expire_time`.
+    pub field: String,
+    /// The value before the change.
+    #[serde(default)]
+    pub old: serde_json::Value,
+    /// The value after the change.
+    #[serde(default)]
+    pub new: serde_json::Value,
+}
+
 /// Who caused a key event.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[non_exhaustive]
 pub struct WebhookActor {
-    /// The kind of actor.
+    /// The kind of actor: `admin`, `user`, `api_key`, `anonymous` or `system`.
     pub kind: String,
     /// The actor's identifier.
     #[serde(default)]
@@ -325,7 +340,7 @@ mod tests {
 
     const MESSAGE_ID: &str = "5f0c1f0e-8a8e-4d47-9b0e-3d8a2c1b7e10";
     const NOW: u64 = 1_800_000_000;
-    const BODY: &[u8] = br#"{"type":"key.issued","timestamp":"2026-11-24T03:53:30.123Z","data":{"event_id":"5f0c1f0e-8a8e-4d47-9b0e-3d8a2c1b7e10","position":7,"type":"key.issued","workspace_id":"acme","key_id":"k1","event_time":"2026-11-24T03:53:30.100Z","actor":{"kind":"admin","id":"admin","display":"admin"},"changes":[],"later_field":true}}"#;
+    const BODY: &[u8] = br#"{"type":"key.issued","timestamp":"2026-11-24T03:53:30.123Z","data":{"event_id":"5f0c1f0e-8a8e-4d47-9b0e-3d8a2c1b7e10","position":7,"type":"key.issued","workspace_id":"acme","key_id":"k1","event_time":"2026-11-24T03:53:30.100Z","actor":{"kind":"admin","id":"admin","display":"admin"},"changes":[{"field":"scopes","old":null,"new":["a:read"]}],"later_field":true}}"#;
 
     fn at(seconds: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(seconds)
@@ -382,6 +397,10 @@ mod tests {
         assert_eq!(payload.data.position, 7);
         assert_eq!(payload.data.key_id, "k1");
         assert_eq!(payload.data.actor.display, "admin");
+        assert_eq!(payload.data.changes.len(), 1);
+        assert_eq!(payload.data.changes[0].field, "scopes");
+        assert_eq!(payload.data.changes[0].old, serde_json::Value::Null);
+        assert_eq!(payload.data.changes[0].new, serde_json::json!(["a:read"]));
         assert_eq!(payload.data.new_key_id, None);
         // Against the real clock, through the one-call helper.
         let now = SystemTime::now()
