@@ -33,6 +33,7 @@ from keyauthority_client import (
 WAIT = 15.0
 SUCCEEDED = WebhookDeliveryState.Value("WEBHOOK_DELIVERY_STATE_SUCCEEDED")
 PENDING = WebhookDeliveryState.Value("WEBHOOK_DELIVERY_STATE_PENDING")
+FAILED = WebhookDeliveryState.Value("WEBHOOK_DELIVERY_STATE_FAILED")
 SECRET = re.compile(r"^whsec_[A-Za-z0-9+/]{43}=$")
 T = TypeVar("T")
 
@@ -226,6 +227,25 @@ def test_a_key_event_is_posted_signed_listed_redelivered_and_the_webhook_deleted
     assert [each.delivery_id for each in deliveries] == [again.delivery_id, delivery.delivery_id]
     assert [each.redelivery for each in deliveries] == [True, False]
     assert [each.attempts[0].http_status for each in deliveries] == [200, 200]
+    # Paged one at a time, and filtered by state.
+    page = admin.list_webhook_deliveries(workspace, webhook.webhook_id, page_size=1)
+    assert [each.delivery_id for each in page.deliveries] == [again.delivery_id]
+    assert page.next_page_token != ""
+    paged = admin.iter_webhook_deliveries(workspace, webhook.webhook_id, page_size=1)
+    assert [each.delivery_id for each in paged] == [again.delivery_id, delivery.delivery_id]
+    failed = admin.list_webhook_deliveries(workspace, webhook.webhook_id, state=FAILED)
+    assert (list(failed.deliveries), failed.next_page_token) == ([], "")
+    details = refusal(
+        admin.list_webhook_deliveries,
+        workspace,
+        webhook.webhook_id,
+        page_token=page.next_page_token,
+        state=FAILED,
+    )
+    assert (details.code, details.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
 
     # An event of a type it does not want is not sent: the next POST is the next key.issued
     # (deliveries go out in event order, so a key.revoked would have come first).
