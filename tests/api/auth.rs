@@ -44,7 +44,7 @@ async fn try_every_rpc(
     workspace: &str,
     target: &str,
     own_key: Option<&str>,
-) -> [Outcome; 8] {
+) -> [Outcome; 9] {
     let code = |result: Result<(), tonic::Status>| result.map_err(|status| status.code());
     let issue = code(
         client
@@ -122,6 +122,15 @@ async fn try_every_rpc(
             .await
             .map(drop),
     );
+    // Before the key revokes itself, which ends its right to call anything.
+    let webhooks = code(
+        client
+            .list_webhooks(pb::ListWebhooksRequest {
+                workspace_id: workspace.into(),
+            })
+            .await
+            .map(drop),
+    );
     let revoke_self = match own_key {
         Some(own) => code(
             client
@@ -135,7 +144,17 @@ async fn try_every_rpc(
         ),
         None => Ok(()),
     };
-    [issue, get, list, audit, update, rotate, revoke, revoke_self]
+    [
+        issue,
+        get,
+        list,
+        audit,
+        update,
+        rotate,
+        revoke,
+        revoke_self,
+        webhooks,
+    ]
 }
 
 async fn role_matrix_for_every_caller_kind(db: TestDb) {
@@ -145,12 +164,12 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
     const UNAUTHENTICATED: Outcome = Err(Code::Unauthenticated);
 
     // (caller, token, [issue, get, list, audit, update other, rotate other, revoke other,
-    // revoke self])
-    let mut rows: Vec<(String, Option<String>, [Outcome; 8])> = vec![
+    // revoke self, webhooks])
+    let mut rows: Vec<(String, Option<String>, [Outcome; 9])> = vec![
         (
             "admin".into(),
             Some(crate::common::ADMIN_TOKEN.into()),
-            [OK, OK, OK, OK, OK, OK, OK, OK],
+            [OK, OK, OK, OK, OK, OK, OK, OK, OK],
         ),
         // Callers without a key of their own have no "revoke self" to try: it reads as OK.
         (
@@ -165,6 +184,7 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
                 UNAUTHENTICATED,
                 UNAUTHENTICATED,
                 OK,
+                UNAUTHENTICATED,
             ],
         ),
         (
@@ -179,32 +199,39 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
                 UNAUTHENTICATED,
                 UNAUTHENTICATED,
                 OK,
+                UNAUTHENTICATED,
             ],
         ),
         (
             "jwt viewer".into(),
             Some(jwt_user("acme", "viewer")),
-            [DENIED, OK, OK, OK, DENIED, DENIED, DENIED, OK],
+            [DENIED, OK, OK, OK, DENIED, DENIED, DENIED, OK, DENIED],
         ),
         (
             "jwt developer".into(),
             Some(jwt_user("acme", "developer")),
-            [OK, OK, OK, OK, OK, OK, OK, OK],
+            [OK, OK, OK, OK, OK, OK, OK, OK, OK],
         ),
         (
             "jwt account_admin".into(),
             Some(jwt_user("acme", "account_admin")),
-            [OK, OK, OK, OK, OK, OK, OK, OK],
+            [OK, OK, OK, OK, OK, OK, OK, OK, OK],
         ),
     ];
     let mut own_keys = Vec::new();
     for (role, expected) in [
         (
             pb::Role::Viewer,
-            [DENIED, OK, OK, OK, DENIED, DENIED, DENIED, OK],
+            [DENIED, OK, OK, OK, DENIED, DENIED, DENIED, OK, DENIED],
         ),
-        (pb::Role::Developer, [DENIED, OK, OK, OK, OK, OK, OK, OK]),
-        (pb::Role::AccountAdmin, [DENIED, OK, OK, OK, OK, OK, OK, OK]),
+        (
+            pb::Role::Developer,
+            [DENIED, OK, OK, OK, OK, OK, OK, OK, OK],
+        ),
+        (
+            pb::Role::AccountAdmin,
+            [DENIED, OK, OK, OK, OK, OK, OK, OK, OK],
+        ),
     ] {
         let key = issue_key_with_role(&mut app, "acme", role).await;
         own_keys.push(Some(key_of(&key).key_id.clone()));
@@ -219,7 +246,7 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
         let outcome = try_every_rpc(&mut client, "acme", &target, own.as_deref()).await;
         assert_eq!(
             outcome, expected,
-            "{caller}: [issue, get, list, audit, update, rotate, revoke, revoke self]"
+            "{caller}: [issue, get, list, audit, update, rotate, revoke, revoke self, webhooks]"
         );
     }
     app.stop().await;
@@ -236,6 +263,7 @@ async fn no_caller_reaches_another_workspace(db: TestDb) {
         // Naming the other workspace is refused outright, on every RPC.
         let outcome = try_every_rpc(&mut client, "beta", &theirs, None).await;
         assert_eq!(outcome[..7], [Err(Code::PermissionDenied); 7]);
+        assert_eq!(outcome[8], Err(Code::PermissionDenied));
         let status = client
             .get_key(pb::GetKeyRequest {
                 workspace_id: "beta".into(),

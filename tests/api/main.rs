@@ -29,3 +29,6 @@ mod trial;
 mod update;
 mod validation;
 mod verify;
+mod webhook_receiver;
+mod webhook_store;
+mod webhooks;

@@ -23,10 +23,10 @@ use tokio_stream::StreamExt as _;
 use crate::common::{Backend, TestDb, audit_events, on_both_databases};
 
 /// "Now" in every case: a fixed instant, so that every time in the assertions is exact.
-const NOW: UnixMicros = 1_800_000_000_000_000;
-const SECOND: UnixMicros = 1_000_000;
+pub(crate) const NOW: UnixMicros = 1_800_000_000_000_000;
+pub(crate) const SECOND: UnixMicros = 1_000_000;
 
-async fn open(db: &TestDb) -> Arc<dyn Store> {
+pub(crate) async fn open(db: &TestDb) -> Arc<dyn Store> {
     store::open(&db.url, 4).await.expect("the database opens")
 }
 
@@ -49,7 +49,7 @@ fn audit(action: &str, actor: &str, occur_time: UnixMicros) -> Mutation {
 
 /// A key of `workspace_id` as IssueKey would build it (with `created_by` "admin", the actor of
 /// `audit("issue", "admin", ..)`); a limited key brings its own budget.
-fn new_key(workspace_id: &str, create_time: UnixMicros, usage_limit: i64) -> StoredKey {
+pub(crate) fn new_key(workspace_id: &str, create_time: UnixMicros, usage_limit: i64) -> StoredKey {
     let key_id = KeyId::generate();
     StoredKey {
         key: Key {
@@ -94,7 +94,7 @@ fn successor_of(previous: &Key, create_time: UnixMicros) -> StoredKey {
     successor
 }
 
-async fn insert(store: &dyn Store, key: &StoredKey) {
+pub(crate) async fn insert(store: &dyn Store, key: &StoredKey) {
     store
         .insert_key(key, &audit("issue", "admin", key.key.create_time))
         .await
