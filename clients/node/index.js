@@ -14,11 +14,21 @@
 // watchKeyEvents streams key events as a KeyEventWatch: an async iterator (for await ... of) that
 // can be cancelled and, with { resume: true }, carries on by itself after a dropped connection
 // from the last position it delivered.
+//
+// createWebhook and the other webhook methods manage the HTTP endpoints a workspace's key events
+// are POSTed to; a receiver checks each request with verifyWebhook (./webhooks.js, which needs
+// only node:crypto).
 
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 const protobuf = require('protobufjs');
+const {
+  verifyWebhook,
+  WebhookVerificationError,
+  WEBHOOK_SECRET_PREFIX,
+  DEFAULT_WEBHOOK_TOLERANCE_SECONDS,
+} = require('./webhooks');
 
 const ERROR_DOMAIN = 'keyauthority.v1';
 // The Key fields UpdateKey can change.
@@ -286,6 +296,71 @@ class KeyAuthority {
   }
 
   /**
+   * CreateWebhook: the workspace's key events of the types listed that commit from now on are
+   * POSTed to the URL as signed JSON, one at a time in event order, retried with backoff for up to
+   * a day; check each request with verifyWebhook. request: { workspace_id, url, event_types
+   * (such as ['key.rotated']; empty means every type, including types added later), description }.
+   * Resolves to { webhook, signing_secret }: the secret ('whsec_...') is returned only this once,
+   * so store it now; webhook.secret_hint later tells which secret a webhook has. A URL pointing at
+   * this server, or at a link-local, metadata, loopback or private address (unless the server
+   * allows private targets), rejects with INVALID_ARGUMENT, reason WEBHOOK_TARGET_FORBIDDEN. Needs
+   * the developer role or above.
+   */
+  createWebhook(request) {
+    return this.call(this.keys, 'CreateWebhook', request, this.adminToken);
+  }
+
+  /**
+   * ListWebhooks: resolves to the workspace's webhooks, oldest first (at most 16), without their
+   * secrets. Others than admins may leave workspace_id empty for their own.
+   */
+  async listWebhooks(workspace_id = '') {
+    const request = { workspace_id };
+    return (await this.call(this.keys, 'ListWebhooks', request, this.adminToken)).webhooks;
+  }
+
+  /**
+   * DeleteWebhook: deletes a webhook and its delivery history, and resolves to the Webhook as it
+   * was. Nothing more is sent to it (an attempt already under way finishes). An unknown webhook
+   * rejects with NOT_FOUND.
+   */
+  async deleteWebhook(workspace_id, webhook_id) {
+    const request = { workspace_id, webhook_id };
+    return (await this.call(this.keys, 'DeleteWebhook', request, this.adminToken)).webhook;
+  }
+
+  /**
+   * ListWebhookDeliveries: one page, { deliveries, next_page_token }, newest first, each delivery
+   * with its attempts ({ attempt, attempt_time, http_status, error, duration }). The request holds
+   * workspace_id, webhook_id, page_size, page_token and state ('WEBHOOK_DELIVERY_STATE_FAILED',
+   * ...; unset for every state). A page token is bound to the webhook and to the state.
+   */
+  listWebhookDeliveries(request) {
+    return this.call(this.keys, 'ListWebhookDeliveries', request, this.adminToken);
+  }
+
+  /** Every delivery of a webhook (in `state`, if set), page after page. */
+  async *iterWebhookDeliveries(request) {
+    let page_token = '';
+    do {
+      const page = await this.listWebhookDeliveries({ ...request, page_token });
+      yield* page.deliveries;
+      page_token = page.next_page_token;
+    } while (page_token);
+  }
+
+  /**
+   * RedeliverWebhookEvent: sends a stored event to a webhook again (after the deliveries already
+   * queued for it), with the same webhook-id header, and resolves to the new, pending
+   * WebhookDelivery. For a delivery that FAILED, or a receiver that lost what it received. An
+   * event no longer stored (past the event retention) rejects with NOT_FOUND.
+   */
+  async redeliverWebhookEvent(workspace_id, webhook_id, event_id) {
+    const request = { workspace_id, webhook_id, event_id };
+    return (await this.call(this.keys, 'RedeliverWebhookEvent', request, this.adminToken)).delivery;
+  }
+
+  /**
    * VerifyKey: resolves to { valid, code, key, retry_after }. A refused key (code
    * 'VERIFY_CODE_REVOKED', 'VERIFY_CODE_DISABLED', ...) is an answer, not an error; a rejected
    * promise means the request was bad or the service could not decide.
@@ -536,4 +611,8 @@ module.exports = {
   EVENTS_PRUNED,
   UPDATABLE_FIELDS,
   protoDir,
+  verifyWebhook,
+  WebhookVerificationError,
+  WEBHOOK_SECRET_PREFIX,
+  DEFAULT_WEBHOOK_TOLERANCE_SECONDS,
 };

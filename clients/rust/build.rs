@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyauthority/v1/key.proto",
             "keyauthority/v1/key_service.proto",
             "keyauthority/v1/verify_service.proto",
+            "keyauthority/v1/webhook.proto",
         ],
         ["../../proto"],
     )?;

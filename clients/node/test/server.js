@@ -48,9 +48,9 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
  * Starts a server and resolves to { target, adminToken, log(), stop(), start(), remove() }:
  * stop() ends it with SIGTERM and resolves to { code, signal }; start() runs it again on the same
  * address and database; remove() stops it and deletes its folder. `env` adds KEY_AUTHORITY_...
- * settings.
+ * settings, `args` flags of `key-authority serve` (such as '--webhook-allow-private-targets').
  */
-async function startServer({ env = {} } = {}) {
+async function startServer({ env = {}, args = [] } = {}) {
   const binary =
     process.env.KEY_AUTHORITY_BIN ||
     path.join(CLIENT_DIR, '..', '..', 'target', 'debug', 'key-authority');
@@ -77,6 +77,7 @@ async function startServer({ env = {} } = {}) {
         `sqlite://${path.join(folder, 'keys.db')}`,
         '--shutdown-grace',
         '5s',
+        ...args,
       ],
       { env: serverEnv(adminToken, env), stdio: ['ignore', 'pipe', 'pipe'] },
     );

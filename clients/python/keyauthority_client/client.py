@@ -15,6 +15,10 @@ same request id with other arguments is refused with ``FAILED_PRECONDITION``, re
 :class:`KeyEventWatch`: an iterator that can be cancelled from any thread and, with
 ``resume=True``, carries on by itself after a dropped connection from the last position it
 delivered.
+
+The webhook methods (:meth:`KeyAuthority.create_webhook` and the rest) manage the HTTP endpoints
+that a workspace's key events are POSTed to; a receiver checks each request with
+:func:`keyauthority_client.verify_webhook`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ._gen.keyauthority.v1 import (
     key_service_pb2_grpc,
     verify_service_pb2,
     verify_service_pb2_grpc,
+    webhook_pb2,
 )
 
 #: The ``domain`` of every ErrorInfo key-authority sends.
@@ -427,6 +432,111 @@ class KeyAuthority:
             return self._keys.WatchKeyEvents(request, metadata=self._key_auth)
 
         return KeyEventWatch(open_call, request, resume=resume)
+
+    # Webhooks ------------------------------------------------------------------------------------
+
+    def create_webhook(
+        self,
+        workspace_id: str,
+        url: str,
+        *,
+        event_types: Iterable[str] = (),
+        description: str = "",
+    ) -> key_service_pb2.CreateWebhookResponse:
+        """Creates a webhook: the workspace's key events of ``event_types`` (such as
+        ``"key.rotated"``; empty means every type, including types added later) that commit from
+        now on are POSTed to ``url`` as signed JSON, one at a time in event order, retried with
+        backoff for up to a day. Check each request with
+        :func:`~keyauthority_client.verify_webhook`.
+
+        The response's ``signing_secret`` (``whsec_...``) is returned only this once: store it
+        now; ``webhook.secret_hint`` later tells which secret a webhook has. A URL pointing at
+        this server, or at a link-local, metadata, loopback or private address (unless the
+        server allows private targets), is refused with ``INVALID_ARGUMENT``, reason
+        ``WEBHOOK_TARGET_FORBIDDEN``. Needs the developer role or above."""
+        request = key_service_pb2.CreateWebhookRequest(
+            workspace_id=workspace_id,
+            url=url,
+            event_types=list(event_types),
+            description=description,
+        )
+        return self._keys.CreateWebhook(request, metadata=self._key_auth, timeout=self.timeout)
+
+    def list_webhooks(self, workspace_id: str = "") -> list[webhook_pb2.Webhook]:
+        """A workspace's webhooks, oldest first (at most 16), without their secrets. Others than
+        admins may leave ``workspace_id`` empty for their own."""
+        request = key_service_pb2.ListWebhooksRequest(workspace_id=workspace_id)
+        response = self._keys.ListWebhooks(request, metadata=self._key_auth, timeout=self.timeout)
+        return list(response.webhooks)
+
+    def delete_webhook(self, workspace_id: str, webhook_id: str) -> webhook_pb2.Webhook:
+        """Deletes a webhook and its delivery history, and returns it as it was. Nothing more is
+        sent to it (an attempt already under way finishes). An unknown webhook is
+        ``NOT_FOUND``."""
+        request = key_service_pb2.DeleteWebhookRequest(
+            workspace_id=workspace_id, webhook_id=webhook_id
+        )
+        return self._keys.DeleteWebhook(
+            request, metadata=self._key_auth, timeout=self.timeout
+        ).webhook
+
+    def list_webhook_deliveries(
+        self,
+        workspace_id: str,
+        webhook_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        state: webhook_pb2.WebhookDeliveryState = webhook_pb2.WEBHOOK_DELIVERY_STATE_UNSPECIFIED,
+    ) -> key_service_pb2.ListWebhookDeliveriesResponse:
+        """One page of a webhook's deliveries, newest first, each with its attempts (HTTP status,
+        error, duration). ``state`` keeps only the deliveries in that state
+        (``WEBHOOK_DELIVERY_STATE_FAILED``, ...); a page token is bound to the webhook and to the
+        state. An unknown webhook is ``NOT_FOUND``."""
+        request = key_service_pb2.ListWebhookDeliveriesRequest(
+            workspace_id=workspace_id,
+            webhook_id=webhook_id,
+            page_size=page_size,
+            page_token=page_token,
+            state=state,
+        )
+        return self._keys.ListWebhookDeliveries(
+            request, metadata=self._key_auth, timeout=self.timeout
+        )
+
+    def iter_webhook_deliveries(
+        self,
+        workspace_id: str,
+        webhook_id: str,
+        *,
+        page_size: int = 0,
+        state: webhook_pb2.WebhookDeliveryState = webhook_pb2.WEBHOOK_DELIVERY_STATE_UNSPECIFIED,
+    ) -> Iterator[webhook_pb2.WebhookDelivery]:
+        """Every delivery of a webhook (in ``state``, if given), newest first, fetching pages as
+        needed."""
+        token = ""
+        while True:
+            page = self.list_webhook_deliveries(
+                workspace_id, webhook_id, page_size=page_size, page_token=token, state=state
+            )
+            yield from page.deliveries
+            token = page.next_page_token
+            if not token:
+                return
+
+    def redeliver_webhook_event(
+        self, workspace_id: str, webhook_id: str, event_id: str
+    ) -> webhook_pb2.WebhookDelivery:
+        """Sends a stored event to a webhook again (after the deliveries already queued for it),
+        with the same ``webhook-id`` header, and returns the new, pending delivery. For a
+        delivery that FAILED, or a receiver that lost what it received. An event no longer
+        stored (past the event retention) is ``NOT_FOUND``."""
+        request = key_service_pb2.RedeliverWebhookEventRequest(
+            workspace_id=workspace_id, webhook_id=webhook_id, event_id=event_id
+        )
+        return self._keys.RedeliverWebhookEvent(
+            request, metadata=self._key_auth, timeout=self.timeout
+        ).delivery
 
     # VerifyService ------------------------------------------------------------------------------
 

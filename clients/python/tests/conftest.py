@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +130,7 @@ def _launch(
     log: Path,
     admin_token: str,
     extra_env: dict[str, str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     env = _server_env(admin_token)
     env.update(extra_env or {})
@@ -144,6 +145,7 @@ def _launch(
                 f"sqlite://{database}",
                 "--shutdown-grace",
                 "5s",
+                *extra_args,
             ],
             env=env,
             stdin=subprocess.DEVNULL,
@@ -180,13 +182,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 class DedicatedServer:
-    """A key-authority of one test's own, which the test may stop and start again on the same
-    address and database (as a restarted replica)."""
+    """A key-authority of one test's (or one module's) own, with extra environment and
+    command-line flags, which the test may stop and start again on the same address and database
+    (as a restarted replica)."""
 
-    def __init__(self, folder: Path, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self, folder: Path, extra_env: dict[str, str], extra_args: Sequence[str] = ()
+    ) -> None:
         self.binary = _binary()
         self.folder = folder
         self.extra_env = extra_env
+        self.extra_args = tuple(extra_args)
         self.admin_token = "kaadmin_pytest_" + secrets.token_hex(16)
         self.target = f"127.0.0.1:{_free_port()}"
         self.database = folder / "keys.db"
@@ -196,7 +202,13 @@ class DedicatedServer:
     def start(self) -> None:
         assert self.process is None, "already running"
         process = _launch(
-            self.binary, self.target, self.database, self.log, self.admin_token, self.extra_env
+            self.binary,
+            self.target,
+            self.database,
+            self.log,
+            self.admin_token,
+            self.extra_env,
+            self.extra_args,
         )
         try:
             _wait_serving(process, self.target, self.log)
@@ -222,13 +234,14 @@ class DedicatedServer:
 
 @pytest.fixture
 def dedicated_server(tmp_path: Path) -> Iterator[Callable[..., DedicatedServer]]:
-    """Starts servers of this test's own, with extra environment (KEY_AUTHORITY_...)."""
+    """Starts servers of this test's own, with extra environment (KEY_AUTHORITY_...) and, in
+    ``args``, extra flags of ``key-authority serve``."""
     started: list[DedicatedServer] = []
 
-    def start(**extra_env: str) -> DedicatedServer:
+    def start(args: Sequence[str] = (), **extra_env: str) -> DedicatedServer:
         folder = tmp_path / f"server-{len(started)}"
         folder.mkdir()
-        running = DedicatedServer(folder, extra_env)
+        running = DedicatedServer(folder, extra_env, args)
         started.append(running)
         running.start()
         return running

@@ -312,6 +312,90 @@ impl KeyAuthorityClient {
         watch::resuming(self.clone(), request)
     }
 
+    /// Creates a webhook: the workspace's key events of `event_types` (such as `key.rotated`;
+    /// empty means every type, including types added later) that commit from now on are POSTed
+    /// to `url` as signed JSON, one at a time in event order, retried with backoff for up to a
+    /// day. Check each request with [`verify_webhook`](crate::verify_webhook).
+    ///
+    /// The response's `signing_secret` (`whsec_...`) is returned only this once: store it now;
+    /// `webhook.secret_hint` later tells which secret a webhook has. A URL pointing at this
+    /// server, or at a link-local, metadata, loopback or private address (unless the server
+    /// allows private targets), is refused with `INVALID_ARGUMENT`, reason
+    /// `WEBHOOK_TARGET_FORBIDDEN`. Needs the developer role or above.
+    ///
+    /// ```no_run
+    /// # async fn example(client: key_authority_client::KeyAuthorityClient)
+    /// # -> Result<(), key_authority_client::Error> {
+    /// use key_authority_client::pb;
+    ///
+    /// let created = client
+    ///     .create_webhook(pb::CreateWebhookRequest {
+    ///         workspace_id: "acme".into(),
+    ///         url: "https://billing.example.com/hooks/keys".into(),
+    ///         event_types: vec!["key.revoked".into(), "key.rotated".into()],
+    ///         ..Default::default()
+    ///     })
+    ///     .await?;
+    /// // created.signing_secret: shown once, give it to the receiver now.
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn create_webhook(
+        &self,
+        request: pb::CreateWebhookRequest,
+    ) -> Result<pb::CreateWebhookResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.create_webhook(self.key_request(request)))
+            .await
+    }
+
+    /// Lists a workspace's webhooks, oldest first (at most 16), without their secrets.
+    pub async fn list_webhooks(
+        &self,
+        request: pb::ListWebhooksRequest,
+    ) -> Result<pb::ListWebhooksResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.list_webhooks(self.key_request(request)))
+            .await
+    }
+
+    /// Deletes a webhook and its delivery history; the response holds the webhook as it was.
+    /// Nothing more is sent to it (an attempt already under way finishes). An unknown webhook is
+    /// `NOT_FOUND`.
+    pub async fn delete_webhook(
+        &self,
+        request: pb::DeleteWebhookRequest,
+    ) -> Result<pb::DeleteWebhookResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.delete_webhook(self.key_request(request)))
+            .await
+    }
+
+    /// Lists a webhook's deliveries, newest first, each with its attempts (HTTP status, error,
+    /// duration), one page at a time (pass `next_page_token` on, with the same `state` filter).
+    /// An unknown webhook is `NOT_FOUND`.
+    pub async fn list_webhook_deliveries(
+        &self,
+        request: pb::ListWebhookDeliveriesRequest,
+    ) -> Result<pb::ListWebhookDeliveriesResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.list_webhook_deliveries(self.key_request(request)))
+            .await
+    }
+
+    /// Sends a stored event to a webhook again (after the deliveries already queued for it), with
+    /// the same `webhook-id` header; the response holds the new, pending delivery. For a delivery
+    /// that FAILED, or a receiver that lost what it received. An event no longer stored (past the
+    /// event retention) is `NOT_FOUND`.
+    pub async fn redeliver_webhook_event(
+        &self,
+        request: pb::RedeliverWebhookEventRequest,
+    ) -> Result<pb::RedeliverWebhookEventResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.redeliver_webhook_event(self.key_request(request)))
+            .await
+    }
+
     /// Verifies a key. A refused key is an `Ok` answer with `valid == false` and a
     /// [`code`](pb::VerifyKeyResponse::code) saying why (`REVOKED`, `DISABLED`, ...); an `Err`
     /// means the request was bad or the service could not decide (`UNAVAILABLE`): never treat

@@ -9,6 +9,8 @@
 //! - [`Error`]: the gRPC code, the `ErrorInfo` reason and the `RetryInfo` delay of a refusal.
 //! - [`VerifyKeyLayer`]: verifies `authorization: Bearer <key>` with `VerifyKey` before the
 //!   inner service runs, and hands it a [`VerifiedKey`].
+//! - [`verify_webhook`] and [`WebhookVerifier`]: check the signature and timestamp of a webhook
+//!   request key-authority sent (Standard Webhooks), and parse its [`WebhookPayload`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -17,6 +19,7 @@ mod client;
 mod error;
 mod layer;
 mod watch;
+mod webhook;
 
 pub use client::KeyAuthorityClient;
 pub use error::Error;
@@ -24,6 +27,10 @@ pub use layer::{ERROR_DOMAIN, MAX_CACHE_TTL, VerifiedKey, VerifyKeyLayer, Verify
 /// The decoded `google.rpc` detail types that [`Error`] exposes.
 pub use tonic_types::{ErrorInfo, RetryInfo};
 pub use watch::KeyEventStream;
+pub use webhook::{
+    DEFAULT_WEBHOOK_TOLERANCE, WEBHOOK_SECRET_PREFIX, WebhookActor, WebhookError, WebhookEventData,
+    WebhookFieldChange, WebhookPayload, WebhookVerifier, verify_webhook,
+};
 
 /// Generated protobuf messages and tonic client stubs of `keyauthority.v1` (no server code).
 pub mod pb {
