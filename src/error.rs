@@ -70,6 +70,9 @@ pub enum Error {
     /// No stored event with this id in this workspace (never written, or pruned).
     #[error("event not found: it is not an event of this workspace, or it was pruned")]
     EventNotFound,
+    /// The webhook has as many redeliveries pending as it may.
+    #[error("the webhook already has {0} redeliveries pending: retry once they are sent")]
+    RedeliveriesPending(u32),
     /// The workspace has as many webhooks as a workspace may.
     #[error("the workspace already has {0} webhooks, the most it may have: delete one first")]
     TooManyWebhooks(usize),
@@ -173,6 +176,7 @@ impl Error {
             Self::WebhookNotFound => "WEBHOOK_NOT_FOUND",
             Self::EventNotFound => "EVENT_NOT_FOUND",
             Self::TooManyWebhooks(_) => "TOO_MANY_WEBHOOKS",
+            Self::RedeliveriesPending(_) => "REDELIVERIES_PENDING",
             Self::IdempotencyKeyReused(..) => "IDEMPOTENCY_KEY_REUSED",
             Self::DuplicateRequest => "DUPLICATE_REQUEST",
             Self::MissingCredentials => "MISSING_AUTH_HEADER",
@@ -210,6 +214,7 @@ impl Error {
             Self::MissingCredentials | Self::InvalidCredentials(_) => Code::Unauthenticated,
             Self::InsufficientRole(_) | Self::WorkspaceMismatch(_) => Code::PermissionDenied,
             Self::RateLimited(_)
+            | Self::RedeliveriesPending(_)
             | Self::IpRateLimited(_)
             | Self::TrialKeysPaused
             | Self::VerifyBusy(_) => Code::ResourceExhausted,

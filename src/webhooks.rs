@@ -84,6 +84,9 @@ impl Default for WebhookConfig {
     }
 }
 
+/// Redeliveries a webhook may have pending: the API cannot make its queue grow without bound.
+const MAX_PENDING_REDELIVERIES: u32 = 100;
+
 /// The most event types a webhook may name (there are 8; a list longer than that repeats).
 const MAX_EVENT_TYPES: usize = 32;
 
@@ -351,8 +354,14 @@ impl WebhookManager {
         let delivery = self
             .store
             .webhooks()
-            .queue_redelivery(&webhook.webhook_id, &event, now_micros())
-            .await?;
+            .queue_redelivery(
+                &webhook.webhook_id,
+                &event,
+                now_micros(),
+                MAX_PENDING_REDELIVERIES,
+            )
+            .await?
+            .ok_or(Error::RedeliveriesPending(MAX_PENDING_REDELIVERIES))?;
         self.dispatcher.wake();
         Ok(delivery)
     }

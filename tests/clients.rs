@@ -133,8 +133,8 @@ fn run_suite(program: &str, args: &[&str]) -> SuiteOutput {
 
 #[test]
 fn python_client_suite() {
-    let imports =
-        "import grpc, grpc_tools, grpc_status, grpc_health, google.rpc.error_details_pb2, pytest";
+    let imports = "import grpc, grpc_tools, grpc_status, grpc_health, google.rpc.error_details_pb2, pytest, \
+         standardwebhooks";
     if let Err(why) = probe("python3", &["-c", imports], repo()) {
         skip_or_fail(&format!(
             "the Python client suite needs python3 with its packages ({PIP_INSTALL}): {why}"

@@ -37,12 +37,14 @@ pub trait WebhookStore: Send + Sync {
     async fn event_at(&self, position: i64) -> Result<Option<KeyEvent>>;
 
     /// Queues an event for a webhook again, behind what is queued; returns the new delivery.
+    /// `None` when `max_pending` redeliveries of the webhook are pending already.
     async fn queue_redelivery(
         &self,
         webhook_id: &str,
         event: &KeyEvent,
         now: UnixMicros,
-    ) -> Result<Delivery>;
+        max_pending: u32,
+    ) -> Result<Option<Delivery>>;
 
     /// Leases up to `limit` webhooks that have work (a pending delivery due, or events after
     /// their cursor to queue, due or not: their retry periods count from queueing) and no live
@@ -146,6 +148,15 @@ pub(super) const FIND_EVENT: &str = "select position, event_id, event_type, work
 
 pub(super) const EVENT_AT: &str = "select position, event_id, event_type, workspace_id, key_id, \
      occur_time, payload from key_event where position = $1";
+
+/// A redelivery, unless the webhook has `$6` pending already.
+pub(super) const INSERT_REDELIVERY: &str = concat!(
+    "insert into webhook_delivery (webhook_id, position, event_id, event_type, state, \
+     redelivery, create_time, attempt_count) select $1, $2, $3, $4, 'pending', true, $5, 0 \
+     where (select count(*) from webhook_delivery where webhook_id = $1 and state = 'pending' \
+     and redelivery) < $6 returning ",
+    delivery_columns!()
+);
 
 pub(super) const INSERT_DELIVERY: &str = concat!(
     "insert into webhook_delivery (webhook_id, position, event_id, event_type, state, \
@@ -431,18 +442,19 @@ macro_rules! impl_sql_webhook_store {
                 webhook_id: &str,
                 event: &$crate::events::KeyEvent,
                 now: $crate::timestamp::UnixMicros,
-            ) -> $crate::error::Result<$crate::webhooks::model::Delivery> {
+                max_pending: u32,
+            ) -> $crate::error::Result<Option<$crate::webhooks::model::Delivery>> {
                 use $crate::store::webhooks as sql;
-                let row: sql::DeliveryRow = sqlx::query_as(sql::INSERT_DELIVERY)
+                let row: Option<sql::DeliveryRow> = sqlx::query_as(sql::INSERT_REDELIVERY)
                     .bind(webhook_id)
                     .bind(event.position)
                     .bind(&event.event_id)
                     .bind(&event.event_type)
-                    .bind(true)
                     .bind(now)
-                    .fetch_one(&self.pool)
+                    .bind(i64::from(max_pending))
+                    .fetch_optional(&self.pool)
                     .await?;
-                sql::delivery_from_row(row)
+                row.map(sql::delivery_from_row).transpose()
             }
 
             async fn claim_webhooks(

@@ -473,7 +473,10 @@ enum Sent {
 }
 
 /// A webhook request's body: the Standard Webhooks envelope (`type`, `timestamp`, `data`) around
-/// the event, with the same field names as `KeyEvent` in the proto.
+/// the event. `data` has `KeyEvent`'s field names, in plain JSON rather than the proto's JSON
+/// mapping: `position` a number, the actor's `kind` in lower case (`admin`, `api_key`, ...), and
+/// `changes` as the audit trail keeps them (`field`, `old`, `new`, the values as JSON values).
+/// README.md, "Webhooks", documents it.
 pub fn payload(event: &KeyEvent) -> serde_json::Value {
     let mut data = json!({
         "event_id": event.event_id,

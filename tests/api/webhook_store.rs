@@ -300,10 +300,26 @@ async fn webhooks_are_limited_per_workspace_and_deleted_with_their_deliveries(db
     insert(store.as_ref(), &new_key("acme", NOW, 0)).await;
     let event = events_of(store.as_ref(), "acme").await.pop().unwrap();
     let queued = hooks
-        .queue_redelivery(&first.webhook_id, &event, NOW)
+        .queue_redelivery(&first.webhook_id, &event, NOW, 100)
         .await
+        .unwrap()
         .unwrap();
     assert!(queued.redelivery);
+    // Pending redeliveries are capped.
+    assert_eq!(
+        hooks
+            .queue_redelivery(&first.webhook_id, &event, NOW, 1)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(
+        hooks
+            .queue_redelivery(&first.webhook_id, &event, NOW, 2)
+            .await
+            .unwrap()
+            .is_some()
+    );
     assert_eq!(
         hooks.find_event("acme", &event.event_id).await.unwrap(),
         Some(event.clone())
@@ -347,16 +363,19 @@ async fn finished_deliveries_are_pruned(db: TestDb) {
     insert(store.as_ref(), &new_key("acme", NOW, 0)).await;
     let event = events_of(store.as_ref(), "acme").await.pop().unwrap();
     let old_done = hooks
-        .queue_redelivery(&hook.webhook_id, &event, NOW - 100 * SECOND)
+        .queue_redelivery(&hook.webhook_id, &event, NOW - 100 * SECOND, 100)
         .await
+        .unwrap()
         .unwrap();
     let old_pending = hooks
-        .queue_redelivery(&hook.webhook_id, &event, NOW - 100 * SECOND)
+        .queue_redelivery(&hook.webhook_id, &event, NOW - 100 * SECOND, 100)
         .await
+        .unwrap()
         .unwrap();
     let new_done = hooks
-        .queue_redelivery(&hook.webhook_id, &event, NOW)
+        .queue_redelivery(&hook.webhook_id, &event, NOW, 100)
         .await
+        .unwrap()
         .unwrap();
     let holder = lease(&hook, "pruner");
     hooks
