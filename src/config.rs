@@ -229,6 +229,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KEY_AUTHORITY_STATE_CACHE_TTL", default_value_t = shown(defaults().verify.state_ttl))]
     pub state_cache_ttl: humantime::Duration,
 
+    /// While the database cannot be reached, a key's cached state is still served for this long
+    /// after the database last confirmed it (each such answer is counted); then VerifyKey answers
+    /// UNAVAILABLE. 0 serves nothing unconfirmed.
+    #[arg(long, env = "KEY_AUTHORITY_STALE_IF_ERROR", default_value_t = shown(defaults().verify.stale_if_error))]
+    pub stale_if_error: humantime::Duration,
+
     /// How often usage counters are written to the database.
     #[arg(long, env = "KEY_AUTHORITY_USAGE_FLUSH_INTERVAL", default_value_t = shown(defaults().usage.flush_interval))]
     pub usage_flush_interval: humantime::Duration,
@@ -616,6 +622,7 @@ impl ServeArgs {
                 negative_verdict_ttl: Duration::from(self.negative_verdict_ttl),
                 state_cache_capacity: self.state_cache_capacity,
                 state_ttl: Duration::from(self.state_cache_ttl),
+                stale_if_error: Duration::from(self.stale_if_error),
                 lockout: LockoutConfig {
                     key_failures: self.lockout_key_failures,
                     ip_failures: self.lockout_ip_failures,

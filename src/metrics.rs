@@ -201,6 +201,28 @@ impl prometheus_client::collector::Collector for Sources {
             caches.state_entries as f64,
         )?;
 
+        counter(
+            e,
+            "state_stale_answers",
+            "VerifyKey answers from cached key state the database could not confirm (it was \
+             unreachable; within --stale-if-error of the last confirmation)",
+            caches.state_stale_answers as f64,
+        )?;
+        gauge(
+            e,
+            "db_unreachable",
+            "1 while the database is known to be unreachable (calls fail fast), else 0",
+            if self
+                .store
+                .breaker()
+                .is_some_and(|breaker| breaker.is_open())
+            {
+                1.0
+            } else {
+                0.0
+            },
+        )?;
+
         let argon2 = self.verifier.hash_pool().stats();
         gauge(
             e,

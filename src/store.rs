@@ -3,6 +3,7 @@
 //! notifications and error codes. Nothing outside this module knows which database it runs on.
 
 mod error;
+pub mod guard;
 mod postgres;
 mod row;
 mod sql;
@@ -279,6 +280,17 @@ pub trait Store: Send + Sync + 'static {
     /// Succeeds when the database answers.
     async fn ping(&self) -> Result<()>;
 
+    /// Succeeds when a fresh connection (not one of the pool's) reaches the database: how an
+    /// open circuit breaker finds it again.
+    async fn probe(&self) -> Result<()> {
+        self.ping().await
+    }
+
+    /// The circuit breaker in front of this store (`open` puts one there), if any.
+    fn breaker(&self) -> Option<&guard::Breaker> {
+        None
+    }
+
     /// Which database this is.
     fn kind(&self) -> StoreKind;
 
@@ -296,19 +308,20 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
-/// Connects to the database named by `url` (`sqlite://...` or `postgres://...`) and runs the
-/// embedded migrations.
+/// Connects to the database named by `url` (`sqlite://...` or `postgres://...`), runs the
+/// embedded migrations, and puts it behind a circuit breaker (`guard`).
 pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn Store>> {
-    if url.starts_with("sqlite:") {
-        return Ok(Arc::new(SqliteStore::open(url, max_connections).await?));
-    }
-    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        return Ok(Arc::new(PostgresStore::open(url, max_connections).await?));
-    }
-    Err(Error::invalid(
-        "database_url",
-        "must start with sqlite:, postgres: or postgresql:",
-    ))
+    let inner: Arc<dyn Store> = if url.starts_with("sqlite:") {
+        Arc::new(SqliteStore::open(url, max_connections).await?)
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Arc::new(PostgresStore::open(url, max_connections).await?)
+    } else {
+        return Err(Error::invalid(
+            "database_url",
+            "must start with sqlite:, postgres: or postgresql:",
+        ));
+    };
+    Ok(Arc::new(guard::GuardedStore::new(inner)))
 }
 
 /// Runs the embedded migrations of the database named by `url`, then closes it.

@@ -38,6 +38,9 @@ pub struct VerifyConfig {
     /// How long a key's state is trusted without a change notification: the backstop bound on
     /// how long a lost notification can keep a revoked key valid on another replica.
     pub state_ttl: Duration,
+    /// How long after its last confirmation from the database a key's cached state may still be
+    /// served while the database cannot be reached (`--stale-if-error`); zero: never.
+    pub stale_if_error: Duration,
     pub lockout: LockoutConfig,
 }
 
@@ -48,6 +51,7 @@ impl Default for VerifyConfig {
             negative_verdict_ttl: Duration::from_secs(60),
             state_cache_capacity: 200_000,
             state_ttl: Duration::from_secs(5),
+            stale_if_error: Duration::from_secs(30),
             lockout: LockoutConfig::default(),
         }
     }
@@ -210,6 +214,8 @@ pub struct CacheStats {
     pub state_hits: u64,
     pub state_misses: u64,
     pub state_entries: u64,
+    /// Answers from state the database could not confirm (`--stale-if-error`).
+    pub state_stale_answers: u64,
 }
 
 impl Verifier {
@@ -282,6 +288,7 @@ impl Verifier {
             state_hits,
             state_misses,
             state_entries,
+            state_stale_answers: self.states.stale_answers(),
         }
     }
 

@@ -42,9 +42,18 @@ pub(super) async fn watch_database(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        // No timeout of our own around the ping: the pool's acquire timeout bounds it, and
-        // cancelling connection attempts half-way can leave the pool short of connections.
-        let answered = store.ping().await.is_ok();
+        // A ping that takes longer than the interval counts as a failure, so NOT_SERVING comes
+        // within two intervals however long the pool would wait; it opens the store's breaker
+        // (a failed one does by itself), so calls fail fast from then on.
+        let answered = match tokio::time::timeout(interval, store.ping()).await {
+            Ok(answer) => answer.is_ok(),
+            Err(_) => {
+                if let Some(breaker) = store.breaker() {
+                    breaker.trip("the health ping did not answer within the health interval");
+                }
+                false
+            }
+        };
         if answered != serving {
             serving = answered;
             if serving {

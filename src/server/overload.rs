@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
@@ -102,7 +103,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = OverloadFuture<S::Future, ResBody>;
+    type Future = OverloadFuture<TaskLocalFuture<Instant, S::Future>, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -129,7 +130,8 @@ where
             _ => None,
         };
         OverloadFuture::Running {
-            inner: self.inner.call(request),
+            // The store reads the deadline to answer before it (`deadline`).
+            inner: crate::deadline::scope(deadline, self.inner.call(request)),
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             deadline,
             polled: false,

@@ -42,6 +42,21 @@ impl PostgresStore {
         let options = PgConnectOptions::from_str(url)
             .map_err(|error| Error::invalid("database_url", error.to_string()))?
             .application_name("key-authority");
+        // One connection first, for a start-up failure that says why (the pool would only say
+        // that it timed out): the server then exits, and its supervisor restarts it.
+        {
+            use sqlx::Connection as _;
+            let connection = sqlx::PgConnection::connect_with(&options)
+                .await
+                .map_err(|error| {
+                    Error::Unavailable(format!(
+                        "cannot connect to PostgreSQL at {}:{}: {error}",
+                        options.get_host(),
+                        options.get_port()
+                    ))
+                })?;
+            let _ = connection.close().await;
+        }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(5))
@@ -55,6 +70,16 @@ impl PostgresStore {
     }
 
     const KIND: StoreKind = StoreKind::Postgres;
+
+    /// A connection of its own, opened and closed: the pool's may be broken, and waiting on the
+    /// pool while the server is down takes its whole acquire timeout.
+    async fn probe_connection(&self) -> Result<()> {
+        use sqlx::Connection as _;
+        let mut connection = sqlx::PgConnection::connect_with(&self.options).await?;
+        sqlx::query("select 1").execute(&mut connection).await?;
+        connection.close().await?;
+        Ok(())
+    }
 
     /// What other replicas change, from a LISTEN connection of its own.
     fn change_feed(&self) -> Changes {

@@ -718,6 +718,10 @@ macro_rules! impl_sql_store {
                 Ok(())
             }
 
+            async fn probe(&self) -> $crate::error::Result<()> {
+                self.probe_connection().await
+            }
+
             fn kind(&self) -> $crate::store::StoreKind {
                 Self::KIND
             }

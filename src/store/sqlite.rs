@@ -49,6 +49,12 @@ impl SqliteStore {
 
     const KIND: StoreKind = StoreKind::Sqlite;
 
+    /// A file has no connection to lose: the pool's will do.
+    async fn probe_connection(&self) -> Result<()> {
+        sqlx::query("select 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// One node: every change is made by this process, which invalidates its caches itself, so
     /// there is nothing to follow.
     /// Only this process writes: the feed is its own doorbell for new events. A consumer that

@@ -1,7 +1,9 @@
 //! Cross-replica invalidation: applies the store's change feed (`Store::changes`) to the key-state
-//! cache. A changed key's state is dropped; when the feed (re)starts listening or breaks, the
-//! whole state cache is dropped, since a change may have been missed. The state cache TTL bounds
-//! the rest (a replica still serving from cache before it notices that its feed broke).
+//! cache. A changed key's state is dropped; when the feed (re)starts listening, the whole state
+//! cache is dropped, since a change may have been missed; when it breaks, nothing cached is fresh
+//! any more (every use reads the database, or falls back within `--stale-if-error` when that
+//! cannot be reached). The state cache TTL bounds the rest (a replica still serving from cache
+//! before it notices that its feed broke).
 
 use tokio::sync::{broadcast, watch};
 use tokio_stream::StreamExt as _;
@@ -51,7 +53,9 @@ async fn apply(
                 listening.send_modify(|count| *count += 1);
                 tracing::info!("change feed listening");
             }
-            Change::Interrupted => invalidator.everything_changed(),
+            // Nothing cached is fresh any more, but it stays as the fallback while the
+            // database cannot be reached (`--stale-if-error`); the resync drops it all.
+            Change::Interrupted => invalidator.feed_interrupted(),
             // New key events are the watchers' business (`events::EventHub`).
             Change::Events => {}
         }

@@ -18,16 +18,23 @@
 //! An entry whose flag is set is treated as missing. Nothing here expires or is evicted, so the
 //! guarantee holds for a read of any duration and any cache capacity; the warm path pays one
 //! atomic load for it.
+//!
+//! An entry is fresh for the state TTL after the read that confirmed it, and only while the
+//! change feed has not broken since (`feed_interrupted`): a fresh entry is served without the
+//! database. Past that it is read again; if the database cannot be reached, the entry is still
+//! served up to `stale_if_error` after its confirmation (counted, and marked in the span), then
+//! the caller gets UNAVAILABLE. README.md, "Faults", says what that exposes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use tracing::Instrument as _;
 
 use super::{VerifyConfig, shared_error};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::key::{Key, KeyId, StoredKey};
 use crate::store::Store;
 
@@ -41,6 +48,8 @@ pub struct StateEntry {
     /// every later answer from this entry (opaque here). A change to the key replaces the
     /// entry, so the view can never outlive the state it shows.
     valid_view: OnceLock<bytes::Bytes>,
+    /// When the database said so: microseconds since the cache's origin.
+    confirmed: u64,
 }
 
 impl StateEntry {
@@ -72,20 +81,52 @@ pub struct Invalidator {
     /// Database reads of key state since start: single-flight tests and metrics read it.
     loads: Arc<AtomicU64>,
     hits: Arc<AtomicU64>,
+    /// Answers from state the database could not confirm (`stale_if_error`).
+    stale_answers: Arc<AtomicU64>,
+    /// The instant the cache's clock counts from (`StateEntry::confirmed`).
+    origin: Instant,
+    /// When the change feed last broke, on the cache's clock (0: never): entries confirmed
+    /// before it may have missed a change, so they are no longer fresh.
+    feed_broken: Arc<AtomicU64>,
+    fresh_for: Duration,
+    stale_if_error: Duration,
 }
 
 impl Invalidator {
     pub fn new(store: Arc<dyn Store>, config: &VerifyConfig) -> Self {
         Self {
             store,
+            // Kept as long as they may be of use: fresh, or as the stale fallback.
             states: Cache::builder()
                 .max_capacity(config.state_cache_capacity)
-                .time_to_live(config.state_ttl)
+                .time_to_live(config.state_ttl.max(config.stale_if_error))
                 .build(),
             in_flight: Arc::default(),
             loads: Arc::new(AtomicU64::new(0)),
             hits: Arc::new(AtomicU64::new(0)),
+            stale_answers: Arc::new(AtomicU64::new(0)),
+            origin: Instant::now(),
+            feed_broken: Arc::new(AtomicU64::new(0)),
+            fresh_for: config.state_ttl,
+            stale_if_error: config.stale_if_error,
         }
+    }
+
+    /// Now, on the cache's clock; never 0.
+    fn clock(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn age(&self, entry: &StateEntry) -> Duration {
+        Duration::from_micros(self.clock().saturating_sub(entry.confirmed))
+    }
+
+    /// Served without the database: within the TTL, and confirmed after the feed last broke.
+    fn is_fresh(&self, entry: &StateEntry) -> bool {
+        entry.confirmed > self.feed_broken.load(Ordering::Acquire)
+            && self.age(entry) < self.fresh_for
     }
 
     /// Drops expired entries now (moka does it only while the cache is used).
@@ -97,16 +138,24 @@ impl Invalidator {
     /// every concurrent caller.
     pub async fn get(&self, key_id: &str) -> Result<Arc<StateEntry>> {
         self.get_or_load(key_id)
-            .instrument(tracing::debug_span!("verify.state_cache"))
+            .instrument(tracing::debug_span!(
+                "verify.state_cache",
+                stale_if_error = tracing::field::Empty
+            ))
             .await
     }
 
     async fn get_or_load(&self, key_id: &str) -> Result<Arc<StateEntry>> {
         loop {
+            // The last confirmed state, should the database not answer now.
+            let mut fallback = None;
             if let Some(entry) = self.states.get(key_id).await {
                 if !entry.is_stale() {
-                    self.hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(entry);
+                    if self.is_fresh(&entry) {
+                        self.hits.fetch_add(1, Ordering::Relaxed);
+                        return Ok(entry);
+                    }
+                    fallback = Some(entry);
                 }
                 self.states.invalidate(key_id).await;
             }
@@ -116,7 +165,7 @@ impl Invalidator {
             let stale = &registration.stale;
             let store = &self.store;
             let loads = &self.loads;
-            let entry = self
+            let loaded = self
                 .states
                 .try_get_with_by_ref(key_id, async move {
                     loads.fetch_add(1, Ordering::Relaxed);
@@ -130,10 +179,18 @@ impl Invalidator {
                         stored,
                         stale: stale.clone(),
                         valid_view: OnceLock::new(),
+                        confirmed: self.clock(),
                     }))
                 })
                 .await
-                .map_err(shared_error)?;
+                .map_err(shared_error);
+            let entry = match (loaded, fallback) {
+                (Ok(entry), _) => entry,
+                (Err(Error::Unavailable(why)), Some(last)) => {
+                    return self.serve_stale(key_id, last, registration, why).await;
+                }
+                (Err(error), _) => return Err(error),
+            };
             drop(registration);
             if !entry.is_stale() {
                 return Ok(entry);
@@ -141,6 +198,48 @@ impl Invalidator {
             // A change landed while the read behind this entry was in flight: read again.
             self.states.invalidate(key_id).await;
         }
+    }
+
+    /// The database cannot be reached: answers from the last confirmed state if it is recent
+    /// enough, keeping it cached (with this load's registration, so a change that lands meanwhile
+    /// still drops it); UNAVAILABLE otherwise.
+    async fn serve_stale(
+        &self,
+        key_id: &str,
+        last: Arc<StateEntry>,
+        registration: LoadRegistration<'_>,
+        why: String,
+    ) -> Result<Arc<StateEntry>> {
+        if self.age(&last) > self.stale_if_error {
+            return Err(Error::Unavailable(why));
+        }
+        let kept = Arc::new(StateEntry {
+            stored: last.stored.clone(),
+            stale: registration.stale.clone(),
+            valid_view: last.valid_view.clone(),
+            confirmed: last.confirmed,
+        });
+        self.states.insert(key_id.to_owned(), kept.clone()).await;
+        drop(registration);
+        if kept.is_stale() {
+            // A change to this key landed: its old state must not be served.
+            self.states.invalidate(key_id).await;
+            return Err(Error::Unavailable(why));
+        }
+        self.stale_answers.fetch_add(1, Ordering::Relaxed);
+        tracing::Span::current().record("stale_if_error", true);
+        Ok(kept)
+    }
+
+    /// The change feed broke: changes may be missed from now on, so nothing cached so far is
+    /// fresh any more. Kept (unlike at a resync) as the fallback for a database outage.
+    pub fn feed_interrupted(&self) {
+        self.feed_broken.store(self.clock(), Ordering::Release);
+    }
+
+    /// Answers served from state the database could not confirm.
+    pub fn stale_answers(&self) -> u64 {
+        self.stale_answers.load(Ordering::Relaxed)
     }
 
     /// (hits, misses, entries) of the state cache.

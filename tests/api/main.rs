@@ -17,6 +17,7 @@ mod lifecycle;
 mod listing;
 mod lockout_race;
 mod observability;
+mod outage;
 mod overload;
 mod persistence;
 mod replicas;

@@ -9,8 +9,13 @@ use std::time::{Duration, Instant};
 pub struct Cluster {
     pub port: u16,
     pub data_dir: PathBuf,
-    /// Held, never waited on: the watchdog stops both when this process exits.
-    _processes: [Child; 2],
+    bin_dir: PathBuf,
+    /// Where the unix socket lives.
+    socket_dir: PathBuf,
+    as_root: bool,
+    /// Held, never waited on: the watchdog stops the server when this process exits. A restart
+    /// adds the new server.
+    _processes: std::sync::Mutex<Vec<Child>>,
 }
 
 static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
@@ -20,7 +25,7 @@ static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
 pub fn cluster() -> Option<&'static Cluster> {
     CLUSTER
         .get_or_init(|| match find_bin_dir() {
-            Some(bin_dir) => Some(start(&bin_dir)),
+            Some(bin_dir) => Some(start(&bin_dir, "shared")),
             None => {
                 if std::env::var("KEY_AUTHORITY_REQUIRE_POSTGRES").as_deref() == Ok("1") {
                     panic!(
@@ -93,9 +98,18 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-fn start(bin_dir: &Path) -> Cluster {
+/// A cluster of the caller's own, which it may stop and start again (outage tests); `None`
+/// where PostgreSQL is not installed, as `cluster()`.
+pub fn private_cluster() -> Option<Cluster> {
+    // Checks the installation (and KEY_AUTHORITY_REQUIRE_POSTGRES) the same way.
+    cluster()?;
+    let bin_dir = find_bin_dir()?;
+    Some(start(&bin_dir, &format!("private-{}", free_port())))
+}
+
+fn start(bin_dir: &Path, name: &str) -> Cluster {
     let as_root = running_as_root();
-    let base = std::env::temp_dir().join(format!("key-authority-pg-{}", std::process::id()));
+    let base = std::env::temp_dir().join(format!("key-authority-pg-{}-{name}", std::process::id()));
     let data_dir = base.join("data");
     std::fs::create_dir_all(&base).expect("create the cluster folder");
     if as_root {
@@ -128,19 +142,7 @@ fn start(bin_dir: &Path) -> Cluster {
         String::from_utf8_lossy(&initdb.stderr)
     );
     let port = free_port();
-    let server = pg_command(bin_dir, "postgres", as_root)
-        .arg("-D")
-        .arg(&data_dir)
-        .args(["-p", &port.to_string()])
-        .args(["-c", "listen_addresses=127.0.0.1"])
-        .arg("-c")
-        .arg(format!("unix_socket_directories={}", base.display()))
-        .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-        .args(["-c", "full_page_writes=off", "-c", "max_connections=400"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start postgres");
+    let server = spawn_server(bin_dir, &data_dir, &base, port, as_root);
     // Nothing runs at process exit in a Rust test binary, so a watchdog stops the cluster and
     // removes its files once this process is gone. The postmaster's own pid is in its pid file
     // (the spawned process may be runuser).
@@ -165,8 +167,33 @@ fn start(bin_dir: &Path) -> Cluster {
     Cluster {
         port,
         data_dir,
-        _processes: [server, watchdog],
+        bin_dir: bin_dir.to_owned(),
+        socket_dir: base,
+        as_root,
+        _processes: std::sync::Mutex::new(vec![server, watchdog]),
     }
+}
+
+fn spawn_server(
+    bin_dir: &Path,
+    data_dir: &Path,
+    socket_dir: &Path,
+    port: u16,
+    as_root: bool,
+) -> Child {
+    pg_command(bin_dir, "postgres", as_root)
+        .arg("-D")
+        .arg(data_dir)
+        .args(["-p", &port.to_string()])
+        .args(["-c", "listen_addresses=127.0.0.1"])
+        .arg("-c")
+        .arg(format!("unix_socket_directories={}", socket_dir.display()))
+        .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+        .args(["-c", "full_page_writes=off", "-c", "max_connections=400"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start postgres")
 }
 
 fn wait_until_accepting(port: u16) {
@@ -183,5 +210,71 @@ fn wait_until_accepting(port: u16) {
 impl Cluster {
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Stops the server for real (a fast shutdown: clients are disconnected, the port closes)
+    /// and returns once it is gone.
+    pub fn stop(&self) {
+        let pid = std::fs::read_to_string(self.data_dir.join("postmaster.pid"))
+            .expect("the server's pid file")
+            .lines()
+            .next()
+            .expect("a pid")
+            .trim()
+            .to_owned();
+        let status = Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -INT {pid} failed");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Command::new("kill")
+            .args(["-0", &pid])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not stop within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same data and port; returns once it accepts connections.
+    pub fn start_again(&self) {
+        let server = spawn_server(
+            &self.bin_dir,
+            &self.data_dir,
+            &self.socket_dir,
+            self.port,
+            self.as_root,
+        );
+        self._processes.lock().unwrap().push(server);
+        wait_until_accepting(self.port);
+    }
+
+    /// Creates a database and returns its URL, waiting for the server to take queries.
+    pub async fn create_database(&self) -> String {
+        use sqlx::Connection as _;
+        let name = format!("t_{}", crate::common::random_suffix());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match sqlx::PgConnection::connect(&self.url("postgres")).await {
+                Ok(mut admin) => {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {name}")))
+                        .execute(&mut admin)
+                        .await
+                        .expect("create a test database");
+                    return self.url(&name);
+                }
+                Err(error) if Instant::now() < deadline => {
+                    let _ = error;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!("cannot reach the test cluster: {error}"),
+            }
+        }
     }
 }
