@@ -332,9 +332,10 @@ async fn self_rotations_expire_with_the_original(db: TestDb) {
             workspace_id: "acme".into(),
             name: "short-lived".into(),
             role: pb::Role::Developer as i32,
+            // Long enough for three rotations on a loaded machine.
             expiration: Some(pb::issue_key_request::Expiration::Ttl(
                 prost_types::Duration {
-                    seconds: 2,
+                    seconds: 5,
                     nanos: 0,
                 },
             )),

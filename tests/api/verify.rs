@@ -184,10 +184,11 @@ async fn ttl_expiry_is_checked_on_every_verify(db: TestDb) {
     let issued = app
         .issue_with(pb::IssueKeyRequest {
             workspace_id: "acme".into(),
-            name: "one second".into(),
+            name: "three seconds".into(),
+            // Long enough to warm the caches on a loaded machine.
             expiration: Some(pb::issue_key_request::Expiration::Ttl(
                 prost_types::Duration {
-                    seconds: 1,
+                    seconds: 3,
                     nanos: 0,
                 },
             )),
