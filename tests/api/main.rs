@@ -19,6 +19,7 @@ mod lockout_race;
 mod observability;
 mod overload;
 mod persistence;
+mod process_faults;
 mod replicas;
 mod rotation;
 mod server;
