@@ -22,6 +22,7 @@ mod persistence;
 mod process_faults;
 mod replicas;
 mod rotation;
+mod secrets_scan;
 mod server;
 mod slow_database;
 mod store;
