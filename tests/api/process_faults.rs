@@ -402,7 +402,7 @@ async fn sigterm_under_load(db: TestDb, replicas: usize) {
     }
     eprintln!(
         "SIGTERM under load ({replicas} replica(s)): A acknowledged {} IssueKey, {} RevokeKey, \
-         {} VALID; {} calls refused",
+         {} VALID; {} calls failed in transport",
         ledger_a.issued.len(),
         ledger_a.revoked.len(),
         ledger_a.valid_total(),
