@@ -28,6 +28,109 @@ pub async fn connect(port: u16) -> Channel {
     }
 }
 
+/// `key-authority serve` on 127.0.0.1:`port` against `database_url`, with the cheap argon2 of the
+/// in-process tests and `admin_token` as the one admin token.
+pub(crate) fn serve_command(port: u16, database_url: &str, admin_token: &str) -> Command {
+    let mut command = Command::new(BINARY);
+    command
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", database_url)
+        .env("KEY_AUTHORITY_ADMIN_TOKEN", admin_token)
+        .env("KEY_AUTHORITY_ARGON2_MEMORY_KIB", "1024")
+        .env("KEY_AUTHORITY_ARGON2_ITERATIONS", "1")
+        .env("KEY_AUTHORITY_ARGON2_PARALLELISM", "1")
+        .env_remove("RUST_LOG")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdin(Stdio::null());
+    command
+}
+
+/// A running `key-authority` process whose stdout and stderr are read to the end in threads, so
+/// it never blocks on a full pipe and the test gets every line it wrote.
+/// Dropped before `wait` (a failed assertion), the process is killed rather than left running.
+pub(crate) struct ServerProcess {
+    child: Option<std::process::Child>,
+    output: Option<[std::thread::JoinHandle<Vec<u8>>; 2]>,
+}
+
+/// How a server process ended, and everything it wrote.
+pub(crate) struct Exited {
+    pub status: std::process::ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl ServerProcess {
+    /// Starts `command` (made by `serve_command`) with its output captured.
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start key-authority");
+        let read_all = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                bytes
+            })
+        };
+        let stdout = read_all(Box::new(child.stdout.take().unwrap()));
+        let stderr = read_all(Box::new(child.stderr.take().unwrap()));
+        Self {
+            child: Some(child),
+            output: Some([stdout, stderr]),
+        }
+    }
+
+    fn child(&mut self) -> &mut std::process::Child {
+        self.child.as_mut().expect("not waited for yet")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("not waited for yet").id()
+    }
+
+    /// Sends SIGTERM: the graceful stop.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM {}", self.pid());
+    }
+
+    /// Sends SIGKILL: no drain, no flush.
+    pub fn kill(&mut self) {
+        self.child().kill().expect("SIGKILL the server");
+    }
+
+    /// Waits for the process to end; returns its status and output.
+    pub async fn wait(mut self) -> Exited {
+        let mut child = self.child.take().expect("waited for once");
+        let [stdout, stderr] = self.output.take().expect("waited for once");
+        tokio::task::spawn_blocking(move || {
+            let status = child.wait().expect("wait for the server");
+            Exited {
+                status,
+                stdout: stdout.join().expect("stdout reader"),
+                stderr: stderr.join().expect("stderr reader"),
+            }
+        })
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 #[test]
 fn migrate_creates_the_schema() {
     let dir = tempfile::tempdir().unwrap();
