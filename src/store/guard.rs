@@ -4,7 +4,8 @@
 //! timeout (5 s) before it fails, so a caller with a shorter deadline hears DEADLINE_EXCEEDED and
 //! never the documented UNAVAILABLE. Here:
 //! - the first call that finds the database unreachable (an I/O error, a refused or timed-out
-//!   connection: `Error::Unavailable`) opens the breaker, and so does a failed health ping;
+//!   connection: `Error::Unavailable`) opens the breaker, and so does a failed health ping; a
+//!   call that runs out of time waiting starts a probe, whose failure opens it;
 //! - while it is open, every call fails at once with `Error::Unavailable`, and calls already
 //!   waiting for the database give up too;
 //! - a background probe opens a fresh connection every `PROBE_INTERVAL` and closes the breaker
@@ -40,8 +41,9 @@ use crate::webhooks::model::{
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// What a call keeps of its deadline for answering: the database gets the rest.
-const ANSWER_MARGIN: Duration = Duration::from_millis(25);
+/// What a call keeps of its deadline for answering (at most a quarter of it): the database gets
+/// the rest. Generous, so that the answer beats the deadline on a busy machine too.
+const ANSWER_MARGIN: Duration = Duration::from_millis(200);
 
 /// Whether the database is known to be unreachable.
 #[derive(Debug)]
@@ -89,6 +91,8 @@ impl Breaker {
 pub struct GuardedStore {
     inner: Arc<dyn Store>,
     breaker: Arc<Breaker>,
+    /// A probe started by a call that ran out of time is under way.
+    suspecting: Arc<AtomicBool>,
 }
 
 impl GuardedStore {
@@ -96,7 +100,33 @@ impl GuardedStore {
     pub fn new(inner: Arc<dyn Store>) -> Self {
         let breaker = Arc::new(Breaker::default());
         tokio::spawn(probe(Arc::downgrade(&inner), breaker.clone()));
-        Self { inner, breaker }
+        Self {
+            inner,
+            breaker,
+            suspecting: Arc::default(),
+        }
+    }
+
+    /// A call ran out of time waiting for the database. Slow is not down, so the breaker stays
+    /// closed, but one probe (a fresh connection) finds out at once: while the pool keeps
+    /// retrying connections to a server that is gone, every call would otherwise wait out its
+    /// whole deadline.
+    fn suspect(&self) {
+        if self.breaker.is_open() || self.suspecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (store, breaker) = (Arc::downgrade(&self.inner), self.breaker.clone());
+        let suspecting = self.suspecting.clone();
+        tokio::spawn(async move {
+            if let Some(store) = store.upgrade() {
+                match tokio::time::timeout(PROBE_TIMEOUT, store.probe()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => breaker.trip(&error.to_string()),
+                    Err(_) => breaker.trip("a probe found no database within its timeout"),
+                }
+            }
+            suspecting.store(false, Ordering::Release);
+        });
     }
 
     /// Runs one database call: refused at once while the breaker is open; given up when the
@@ -108,7 +138,7 @@ impl GuardedStore {
         }
         let mut state = self.breaker.state.subscribe();
         let budget = crate::deadline::remaining()
-            .map(|left| left.saturating_sub(ANSWER_MARGIN.min(left / 10)));
+            .map(|left| left.saturating_sub(ANSWER_MARGIN.min(left / 4)));
         let bounded = async {
             match budget {
                 Some(budget) => tokio::time::timeout(budget, call).await.map_err(|_| {
@@ -122,8 +152,10 @@ impl GuardedStore {
         let result = tokio::select! {
             result = bounded => match result {
                 Ok(result) => result,
-                // Slow is not down: the breaker stays as it is.
-                Err(too_late) => return Err(too_late),
+                Err(too_late) => {
+                    self.suspect();
+                    return Err(too_late);
+                }
             },
             _ = state.wait_for(|open| *open) => return Err(Breaker::refusal()),
         };
