@@ -201,6 +201,9 @@ fn rpc_span(method: &'static str, parent: opentelemetry::Context) -> tracing::Sp
         rpc.method = rpc,
         rpc.grpc.status_code = Empty,
         trace_id = Empty,
+        // VerifyKey answered from state the database could not confirm (`--stale-if-error`);
+        // recorded on the innermost span that has it (this one when debug spans are off).
+        stale_if_error = Empty,
     );
     if span.is_disabled() {
         return span;
