@@ -394,7 +394,8 @@ async fn load_through_an_outage_gets_verdicts_or_unavailable() {
         other.is_empty(),
         "answers other than a verdict or UNAVAILABLE: {other:?}"
     );
-    for key_id in seen.issued.lock().unwrap().clone() {
+    let issued = seen.issued.lock().unwrap().clone();
+    for key_id in issued {
         app.get("acme", &key_id)
             .await
             .expect("an acknowledged key is stored");
