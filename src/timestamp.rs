@@ -1,15 +1,33 @@
 //! Time as the service stores it: microseconds since the Unix epoch, UTC. One integer type keeps
 //! SQLite and PostgreSQL identical and comparisons trivial.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub type UnixMicros = i64;
 
+/// How far tests have moved the clock forward (`advance_clock_for_tests`), in microseconds;
+/// zero in the service, which never calls it.
+static TEST_CLOCK_OFFSET: AtomicI64 = AtomicI64::new(0);
+
+/// Now, as the service decides with it: expiries, rotation caps, listing filters, the expiry
+/// sweep, retention. (Caches and lockouts time their lifetimes with `Instant`s instead.)
 pub fn now_micros() -> UnixMicros {
     let since_epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
-    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
+    let wall = i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX);
+    wall.saturating_add(TEST_CLOCK_OFFSET.load(Ordering::Relaxed))
+}
+
+/// Moves `now_micros` forward by `by` for the whole process, so that a test can let keys
+/// expire without sleeping (`tests/model.rs`). Only for tests, each in a test binary of its
+/// own: every server in the process sees the shifted clock, and nothing undoes it. The service
+/// never calls it (no flag, variable or RPC reaches it); reading the offset costs the hot path
+/// one relaxed atomic load.
+#[doc(hidden)]
+pub fn advance_clock_for_tests(by: Duration) {
+    TEST_CLOCK_OFFSET.fetch_add(duration_micros(by), Ordering::Relaxed);
 }
 
 /// `duration` in microseconds, saturating so that absurd durations cannot overflow.
