@@ -539,7 +539,7 @@ macro_rules! impl_sql_store {
                 &self,
                 query: &$crate::events::EventQuery,
             ) -> $crate::error::Result<Vec<$crate::events::KeyEvent>> {
-                let rows: Vec<(i64, String, String, String, String, i64, String)> =
+                let rows: Vec<$crate::store::webhooks::EventRow> =
                     sqlx::query_as($crate::store::sql::LIST_EVENTS)
                         .bind(query.after)
                         .bind(query.workspace_id.as_deref())
@@ -547,20 +547,7 @@ macro_rules! impl_sql_store {
                         .fetch_all(&self.pool)
                         .await?;
                 rows.into_iter()
-                    .map(|(position, event_id, event_type, workspace_id, key_id, time, payload)| {
-                        $crate::events::KeyEvent::from_stored(
-                            position,
-                            event_id,
-                            event_type,
-                            workspace_id,
-                            key_id,
-                            time,
-                            &payload,
-                        )
-                        .ok_or_else(|| {
-                            $crate::error::Error::Internal(format!("event {position}: bad payload"))
-                        })
-                    })
+                    .map($crate::store::webhooks::event_from_row)
                     .collect()
             }
 

@@ -284,6 +284,7 @@ pub(super) fn delivery_from_row(row: DeliveryRow) -> Result<Delivery> {
     })
 }
 
+/// A `key_event` row: position, event id, type, workspace, key id, time, payload.
 pub(super) type EventRow = (i64, String, String, String, String, i64, String);
 
 pub(super) fn event_from_row(row: EventRow) -> Result<KeyEvent> {
