@@ -1083,3 +1083,29 @@ impl SoakReport {
         lines
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_splits_the_run_into_intervals() {
+        let clock = Clock::new(Duration::from_secs(150), Duration::from_secs(60));
+        assert_eq!(clock.intervals, 3);
+        assert_eq!(clock.index(clock.start), 0);
+        assert_eq!(clock.index(clock.start + Duration::from_secs(60)), 1);
+        // Requests that start after the end still land in the last interval.
+        assert_eq!(clock.index(clock.start + Duration::from_secs(500)), 2);
+        assert_eq!(clock.length(0), Duration::from_secs(60));
+        assert_eq!(clock.length(2), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn foreign_cpu_averages_the_seconds_inside() {
+        let log = [(9, 100.0), (10, 10.0), (11, 30.0), (12, 50.0)];
+        let (average, busy) = foreign_cpu(&log, 10, 12).expect("two seconds inside");
+        assert!((average - 20.0).abs() < 1e-9);
+        assert_eq!(busy, 1);
+        assert!(foreign_cpu(&log, 20, 30).is_none());
+    }
+}
