@@ -16,6 +16,7 @@ mod memory;
 mod propagation;
 mod report;
 mod scale;
+mod soak;
 mod stats;
 mod warm;
 
@@ -28,6 +29,7 @@ use client::{Net, Result};
 use cold::Argon2Settings;
 use propagation::PropagationSettings;
 use report::TargetLine;
+use soak::{Replica, SoakSettings};
 use warm::LoopSettings;
 
 #[derive(Debug, Parser)]
@@ -156,6 +158,19 @@ enum Command {
         database_url: String,
         #[command(flatten)]
         scale: ScaleArgs,
+    },
+    /// Minutes of VerifyKey load spread over several replicas with a steady mix of management
+    /// calls beside it; at the end: errors, resident memory, and every key's usage count
+    /// against the VALID answers seen (bench/soak.sh).
+    Soak {
+        /// host:port of every replica, comma separated (named A, B, ... in the report).
+        #[arg(long, value_delimiter = ',', required = true)]
+        targets: Vec<String>,
+        /// Their pids (same machine), in the same order, to read their resident memory.
+        #[arg(long, value_delimiter = ',')]
+        server_pids: Vec<u32>,
+        #[command(flatten)]
+        soak: SoakArgs,
     },
     /// warm, cold and flood; propagation with --replica; scale with --database-url.
     All {
@@ -289,6 +304,49 @@ struct ScaleArgs {
     keys_per_size: usize,
 }
 
+#[derive(Debug, Args)]
+struct SoakArgs {
+    /// How long the load runs.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Length of each reported interval.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Keys in the verified set, issued in turn on each replica; never rotated or revoked.
+    #[arg(long, default_value_t = 200)]
+    keys: usize,
+    /// VerifyKey request loops, spread in turn over the replicas.
+    #[arg(long, default_value_t = 32)]
+    verify_loops: usize,
+    /// How often a management cycle (about a dozen calls) starts.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    management_every: Duration,
+    /// Wait after the load before reading usage back: past the servers' usage flush interval.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// Read mismatched usage again, every second, for at most this long.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    usage_deadline: Duration,
+    /// The foreign-CPU log of bench/soak.sh's monitor (`<unix seconds> <% of a core>` lines).
+    #[arg(long)]
+    foreign_cpu_log: Option<std::path::PathBuf>,
+}
+
+impl SoakArgs {
+    fn settings(&self) -> SoakSettings {
+        SoakSettings {
+            duration: self.duration,
+            interval: self.interval,
+            keys: self.keys,
+            verify_loops: self.verify_loops,
+            management_every: self.management_every,
+            settle: self.settle,
+            usage_deadline: self.usage_deadline,
+            foreign_cpu_log: self.foreign_cpu_log.clone(),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -418,6 +476,26 @@ async fn run(cli: Cli) -> Result<Vec<TargetLine>> {
             .await?;
             Ok(report.targets())
         }
+        Command::Soak {
+            targets,
+            server_pids,
+            soak,
+        } => {
+            if !server_pids.is_empty() && server_pids.len() != targets.len() {
+                return Err("give one --server-pids entry per --targets entry, or none".into());
+            }
+            let mut replicas = Vec::with_capacity(targets.len());
+            for (index, addr) in targets.into_iter().enumerate() {
+                client::wait_serving(&net, &addr, cli.wait).await?;
+                replicas.push(Replica {
+                    name: replica_name(index),
+                    addr,
+                    pid: server_pids.get(index).copied(),
+                });
+            }
+            let report = soak::run(&net, &replicas, &soak.settings()).await?;
+            Ok(report.targets())
+        }
         Command::All {
             target,
             replica,
@@ -478,5 +556,13 @@ async fn run(cli: Cli) -> Result<Vec<TargetLine>> {
             }
             Ok(lines)
         }
+    }
+}
+
+/// A, B, ..., Z, then R26, R27, ...
+fn replica_name(index: usize) -> String {
+    match u8::try_from(index) {
+        Ok(letter @ 0..26) => char::from(b'A' + letter).to_string(),
+        _ => format!("R{index}"),
     }
 }

@@ -26,7 +26,7 @@ pub struct Footprint {
     pub threads: u64,
 }
 
-fn footprint(pid: u32) -> Result<Footprint> {
+pub fn footprint(pid: u32) -> Result<Footprint> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> Option<u64> {
         status
