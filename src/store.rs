@@ -92,6 +92,14 @@ pub struct UsageDelta {
     pub last_used_time: UnixMicros,
 }
 
+/// A usage batch that failed part of the way: the first `written` deltas are stored, the rest
+/// are not.
+#[derive(Debug)]
+pub struct UsageWriteError {
+    pub written: usize,
+    pub error: Error,
+}
+
 /// One batch of the expiry sweep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ExpirySweep {
@@ -260,8 +268,13 @@ pub trait Store: Send + Sync + 'static {
     /// and how many events it wrote.
     async fn announce_expired_keys(&self, now: UnixMicros, limit: u32) -> Result<ExpirySweep>;
 
-    /// Adds a batch of usage to the keys' counters in one transaction.
-    async fn record_usage(&self, deltas: &[UsageDelta]) -> Result<()>;
+    /// Adds a batch of usage to the keys' counters, in the order given. On PostgreSQL each key's
+    /// counters are one statement of their own: a flush never holds one row's lock while it
+    /// waits for another's, so the flushes of two replicas (and a revocation walking a rotation
+    /// chain) cannot deadlock with it. SQLite, with one writer, writes the batch in one
+    /// transaction. On failure, says how many of the deltas (a prefix) were written.
+    async fn record_usage(&self, deltas: &[UsageDelta])
+    -> std::result::Result<(), UsageWriteError>;
 
     /// Atomically consumes `cost` uses of a usage budget (with `cost` 0, checks that one is
     /// left). `Some(remaining)` on success; `None` when not enough are left.

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use super::{
     Changes, DoneRequest, ExpirySweep, ListQuery, Mutation, PoolStats, Revocation, Rotation, Store,
-    StoreKind, UsageDelta, WebhookStore,
+    StoreKind, UsageDelta, UsageWriteError, WebhookStore,
 };
 use crate::audit::{AuditEvent, AuditQuery};
 use crate::error::{Error, Result};
@@ -294,8 +294,26 @@ impl Store for GuardedStore {
             .await
     }
 
-    async fn record_usage(&self, deltas: &[UsageDelta]) -> Result<()> {
-        self.guard(self.inner.record_usage(deltas)).await
+    async fn record_usage(
+        &self,
+        deltas: &[UsageDelta],
+    ) -> std::result::Result<(), UsageWriteError> {
+        // Background work: no call deadline to keep.
+        if self.breaker.is_open() {
+            return Err(UsageWriteError {
+                written: 0,
+                error: Breaker::refusal(),
+            });
+        }
+        let result = self.inner.record_usage(deltas).await;
+        if let Err(UsageWriteError {
+            error: Error::Unavailable(why),
+            ..
+        }) = &result
+        {
+            self.breaker.trip(why);
+        }
+        result
     }
 
     async fn consume_usage(&self, budget_id: &str, cost: i64) -> Result<Option<i64>> {

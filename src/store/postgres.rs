@@ -71,6 +71,11 @@ impl PostgresStore {
 
     const KIND: StoreKind = StoreKind::Postgres;
 
+    /// A usage statement per key, each its own transaction: a flush never waits for a lock while
+    /// holding another, so two replicas' flushes and a revocation of a rotation chain cannot
+    /// deadlock.
+    const USAGE_IN_ONE_TRANSACTION: bool = false;
+
     /// A connection of its own, opened and closed: the pool's may be broken, and waiting on the
     /// pool while the server is down takes its whole acquire timeout.
     async fn probe_connection(&self) -> Result<()> {

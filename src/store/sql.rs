@@ -625,17 +625,36 @@ macro_rules! impl_sql_store {
             async fn record_usage(
                 &self,
                 deltas: &[$crate::store::UsageDelta],
-            ) -> $crate::error::Result<()> {
-                let mut tx = self.pool.begin().await?;
+            ) -> Result<(), $crate::store::UsageWriteError> {
+                let failed = |written: usize| {
+                    move |error: sqlx::Error| $crate::store::UsageWriteError {
+                        written,
+                        error: error.into(),
+                    }
+                };
+                if !Self::USAGE_IN_ONE_TRANSACTION {
+                    for (written, delta) in deltas.iter().enumerate() {
+                        sqlx::query($crate::store::sql::ADD_USAGE)
+                            .bind(delta.requests)
+                            .bind(delta.last_used_time)
+                            .bind(delta.key_id.as_str())
+                            .execute(&self.pool)
+                            .await
+                            .map_err(failed(written))?;
+                    }
+                    return Ok(());
+                }
+                let mut tx = self.pool.begin().await.map_err(failed(0))?;
                 for delta in deltas {
                     sqlx::query($crate::store::sql::ADD_USAGE)
                         .bind(delta.requests)
                         .bind(delta.last_used_time)
                         .bind(delta.key_id.as_str())
                         .execute(&mut *tx)
-                        .await?;
+                        .await
+                        .map_err(failed(0))?;
                 }
-                tx.commit().await?;
+                tx.commit().await.map_err(failed(0))?;
                 Ok(())
             }
 

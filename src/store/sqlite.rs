@@ -49,6 +49,9 @@ impl SqliteStore {
 
     const KIND: StoreKind = StoreKind::Sqlite;
 
+    /// One writer at a time: no deadlock to fear, and one commit (one fsync) per usage batch.
+    const USAGE_IN_ONE_TRANSACTION: bool = true;
+
     /// A file has no connection to lose: the pool's will do.
     async fn probe_connection(&self) -> Result<()> {
         sqlx::query("select 1").execute(&self.pool).await?;

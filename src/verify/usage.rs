@@ -85,8 +85,8 @@ impl UsageRecorder {
         &self.pending[spread % SHARDS]
     }
 
-    /// Writes every pending count in one transaction. On failure the counts go back, to be
-    /// written by the next flush.
+    /// Writes every pending count, in key id order. On failure the counts not written go back,
+    /// to be written by the next flush.
     pub async fn flush(&self) -> crate::error::Result<()> {
         let _one_at_a_time = self.flushing.lock().await;
         let mut taken = HashMap::new();
@@ -97,7 +97,7 @@ impl UsageRecorder {
             self.mark_written();
             return Ok(());
         }
-        let deltas: Vec<UsageDelta> = taken
+        let mut deltas: Vec<UsageDelta> = taken
             .iter()
             .map(|(key_id, counts)| UsageDelta {
                 key_id: key_id.clone(),
@@ -105,9 +105,17 @@ impl UsageRecorder {
                 last_used_time: counts.last_used_time,
             })
             .collect();
-        if let Err(error) = self.store.record_usage(&deltas).await {
-            self.put_back(taken);
-            return Err(error);
+        // One order on every replica: whatever locks a store takes, they come in the same order.
+        deltas.sort_by(|a, b| a.key_id.as_str().cmp(b.key_id.as_str()));
+        if let Err(failure) = self.store.record_usage(&deltas).await {
+            // What was written stays written; only the rest goes back, so nothing is counted
+            // twice.
+            let unwritten = deltas[failure.written.min(deltas.len())..]
+                .iter()
+                .filter_map(|delta| taken.remove_entry(&delta.key_id))
+                .collect();
+            self.put_back(unwritten);
+            return Err(failure.error);
         }
         self.mark_written();
         Ok(())

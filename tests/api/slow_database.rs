@@ -166,7 +166,10 @@ impl Store for SlowReadStore {
         self.inner.announce_expired_keys(now, limit).await
     }
 
-    async fn record_usage(&self, deltas: &[UsageDelta]) -> Result<()> {
+    async fn record_usage(
+        &self,
+        deltas: &[UsageDelta],
+    ) -> std::result::Result<(), store::UsageWriteError> {
         self.inner.record_usage(deltas).await
     }
 
