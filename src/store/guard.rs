@@ -41,6 +41,8 @@ use crate::webhooks::model::{
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The least time a call must have given the database for running out of it to start a probe.
+const MIN_TELLING_BUDGET: Duration = Duration::from_millis(100);
 /// What a call keeps of its deadline for answering (at most a quarter of it): the database gets
 /// the rest. Generous, so that the answer beats the deadline on a busy machine too.
 const ANSWER_MARGIN: Duration = Duration::from_millis(200);
@@ -125,6 +127,9 @@ impl GuardedStore {
                     Err(_) => breaker.trip("a probe found no database within its timeout"),
                 }
             }
+            // At most one probe per interval, however many calls run out of time: a caller
+            // cannot turn its own short deadlines into a stream of fresh connections.
+            tokio::time::sleep(PROBE_INTERVAL).await;
             suspecting.store(false, Ordering::Release);
         });
     }
@@ -153,7 +158,10 @@ impl GuardedStore {
             result = bounded => match result {
                 Ok(result) => result,
                 Err(too_late) => {
-                    self.suspect();
+                    // A deadline too short for any database says nothing about this one.
+                    if budget.is_some_and(|budget| budget >= MIN_TELLING_BUDGET) {
+                        self.suspect();
+                    }
                     return Err(too_late);
                 }
             },
