@@ -128,10 +128,15 @@ impl Authenticator {
     /// Lets a VerifyKey call through: always when no verify tokens are configured, otherwise
     /// only with one of them.
     pub fn check_verify_caller(&self, metadata: &MetadataMap) -> Result<()> {
+        self.check_verify_token(|| bearer_token(metadata))
+    }
+
+    /// The same rule for a caller whose token arrives elsewhere (the HTTP gateway's header).
+    pub fn check_verify_token<'a>(&self, token: impl FnOnce() -> Option<&'a str>) -> Result<()> {
         if self.verify_tokens.is_empty() {
             return Ok(());
         }
-        let token = bearer_token(metadata).ok_or(Error::MissingCredentials)?;
+        let token = token().ok_or(Error::MissingCredentials)?;
         if self.verify_tokens.contains(token) {
             return Ok(());
         }

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::audit::AuditConfig;
 use crate::auth::{AuthConfig, JwtConfig};
 use crate::events::WatchConfig;
+use crate::gateway::{GatewayConfig, TrustedProxies};
 use crate::key::format::random_base62;
 use crate::key::{Brand, HashParams, HashPriority, UnprovenBudget, WorkspaceId};
 use crate::keys::idempotency::{IdempotencyConfig, MIN_SECRET_LEN};
@@ -58,6 +59,8 @@ pub struct Config {
     pub events: WatchConfig,
     /// Webhooks: which targets are allowed, how deliveries are timed and retried.
     pub webhooks: WebhookConfig,
+    /// Gateways: HTTP forward auth's listener, the route file, the trusted proxies.
+    pub gateway: GatewayConfig,
 }
 
 /// PEM material for TLS, already read from disk.
@@ -104,6 +107,7 @@ impl Default for Config {
             idempotency: IdempotencyConfig::default(),
             events: WatchConfig::default(),
             webhooks: WebhookConfig::default(),
+            gateway: GatewayConfig::default(),
         }
     }
 }
@@ -431,6 +435,25 @@ pub struct ServeArgs {
     #[arg(long, env = "KEY_AUTHORITY_WEBHOOK_SECRET_FILE")]
     pub webhook_secret_file: Option<PathBuf>,
 
+    /// Serve HTTP forward auth (nginx auth_request, Caddy forward_auth, Traefik ForwardAuth) at
+    /// http://ADDRESS/auth. Off unless set.
+    #[arg(long, env = "KEY_AUTHORITY_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+
+    /// The gateway file (TOML): scopes, minimum role and cost per route prefix and method, the
+    /// API key header, the identity header names. Used by forward auth and Envoy ext_authz.
+    #[arg(long, env = "KEY_AUTHORITY_GATEWAY_CONFIG")]
+    pub gateway_config: Option<PathBuf>,
+
+    /// Proxies whose X-Forwarded-For is believed by forward auth, as addresses or networks,
+    /// comma separated; `none` for none.
+    #[arg(
+        long,
+        env = "KEY_AUTHORITY_TRUSTED_PROXIES",
+        default_value = "127.0.0.0/8,::1"
+    )]
+    pub trusted_proxies: String,
+
     /// Serve Prometheus metrics at http://ADDRESS/metrics.
     #[arg(long, env = "KEY_AUTHORITY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -526,6 +549,17 @@ impl ServeArgs {
             .as_deref()
             .map(|path| read_secret_file(path, "webhook secret file"))
             .transpose()?;
+        let gateway = GatewayConfig {
+            http_listen: self.http_listen,
+            routes: self
+                .gateway_config
+                .as_deref()
+                .map(GatewayConfig::read_routes)
+                .transpose()?
+                .unwrap_or_default(),
+            routes_file: self.gateway_config,
+            trusted_proxies: TrustedProxies::parse(&self.trusted_proxies)?,
+        };
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsConfig {
                 cert_pem: read_file(cert, "TLS certificate")?,
@@ -594,6 +628,7 @@ impl ServeArgs {
                 ..WebhookConfig::default()
             },
             tls,
+            gateway,
             metrics_listen: self.metrics_listen,
             shutdown_grace: Duration::from(self.shutdown_grace),
             overload: OverloadConfig {

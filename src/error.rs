@@ -231,7 +231,7 @@ impl Error {
     }
 
     /// How long to wait before retrying, for the refusals where a retry can succeed.
-    fn retry_after(&self) -> Option<Duration> {
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Conflict => Some(Duration::from_millis(50)),
             Self::RateLimited(delay) | Self::IpRateLimited(delay) | Self::VerifyBusy(delay) => {

@@ -12,5 +12,5 @@ mod webhooks;
 
 pub use codec::ServerCodec;
 pub use keys::KeyServiceImpl;
-pub use verify::VerifyServiceImpl;
+pub use verify::{VerifyServiceImpl, verdict_code};
 pub use verify_reply::VerifyKeyReply;

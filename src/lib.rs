@@ -9,6 +9,7 @@ pub mod config;
 pub mod deadline;
 pub mod error;
 pub mod events;
+pub mod gateway;
 pub mod grpc;
 pub mod key;
 pub mod keys;

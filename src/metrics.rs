@@ -33,9 +33,22 @@ struct RefusalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GatewayLabels {
+    gateway: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
     code: &'static str,
 }
+
+/// Request latency buckets, in seconds: a warm check is tens of microseconds, a cold one with
+/// argon2 and the database tens of milliseconds.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -43,6 +56,8 @@ pub struct Metrics {
     rpc_seconds: Family<RpcLabels, Histogram>,
     verdicts: Family<VerdictLabels, Counter>,
     refusals: Family<RefusalLabels, Counter>,
+    gateway_requests: Family<GatewayLabels, Counter>,
+    gateway_seconds: Family<GatewayLabels, Histogram>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -79,10 +94,7 @@ impl Metrics {
             rpc_requests.clone(),
         );
         let rpc_seconds = Family::<RpcLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([
-                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                0.25, 0.5, 1.0, 2.5, 10.0,
-            ])
+            Histogram::new(LATENCY_BUCKETS)
         });
         registry.register(
             "grpc_server_request_duration_seconds",
@@ -102,6 +114,21 @@ impl Metrics {
              the concurrency limit) or DEADLINE_EXCEEDED (the caller's deadline passed)",
             refusals.clone(),
         );
+        let gateway_requests = Family::<GatewayLabels, Counter>::default();
+        registry.register(
+            "gateway_requests",
+            "Gateway checks (Envoy ext_authz `ext_authz`, HTTP forward auth `forward_auth`), by \
+             answer code: OK or the refusal's code",
+            gateway_requests.clone(),
+        );
+        let gateway_seconds = Family::<GatewayLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(LATENCY_BUCKETS)
+        });
+        registry.register(
+            "gateway_request_duration_seconds",
+            "Gateway check latency, by gateway and answer code",
+            gateway_seconds.clone(),
+        );
         registry.register_collector(Box::new(sources));
         Arc::new(Self {
             registry,
@@ -109,6 +136,8 @@ impl Metrics {
             rpc_seconds,
             verdicts,
             refusals,
+            gateway_requests,
+            gateway_seconds,
         })
     }
 
@@ -127,6 +156,15 @@ impl Metrics {
     /// A request refused or abandoned by overload protection; `reason` is its ErrorInfo reason.
     pub fn record_refusal(&self, reason: &'static str) {
         self.refusals.get_or_create(&RefusalLabels { reason }).inc();
+    }
+
+    /// A gateway check answered with `code` (OK, or the refusal's code).
+    pub fn record_gateway(&self, gateway: &'static str, code: &'static str, elapsed: Duration) {
+        let labels = GatewayLabels { gateway, code };
+        self.gateway_requests.get_or_create(&labels).inc();
+        self.gateway_seconds
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
     /// The OpenMetrics text of every metric.

@@ -12,6 +12,7 @@ use crate::auth::{Authenticator, RateLimits};
 pub use crate::config::{Config, TlsConfig};
 use crate::error::{Error, Result};
 use crate::events::EventHub;
+use crate::gateway::Gateway;
 use crate::key::{HashPool, HashThreads, SecretHasher};
 use crate::keys::KeyManager;
 use crate::keys::idempotency::{Idempotency, IdempotencyConfig, SHARED_SECRET_NAME};
@@ -53,6 +54,8 @@ pub struct App {
     /// The webhook RPCs, and the sending of webhooks (run by `background`).
     pub webhooks: Arc<WebhookManager>,
     pub dispatcher: Arc<Dispatcher>,
+    /// Envoy ext_authz and HTTP forward auth: the verifier behind the gateway file's routes.
+    pub gateway: Arc<Gateway>,
 }
 
 impl App {
@@ -124,7 +127,13 @@ impl App {
             events: events.clone(),
             webhooks: dispatcher.stats(),
         });
+        let gateway = Arc::new(Gateway::new(
+            verifier.clone(),
+            metrics.clone(),
+            Arc::new(config.gateway.routes.clone()),
+        ));
         Ok(Self {
+            gateway,
             metrics,
             change_feed,
             audit: config.audit,

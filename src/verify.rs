@@ -22,7 +22,7 @@ pub use state::{Invalidator, StateEntry};
 pub use usage::{UsageConfig, UsageRecorder};
 
 use crate::error::{Error, Result};
-use crate::key::{HashPool, Key, KeyState, PresentedKey, Scopes};
+use crate::key::{HashPool, Key, KeyState, PresentedKey, Role, Scopes};
 use crate::store::Store;
 use crate::timestamp::now_micros;
 
@@ -69,6 +69,8 @@ pub enum Verdict {
     /// Disabled through UpdateKey: refused until enabled again.
     Disabled(Arc<StateEntry>),
     InsufficientScope(Arc<StateEntry>),
+    /// Valid, but the key's role is below the request's minimum.
+    InsufficientRole(Arc<StateEntry>),
     /// The key or the client IP is locked after too many failures: retry after this long.
     Locked(Duration),
     UsageExhausted(Arc<StateEntry>),
@@ -83,6 +85,8 @@ pub struct VerifyRequest<'a> {
     pub client_ip: Option<ClientIp>,
     /// Uses of a limited key to consume; 0 checks without consuming.
     pub cost: i64,
+    /// The lowest role the key must have; None: any.
+    pub minimum_role: Option<Role>,
 }
 
 impl<'a> VerifyRequest<'a> {
@@ -112,6 +116,7 @@ impl<'a> VerifyRequest<'a> {
             required_scopes,
             client_ip,
             cost,
+            minimum_role: None,
         })
     }
 
@@ -122,6 +127,7 @@ impl<'a> VerifyRequest<'a> {
             required_scopes: &[],
             client_ip: None,
             cost: 1,
+            minimum_role: None,
         }
     }
 }
@@ -157,6 +163,7 @@ impl Verdict {
             | Self::Expired(entry)
             | Self::Disabled(entry)
             | Self::InsufficientScope(entry)
+            | Self::InsufficientRole(entry)
             | Self::UsageExhausted(entry) => Some(entry),
             Self::Malformed | Self::NotFound | Self::Locked(_) => None,
         }
@@ -355,6 +362,12 @@ impl Verifier {
         }
         if !stored.key.scopes.grant_all(request.required_scopes) {
             return Ok(Verdict::InsufficientScope(entry));
+        }
+        if request
+            .minimum_role
+            .is_some_and(|minimum| stored.key.role < minimum)
+        {
+            return Ok(Verdict::InsufficientRole(entry));
         }
         let remaining = if stored.key.usage_limit > 0 {
             // Limited keys take the strict path: an atomic decrement in the database, of the

@@ -599,6 +599,7 @@ impl Case {
                 required_scopes: required_scopes.iter().map(|s| (*s).to_owned()).collect(),
                 client_ip: String::new(),
                 cost,
+                minimum_role: 0,
             })
             .await
             .map(tonic::Response::into_inner)

@@ -90,6 +90,18 @@ pub fn role_from_proto(value: i32) -> Result<Role> {
     }
 }
 
+/// VerifyKey's `minimum_role`: unset means any role; an unknown number is refused.
+pub fn minimum_role_from_proto(value: i32) -> Result<Option<Role>> {
+    match pb::Role::try_from(value) {
+        Ok(pb::Role::Unspecified) => Ok(None),
+        Ok(_) => role_from_proto(value).map(Some),
+        Err(_) => Err(Error::invalid(
+            "minimum_role",
+            format!("unknown value {value}"),
+        )),
+    }
+}
+
 /// Unset means LIVE; an unknown number is refused rather than guessed.
 pub fn environment_from_proto(value: i32) -> Result<Environment> {
     match pb::Environment::try_from(value) {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::convert::minimum_role_from_proto;
 use super::verify_reply::{VerifyKeyReply, fresh_view, valid_view};
 use crate::auth::Authenticator;
 use crate::metrics::Metrics;
@@ -27,7 +28,7 @@ impl VerifyServiceImpl {
     }
 }
 
-fn verdict_code(verdict: &Verdict) -> pb::VerifyCode {
+pub fn verdict_code(verdict: &Verdict) -> pb::VerifyCode {
     match verdict {
         Verdict::Valid(..) => pb::VerifyCode::Valid,
         Verdict::Malformed => pb::VerifyCode::Malformed,
@@ -36,6 +37,7 @@ fn verdict_code(verdict: &Verdict) -> pb::VerifyCode {
         Verdict::Expired(_) => pb::VerifyCode::Expired,
         Verdict::Disabled(_) => pb::VerifyCode::Disabled,
         Verdict::InsufficientScope(_) => pb::VerifyCode::InsufficientScope,
+        Verdict::InsufficientRole(_) => pb::VerifyCode::InsufficientRole,
         Verdict::Locked(_) => pb::VerifyCode::Locked,
         Verdict::UsageExhausted(_) => pb::VerifyCode::UsageExhausted,
     }
@@ -49,12 +51,15 @@ impl pb::verify_service_server::VerifyService for VerifyServiceImpl {
     ) -> Result<Response<VerifyKeyReply>, Status> {
         self.auth.check_verify_caller(request.metadata())?;
         let request = request.into_inner();
-        let question = VerifyRequest::checked(
-            &request.key,
-            &request.required_scopes,
-            &request.client_ip,
-            request.cost,
-        )?;
+        let question = VerifyRequest {
+            minimum_role: minimum_role_from_proto(request.minimum_role)?,
+            ..VerifyRequest::checked(
+                &request.key,
+                &request.required_scopes,
+                &request.client_ip,
+                request.cost,
+            )?
+        };
         let verdict = self.verifier.verify(question).await?;
         let code = verdict_code(&verdict);
         self.metrics.record_verdict(code.as_str_name());

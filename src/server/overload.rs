@@ -72,6 +72,13 @@ impl OverloadLayer {
     }
 }
 
+impl OverloadLayer {
+    /// The server-wide slots, for other listeners (the HTTP gateway) to share; None: no limit.
+    pub fn permits(&self) -> Option<Arc<Semaphore>> {
+        self.permits.clone()
+    }
+}
+
 impl<S> Layer<S> for OverloadLayer {
     type Service = OverloadService<S>;
 

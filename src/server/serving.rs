@@ -16,6 +16,8 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use super::overload::OverloadLayer;
 use super::{App, Config, TlsConfig, background, health};
 use crate::error::{Error, Result};
+use crate::gateway::ext_authz::{AuthorizationServer, ExtAuthz};
+use crate::gateway::forward_auth::{self, ForwardAuth};
 use crate::grpc::{KeyServiceImpl, VerifyServiceImpl};
 use crate::metrics;
 use crate::pb;
@@ -28,6 +30,9 @@ use crate::verify::{ChangeFeedStatus, Verifier};
 const MAX_KEY_SERVICE_MESSAGE: usize = 64 * 1024;
 /// VerifyKey requests are a key, a few scopes and an IP: tiny.
 const MAX_VERIFY_MESSAGE: usize = 16 * 1024;
+/// Envoy's CheckRequest carries the checked request's headers (Envoy's own limit is 60 KiB by
+/// default) and, when configured, some of its body.
+const MAX_EXT_AUTHZ_MESSAGE: usize = 256 * 1024;
 /// The deadline of a call whose client sets none (and the longest one a client may set).
 const MAX_REQUEST_TIME: Duration = Duration::from_secs(30);
 
@@ -48,30 +53,58 @@ pub async fn serve_on(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let metrics_listener = match config.metrics_listen {
-        Some(address) => Some(metrics::bind(address).await?),
-        None => None,
-    };
-    let app = App::build(&config, own_addresses(&listener, metrics_listener.as_ref())).await?;
-    run(listener, metrics_listener, app, config, shutdown).await
+    let listeners = Listeners::bind(listener, &config).await?;
+    let app = App::build(&config, listeners.addresses()).await?;
+    run(listeners, app, config, shutdown).await
 }
 
-/// The addresses this server listens on: never a webhook's target.
-fn own_addresses(listener: &TcpListener, metrics: Option<&TcpListener>) -> Vec<SocketAddr> {
-    [Some(listener), metrics]
-        .into_iter()
-        .flatten()
-        .filter_map(|listener| listener.local_addr().ok())
-        .collect()
+/// Every listener of one server: gRPC, and the optional metrics and HTTP gateway ones.
+struct Listeners {
+    grpc: TcpListener,
+    metrics: Option<TcpListener>,
+    http: Option<TcpListener>,
+}
+
+impl Listeners {
+    async fn bind(grpc: TcpListener, config: &Config) -> Result<Self> {
+        let metrics = match config.metrics_listen {
+            Some(address) => Some(metrics::bind(address).await?),
+            None => None,
+        };
+        let http = match config.gateway.http_listen {
+            Some(address) => Some(TcpListener::bind(address).await.map_err(|error| {
+                Error::Internal(format!("cannot listen for HTTP on {address}: {error}"))
+            })?),
+            None => None,
+        };
+        Ok(Self {
+            grpc,
+            metrics,
+            http,
+        })
+    }
+
+    /// The addresses this server listens on: never a webhook's target.
+    fn addresses(&self) -> Vec<SocketAddr> {
+        [Some(&self.grpc), self.metrics.as_ref(), self.http.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|listener| listener.local_addr().ok())
+            .collect()
+    }
 }
 
 async fn run(
-    listener: TcpListener,
-    metrics_listener: Option<TcpListener>,
+    listeners: Listeners,
     mut app: App,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let Listeners {
+        grpc: listener,
+        metrics: metrics_listener,
+        http: http_listener,
+    } = listeners;
     let local_addr = listener
         .local_addr()
         .map_err(|error| Error::Internal(error.to_string()))?;
@@ -99,9 +132,11 @@ async fn run(
     ));
     // On the shutdown signal: report NOT_SERVING (load balancers stop sending), then drain.
     let (draining_tx, draining) = oneshot::channel::<()>();
+    let (stop_http, http_stopped) = oneshot::channel::<()>();
     let events = app.events.clone();
     let shutdown = async move {
         shutdown.await;
+        let _ = stop_http.send(());
         // Open watches end now, or draining would wait for them until the grace ran out.
         events.shut_down();
         health_watch.abort();
@@ -121,7 +156,24 @@ async fn run(
         app.metrics.clone(),
     ))
     .max_decoding_message_size(MAX_VERIFY_MESSAGE);
+    let ext_authz = AuthorizationServer::new(ExtAuthz::new(app.gateway.clone(), app.auth.clone()))
+        .max_decoding_message_size(MAX_EXT_AUTHZ_MESSAGE);
     background.extend(background::spawn(&app));
+    let overload = OverloadLayer::new(config.overload, MAX_REQUEST_TIME, app.metrics.clone());
+    let http_gateway = http_listener.map(|listener| {
+        let endpoint = Arc::new(ForwardAuth {
+            gateway: app.gateway.clone(),
+            auth: app.auth.clone(),
+            trusted_proxies: config.gateway.trusted_proxies.clone(),
+            permits: overload.permits(),
+        });
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, "HTTP forward auth serving at /auth");
+        }
+        tokio::spawn(forward_auth::serve(listener, endpoint, async {
+            let _ = http_stopped.await;
+        }))
+    });
 
     // The overload layer enforces every deadline (the caller's, or MAX_REQUEST_TIME) and answers
     // DEADLINE_EXCEEDED, so tonic's own default timeout is not set: it would only add a second
@@ -140,16 +192,13 @@ async fn run(
     let served = builder
         // Outermost first: refusals are counted and traced like every other answer.
         .layer(RpcLayer::new(app.metrics.clone()))
-        .layer(OverloadLayer::new(
-            config.overload,
-            MAX_REQUEST_TIME,
-            app.metrics.clone(),
-        ))
+        .layer(overload)
         .add_service(health_service)
         .add_service(reflection_v1()?)
         .add_service(reflection_v1alpha()?)
         .add_service(key_service)
         .add_service(verify_service)
+        .add_service(ext_authz)
         .serve_with_incoming_shutdown(
             // Small unary RPCs must not wait for Nagle's algorithm (a ~40 ms stall otherwise).
             TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -158,6 +207,13 @@ async fn run(
     // Finish in-flight calls, but not forever: a client holding a stream open (a health Watch,
     // say) must not keep the process alive past the grace period.
     let grace = config.shutdown_grace;
+    let served = async {
+        let served = served.await;
+        if let Some(http_gateway) = http_gateway {
+            let _ = http_gateway.await;
+        }
+        served
+    };
     let served = tokio::select! {
         served = served => served,
         () = async {
@@ -255,6 +311,8 @@ pub struct RunningServer {
     pub change_feed: Option<ChangeFeedStatus>,
     /// Where `/metrics` is served, when it is.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where HTTP forward auth is served, when it is.
+    pub http_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<()>>,
 }
@@ -268,24 +326,26 @@ impl RunningServer {
         let local_addr = listener
             .local_addr()
             .map_err(|error| Error::Internal(error.to_string()))?;
-        let metrics_listener = match config.metrics_listen {
-            Some(address) => Some(metrics::bind(address).await?),
-            None => None,
-        };
+        let listeners = Listeners::bind(listener, &config).await?;
         // Built before spawning, so a bad database URL fails here and not at shutdown.
-        let app = App::build(&config, own_addresses(&listener, metrics_listener.as_ref())).await?;
-        let metrics_addr = metrics_listener
-            .as_ref()
-            .and_then(|listener| listener.local_addr().ok());
+        let app = App::build(&config, listeners.addresses()).await?;
+        let address_of = |listener: &Option<TcpListener>| {
+            listener
+                .as_ref()
+                .and_then(|listener| listener.local_addr().ok())
+        };
+        let metrics_addr = address_of(&listeners.metrics);
+        let http_addr = address_of(&listeners.http);
         let verifier = app.verifier.clone();
         let change_feed = app.change_feed.as_ref().map(|(_, status)| status.clone());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(listener, metrics_listener, app, config, async {
+        let task = tokio::spawn(run(listeners, app, config, async {
             let _ = stopped.await;
         }));
         Ok(Self {
             local_addr,
             metrics_addr,
+            http_addr,
             verifier,
             change_feed,
             stop: Some(stop),

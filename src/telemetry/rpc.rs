@@ -176,6 +176,55 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// Runs a non-gRPC server request (the HTTP gateway) like an RPC: a server span named `name`,
+/// child of the caller's span from its W3C headers, under the same export decision, with the
+/// trace id as a field. `make_span` creates the span (it must declare `trace_id`).
+pub fn traced_request<F: std::future::Future>(
+    name: &'static str,
+    headers: &http::HeaderMap,
+    make_span: impl FnOnce() -> tracing::Span,
+    future: F,
+) -> impl std::future::Future<Output = F::Output> {
+    let parent = caller_context(headers);
+    let exported = super::sampling::decide(&parent, name, log_only_trace_id);
+    let span = super::sampling::sync_scope(exported, || {
+        let span = make_span();
+        join_trace(&span, parent);
+        span
+    });
+    super::sampling::scope(exported, future.instrument(span))
+}
+
+/// Makes `parent` (a caller's context) the parent of `span`, when it has one, and records the
+/// trace id `span` belongs to. Used where the caller's context arrives inside the request (the
+/// HTTP headers an Envoy ext_authz check carries) rather than in the call's own metadata.
+pub fn join_trace(span: &tracing::Span, parent: opentelemetry::Context) {
+    if span.is_disabled() {
+        return;
+    }
+    let parent_trace = parent.span().span_context().trace_id();
+    if parent_trace != TraceId::INVALID {
+        let _ = span.set_parent(parent);
+    }
+    let exported_trace = span.context().span().span_context().trace_id();
+    let trace_id = [exported_trace, parent_trace]
+        .into_iter()
+        .find(|id| *id != TraceId::INVALID)
+        .unwrap_or_else(log_only_trace_id);
+    span.record("trace_id", tracing::field::display(trace_id));
+}
+
+/// The trace context a `traceparent` / `tracestate` pair names; empty when none is valid.
+pub fn context_from(traceparent: Option<&str>, tracestate: Option<&str>) -> opentelemetry::Context {
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in [("traceparent", traceparent), ("tracestate", tracestate)] {
+        if let Some(value) = value.and_then(|value| http::HeaderValue::from_str(value).ok()) {
+            headers.insert(name, value);
+        }
+    }
+    caller_context(&headers)
+}
+
 /// The caller's trace context, from the W3C `traceparent` / `tracestate` metadata.
 fn caller_context(headers: &http::HeaderMap) -> opentelemetry::Context {
     if headers.contains_key("traceparent") {
@@ -205,17 +254,7 @@ fn rpc_span(method: &'static str, parent: opentelemetry::Context) -> tracing::Sp
         // recorded on the innermost span that has it (this one when debug spans are off).
         stale_if_error = Empty,
     );
-    if span.is_disabled() {
-        return span;
-    }
-    let parent_trace = parent.span().span_context().trace_id();
-    let _ = span.set_parent(parent);
-    let exported_trace = span.context().span().span_context().trace_id();
-    let trace_id = [exported_trace, parent_trace]
-        .into_iter()
-        .find(|id| *id != TraceId::INVALID)
-        .unwrap_or_else(log_only_trace_id);
-    span.record("trace_id", tracing::field::display(trace_id));
+    join_trace(&span, parent);
     span
 }
 
@@ -259,6 +298,7 @@ fn known_method(path: &str) -> &'static str {
         "/keyauthority.v1.KeyService/DeleteWebhook",
         "/keyauthority.v1.KeyService/ListWebhookDeliveries",
         "/keyauthority.v1.KeyService/RedeliverWebhookEvent",
+        "/envoy.service.auth.v3.Authorization/Check",
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

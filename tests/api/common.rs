@@ -249,6 +249,7 @@ impl TestApp {
                 // No client IP: IP lockouts have tests of their own.
                 client_ip: String::new(),
                 cost: None,
+                minimum_role: 0,
             })
             .await
             .expect("VerifyKey answers")

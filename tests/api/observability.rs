@@ -367,6 +367,7 @@ async fn the_most_verbose_logs_hold_no_secret_and_carry_trace_ids() {
                 required_scopes: scopes,
                 client_ip: "198.51.100.1".into(),
                 cost: None,
+                minimum_role: 0,
             })
             .await
             .unwrap();

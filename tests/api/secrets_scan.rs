@@ -124,6 +124,7 @@ async fn verify(client: &mut VerifyClient, key: &str, scopes: &[&str]) -> pb::Ve
             required_scopes: scopes.iter().map(|scope| (*scope).to_owned()).collect(),
             client_ip: "198.51.100.7".into(),
             cost: None,
+            minimum_role: 0,
         })
         .await
         .expect("VerifyKey answers")

@@ -224,6 +224,7 @@ async fn too_many_required_scopes_is_a_bad_request(db: TestDb) {
             required_scopes: scopes,
             client_ip: String::new(),
             cost: None,
+            minimum_role: 0,
         })
         .await
         .unwrap_err();

@@ -218,6 +218,7 @@ impl VerifyKeyLayer {
             required_scopes: self.required_scopes.to_vec(),
             client_ip: client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             cost: None,
+            minimum_role: 0,
         };
         let answer = match tokio::time::timeout(self.timeout, self.client.verify_key(request)).await
         {
@@ -461,6 +462,12 @@ impl Refusal {
                     StatusCode::FORBIDDEN,
                     "API_KEY_INSUFFICIENT_SCOPE",
                     "the API key lacks a required scope",
+                ),
+                VerifyCode::InsufficientRole => (
+                    PermissionDenied,
+                    StatusCode::FORBIDDEN,
+                    "API_KEY_INSUFFICIENT_ROLE",
+                    "the API key's role is below the required role",
                 ),
                 VerifyCode::Locked => (
                     ResourceExhausted,
