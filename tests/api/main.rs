@@ -10,6 +10,8 @@ mod audit;
 mod auth;
 mod binary;
 mod events;
+mod gateway_ext_authz;
+mod gateway_http;
 mod hostile_input;
 mod hot_path;
 mod idempotency;

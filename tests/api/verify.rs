@@ -233,7 +233,66 @@ async fn too_many_required_scopes_is_a_bad_request(db: TestDb) {
     app.stop().await;
 }
 
+/// `minimum_role`: a key below it is refused (with its metadata), before any usage is consumed;
+/// unset, any role passes; an unknown role is a bad request.
+async fn minimum_role_is_enforced_before_usage(db: TestDb) {
+    let mut app = TestApp::spawn(&db).await;
+    let issued = app
+        .issue_with(pb::IssueKeyRequest {
+            workspace_id: "acme".into(),
+            name: "viewer".into(),
+            role: pb::Role::Viewer as i32,
+            usage_limit: 2,
+            ..Default::default()
+        })
+        .await;
+    let ask = |minimum_role: pb::Role| pb::VerifyKeyRequest {
+        key: issued.secret.clone(),
+        minimum_role: minimum_role as i32,
+        ..Default::default()
+    };
+    for minimum in [pb::Role::Developer, pb::Role::AccountAdmin] {
+        let refused = app
+            .verify
+            .verify_key(ask(minimum))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!refused.valid);
+        assert_eq!(
+            code(&refused),
+            pb::VerifyCode::InsufficientRole,
+            "{minimum:?}"
+        );
+        let key = refused.key.expect("the identified key's metadata");
+        assert_eq!(key.role, pb::Role::Viewer as i32);
+        assert_eq!(key.usage_remaining, 2, "nothing consumed");
+    }
+    for (minimum, remaining) in [(pb::Role::Trial, 1), (pb::Role::Viewer, 0)] {
+        let passed = app
+            .verify
+            .verify_key(ask(minimum))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(code(&passed), pb::VerifyCode::Valid, "{minimum:?}");
+        assert_eq!(passed.key.unwrap().usage_remaining, remaining);
+    }
+    let status = app
+        .verify
+        .verify_key(pb::VerifyKeyRequest {
+            key: issued.secret.clone(),
+            minimum_role: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    app.stop().await;
+}
+
 on_both_databases!(
+    minimum_role_is_enforced_before_usage,
     valid_key_is_valid_with_metadata,
     malformed_keys_are_refused_without_lookup,
     unknown_key_and_wrong_secret_are_not_found,
