@@ -203,11 +203,15 @@ impl Gateway {
     pub async fn decide(&self, gateway: GatewayKind, check: Check<'_>) -> Decision {
         let started = Instant::now();
         let decision = self.verdict(check).await;
+        self.count(gateway, &decision, started);
+        decision
+    }
+
+    /// Counts a decision (made here, or a gateway's own refusal) and records it on the span.
+    pub fn count(&self, gateway: GatewayKind, decision: &Decision, started: Instant) {
         self.metrics
             .record_gateway(gateway.as_str(), decision.code(), started.elapsed());
-        let span = tracing::Span::current();
-        span.record("gateway.code", decision.code());
-        decision
+        tracing::Span::current().record("gateway.code", decision.code());
     }
 
     async fn verdict(&self, check: Check<'_>) -> Decision {

@@ -100,14 +100,21 @@ async fn authorize(
 
 impl ForwardAuth {
     async fn decide(&self, peer: SocketAddr, method: &Method, headers: &HeaderMap) -> Decision {
+        let started = std::time::Instant::now();
+        let refuse = |refusal| {
+            let decision = Decision::Refuse(refusal);
+            self.gateway
+                .count(GatewayKind::ForwardAuth, &decision, started);
+            decision
+        };
         let token = || header_text(headers, VERIFY_TOKEN_HEADER);
         if self.auth.check_verify_token(token).is_err() {
-            return Decision::Refuse(Refusal::UnknownGateway);
+            return refuse(Refusal::UnknownGateway);
         }
         let _permit = match &self.permits {
             Some(permits) => match permits.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
-                Err(_) => return Decision::Refuse(cannot_decide(&Error::Overloaded)),
+                Err(_) => return refuse(cannot_decide(&Error::Overloaded)),
             },
             None => None,
         };
@@ -145,7 +152,7 @@ impl ForwardAuth {
         );
         match tokio::time::timeout_at(deadline, decided).await {
             Ok(decision) => decision,
-            Err(_) => Decision::Refuse(cannot_decide(&Error::DeadlineExceeded)),
+            Err(_) => refuse(cannot_decide(&Error::DeadlineExceeded)),
         }
     }
 }

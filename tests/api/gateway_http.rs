@@ -13,6 +13,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::common::{TestApp, TestDb, key_of, on_both_databases, test_config};
+use crate::observability::{samples, scrape};
 use crate::verify::forge_numbered;
 
 const WORKSPACE: &str = "acme";
@@ -134,7 +135,9 @@ async fn issue(app: &mut TestApp, request: pb::IssueKeyRequest) -> (String, pb::
 }
 
 async fn a_valid_key_passes_with_its_identity(db: TestDb) {
-    let mut app = TestApp::spawn_with(gateway_config(&db)).await;
+    let mut config = gateway_config(&db);
+    config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let mut app = TestApp::spawn_with(config).await;
     let (secret, key) = issue(
         &mut app,
         pb::IssueKeyRequest {
@@ -186,7 +189,27 @@ async fn a_valid_key_passes_with_its_identity(db: TestDb) {
     .await;
     assert_eq!(forged.header("x-key-workspace"), Some(WORKSPACE));
 
-    // Verdicts are VerifyKey's: the usage is counted like any verification.
+    let missing = call(&app, Call::to("GET", "/")).await;
+    assert_eq!(missing.code(), "MISSING_AUTH_HEADER");
+
+    // Counted as gateway checks, and the verdicts as VerifyKey's.
+    let samples = samples(&scrape(app.server.metrics_addr.unwrap()).await);
+    let get = |name: &str| samples.get(name).copied().unwrap_or_default();
+    assert_eq!(
+        get(r#"key_authority_gateway_requests_total{gateway="forward_auth",code="OK"}"#),
+        5.0
+    );
+    assert_eq!(
+        get(
+            r#"key_authority_gateway_requests_total{gateway="forward_auth",code="MISSING_AUTH_HEADER"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(r#"key_authority_verify_verdicts_total{code="VERIFY_CODE_VALID"}"#),
+        5.0
+    );
+    // ... and the key's usage like any verification's, once flushed.
     app.stop().await;
 }
 

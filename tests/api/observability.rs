@@ -189,6 +189,154 @@ async fn verify_key_spans_join_the_callers_trace() {
     collector_task.abort();
 }
 
+/// Gateways join their caller's trace: ext_authz from Envoy's own context in the call's metadata
+/// (the RPC span's parent), else from the checked request's `traceparent`; forward auth from
+/// the `traceparent` the proxy passes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_checks_join_the_callers_trace() {
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+
+    let (spans_tx, mut spans) = mpsc::unbounded_channel();
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector_addr = collector.local_addr().unwrap();
+    let collector_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Receiver(spans_tx)))
+            .serve_with_incoming(TcpListenerStream::new(collector)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (port, http_port) = (free_port(), free_port());
+    let mut child = Command::new(BINARY)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}", dir.path().join("t.db").display()),
+        )
+        .env("KEY_AUTHORITY_ADMIN_TOKEN", "trace-admin")
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://{collector_addr}"),
+        )
+        .env("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let channel = connect(port).await;
+    let issued = keys_as(&channel, Some("trace-admin"))
+        .issue_key(pb::IssueKeyRequest {
+            workspace_id: "w".into(),
+            name: "traced".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let check = |headers: &[(&str, String)]| CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    headers: headers
+                        .iter()
+                        .map(|(name, value)| ((*name).to_owned(), value.clone()))
+                        .collect(),
+                    ..HttpRequest::default()
+                }),
+                ..Request::default()
+            }),
+            ..AttributeContext::default()
+        }),
+    };
+    let bearer = ("authorization", format!("Bearer {}", issued.secret));
+    let traceparent = |trace: &str, span: &str| format!("00-{trace}-{span}-01");
+
+    // Envoy's own trace context, in the call's metadata.
+    let envoy_trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = tonic::Request::new(check(std::slice::from_ref(&bearer)));
+    request.metadata_mut().insert(
+        "traceparent",
+        traceparent(envoy_trace, "10f067aa0ba902b7")
+            .parse()
+            .unwrap(),
+    );
+    AuthorizationClient::new(channel.clone())
+        .check(request)
+        .await
+        .unwrap();
+    // No context from Envoy: the checked request's own.
+    let request_trace = "6bf92f3577b34da6a3ce929d0e0e4736";
+    AuthorizationClient::new(channel.clone())
+        .check(check(&[
+            bearer.clone(),
+            (
+                "traceparent",
+                traceparent(request_trace, "20f067aa0ba902b7"),
+            ),
+        ]))
+        .await
+        .unwrap();
+    // Forward auth: the traceparent the proxy passes on. (The server is another process here:
+    // this one's HTTP client needs its own TLS provider installed, even for plain HTTP.)
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http_trace = "7bf92f3577b34da6a3ce929d0e0e4736";
+    let answer = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{http_port}/auth"))
+        .header("authorization", &bearer.1)
+        .header("traceparent", traceparent(http_trace, "30f067aa0ba902b7"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), reqwest::StatusCode::OK);
+
+    // (trace id, span name) → parent span id, for every exported span, until all three arrive.
+    let mut seen: HashMap<(String, String), String> = HashMap::new();
+    let wanted = [
+        (
+            envoy_trace,
+            "envoy.service.auth.v3.Authorization/Check",
+            "10f067aa0ba902b7",
+        ),
+        (request_trace, "gateway.check", "20f067aa0ba902b7"),
+        (http_trace, "gateway.check", "30f067aa0ba902b7"),
+    ];
+    while !wanted
+        .iter()
+        .all(|(trace, name, _)| seen.contains_key(&((*trace).to_owned(), (*name).to_owned())))
+    {
+        let span = tokio::time::timeout(Duration::from_secs(30), spans.recv())
+            .await
+            .expect("spans are exported")
+            .expect("the receiver is open");
+        seen.insert((hex(&span.trace_id), span.name), hex(&span.parent_span_id));
+    }
+    for (trace, name, parent) in wanted {
+        assert_eq!(
+            seen[&(trace.to_owned(), name.to_owned())],
+            parent,
+            "{name} in {trace}"
+        );
+    }
+    // The gateway's own span sits under Envoy's Check RPC span.
+    assert!(seen.contains_key(&(envoy_trace.to_owned(), "gateway.check".to_owned())));
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    drop(channel);
+    tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    collector_task.abort();
+}
+
 /// GET /metrics over plain HTTP/1.1.
 pub(crate) async fn scrape(address: std::net::SocketAddr) -> String {
     tokio::task::spawn_blocking(move || {
