@@ -81,24 +81,29 @@ impl ExtAuthz {
                 Address::SocketAddress(socket) => ClientIp::parse(&socket.address),
                 _ => None,
             });
-        let span = tracing::info_span!(
-            "gateway.check",
-            gateway = "ext_authz",
-            gateway.code = Empty,
-            trace_id = Empty
-        );
         // Without Envoy's trace context, the checked request's own `traceparent` is the trace
-        // to join.
-        if !envoy_traced {
-            let text = |name| {
-                headers
-                    .get(name)
-                    .and_then(|value| std::str::from_utf8(value).ok())
-            };
-            if let Some(traceparent) = text("traceparent") {
+        // to join, on a span of its own; otherwise the RPC span is the gateway's span.
+        let text = |name| {
+            headers
+                .get(name)
+                .and_then(|value| std::str::from_utf8(value).ok())
+        };
+        let request_trace = text("traceparent").filter(|_| !envoy_traced);
+        let span = match request_trace {
+            Some(traceparent) => {
+                let span = tracing::info_span!(
+                    "gateway.check",
+                    gateway = "ext_authz",
+                    gateway.code = Empty,
+                    trace_id = Empty
+                );
                 join_trace(&span, context_from(Some(traceparent), text("tracestate")));
+                span
             }
-        }
+            None => {
+                tracing::debug_span!("gateway.check", gateway = "ext_authz", gateway.code = Empty)
+            }
+        };
         self.gateway
             .decide(
                 GatewayKind::ExtAuthz,

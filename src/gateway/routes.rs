@@ -7,6 +7,7 @@
 //! matched, and when they pick different routes the request must satisfy all of them. A spelling
 //! can therefore never reach a route with weaker requirements than the one the upstream serves.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use serde::Deserialize;
@@ -216,6 +217,9 @@ impl GatewayRoutes {
     /// satisfy: the most specific route for every reading of the path, all together. No route:
     /// any valid key.
     pub fn requirement(&self, method: &str, target: &str) -> Requirement {
+        if self.routes.is_empty() {
+            return Requirement::default();
+        }
         let method = method.trim().to_ascii_uppercase();
         let mut chosen: Vec<&Route> = Vec::with_capacity(2);
         for path in readings(target) {
@@ -304,12 +308,28 @@ enum Decoding {
 }
 
 /// The distinct normalised readings of a request target.
-fn readings(target: &str) -> BTreeSet<String> {
+fn readings(target: &str) -> BTreeSet<Cow<'_, str>> {
     let path = request_path(target);
+    if is_plain(path) {
+        // Already normalised, and every reading of it is itself: no decoding, no copy.
+        return BTreeSet::from([Cow::Borrowed(path)]);
+    }
     [Decoding::Segments, Decoding::Everything]
         .into_iter()
-        .map(|decoding| normalise(path, decoding))
+        .map(|decoding| Cow::Owned(normalise(path, decoding)))
         .collect()
+}
+
+/// A path that every reading leaves as it is: rooted, with no escapes, backslashes, empty or
+/// dot segments, and no trailing slash (but the root's).
+fn is_plain(path: &str) -> bool {
+    path.starts_with('/')
+        && (path == "/" || !path.ends_with('/'))
+        && !path.contains(['%', '\\'])
+        && !path.contains("//")
+        && !path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
 }
 
 /// The path of a request target: no scheme and authority, no query, no fragment.
@@ -481,6 +501,18 @@ mod tests {
         assert_eq!(both.minimum_role, Some(Role::AccountAdmin));
         assert_eq!(scopes(&both), ["billing:write"]);
         assert_eq!(both.cost, 5);
+    }
+
+    #[test]
+    fn plain_paths_are_their_own_reading() {
+        for path in ["/", "/v1/billing", "/a.b/c-d/e_f", "/v1/.well-known"] {
+            assert!(is_plain(path), "{path}");
+            assert_eq!(normalise(path, Decoding::Segments), path);
+            assert_eq!(normalise(path, Decoding::Everything), path);
+        }
+        for path in ["", "a", "/a/", "//a", "/a/./b", "/a/..", "/%61", "/a\\b"] {
+            assert!(!is_plain(path), "{path}");
+        }
     }
 
     #[test]

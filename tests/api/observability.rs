@@ -322,8 +322,6 @@ async fn gateway_checks_join_the_callers_trace() {
             "{name} in {trace}"
         );
     }
-    // The gateway's own span sits under Envoy's Check RPC span.
-    assert!(seen.contains_key(&(envoy_trace.to_owned(), "gateway.check".to_owned())));
 
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

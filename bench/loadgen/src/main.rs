@@ -10,6 +10,7 @@ mod client;
 mod cold;
 mod cpu;
 mod driver;
+mod ext_authz;
 mod flood;
 mod frames;
 mod memory;
@@ -89,6 +90,17 @@ enum Command {
         /// The server's pid (same machine), to report its CPU time per request.
         #[arg(long)]
         server_pid: Option<u32>,
+        #[command(flatten)]
+        loops: LoopArgs,
+    },
+    /// Envoy ext_authz Check vs VerifyKey of the same warm key, in alternating phases.
+    ExtAuthz {
+        /// host:port of the server.
+        #[arg(long)]
+        target: String,
+        /// Concurrency levels (request loops), comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        concurrency: Vec<usize>,
         #[command(flatten)]
         loops: LoopArgs,
     },
@@ -400,6 +412,15 @@ async fn run(cli: Cli) -> Result<Vec<TargetLine>> {
             let report =
                 warm::run(&net, &target, &concurrency, &loops.settings(), server_pid).await?;
             Ok(report.targets())
+        }
+        Command::ExtAuthz {
+            target,
+            concurrency,
+            loops,
+        } => {
+            client::wait_serving(&net, &target, cli.wait).await?;
+            ext_authz::run(&net, &target, &concurrency, &loops.settings()).await?;
+            Ok(Vec::new())
         }
         Command::Cold { target, cold } => {
             client::wait_serving(&net, &target, cli.wait).await?;
