@@ -88,6 +88,13 @@ test('issue, verify, list, rotate, revoke', { timeout: 30_000 }, async () => {
   answer = await client.verifyKey({ key: metered.secret });
   assert.equal(answer.code, 'VERIFY_CODE_USAGE_EXHAUSTED');
 
+  // A minimum role: the developer key is below account admin, and nothing is consumed.
+  answer = await client.verifyKey({ key: issued.secret, minimum_role: 'ROLE_ACCOUNT_ADMIN' });
+  assert.equal(answer.code, 'VERIFY_CODE_INSUFFICIENT_ROLE');
+  assert.equal(answer.valid, false);
+  answer = await client.verifyKey({ key: issued.secret, minimum_role: 'ROLE_DEVELOPER' });
+  assert.equal(answer.code, 'VERIFY_CODE_VALID');
+
   // Newest first, one key per page.
   const first = await client.listKeys({ workspace_id: workspace, page_size: 1 });
   assert.equal(first.total_size, 2);

@@ -547,12 +547,17 @@ class KeyAuthority:
         required_scopes: Iterable[str] = (),
         client_ip: str = "",
         cost: int | None = None,
+        minimum_role: key_pb2.Role = key_pb2.ROLE_UNSPECIFIED,
     ) -> verify_service_pb2.VerifyKeyResponse:
-        """Asks whether ``key`` is valid and holds ``required_scopes``. A refused key is an
-        answer (``valid`` False, ``code`` why), not an exception: an exception means the
+        """Asks whether ``key`` is valid, holds ``required_scopes`` and has at least
+        ``minimum_role`` (trial < viewer < developer < account admin; unset: any). A refused key
+        is an answer (``valid`` False, ``code`` why), not an exception: an exception means the
         request was bad or the service could not decide, never "invalid"."""
         request = verify_service_pb2.VerifyKeyRequest(
-            key=key, required_scopes=list(required_scopes), client_ip=client_ip
+            key=key,
+            required_scopes=list(required_scopes),
+            client_ip=client_ip,
+            minimum_role=minimum_role,
         )
         if cost is not None:
             request.cost = cost

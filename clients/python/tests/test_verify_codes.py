@@ -6,7 +6,7 @@ import datetime as dt
 
 from keytext import unknown_key, with_checksum, wrong_secret_for
 
-from keyauthority_client import KeyAuthority, KeyState, VerifyCode
+from keyauthority_client import KeyAuthority, KeyState, Role, VerifyCode
 
 VALID = VerifyCode.Value("VERIFY_CODE_VALID")
 MALFORMED = VerifyCode.Value("VERIFY_CODE_MALFORMED")
@@ -17,6 +17,7 @@ INSUFFICIENT_SCOPE = VerifyCode.Value("VERIFY_CODE_INSUFFICIENT_SCOPE")
 LOCKED = VerifyCode.Value("VERIFY_CODE_LOCKED")
 USAGE_EXHAUSTED = VerifyCode.Value("VERIFY_CODE_USAGE_EXHAUSTED")
 DISABLED = VerifyCode.Value("VERIFY_CODE_DISABLED")
+INSUFFICIENT_ROLE = VerifyCode.Value("VERIFY_CODE_INSUFFICIENT_ROLE")
 
 
 def test_valid(client: KeyAuthority, workspace: str) -> None:
@@ -130,3 +131,12 @@ def test_disabled(client: KeyAuthority, workspace: str) -> None:
 def test_checksum_helper_agrees_with_the_server(client: KeyAuthority, workspace: str) -> None:
     secret = client.issue_key(workspace, "checksum").secret
     assert with_checksum(secret[:-6]) == secret
+
+
+def test_insufficient_role(client: KeyAuthority, workspace: str) -> None:
+    issued = client.issue_key(workspace, "viewer", role=Role.Value("ROLE_VIEWER"))
+    answer = client.verify_key(issued.secret, minimum_role=Role.Value("ROLE_DEVELOPER"))
+    assert (answer.valid, answer.code) == (False, INSUFFICIENT_ROLE)
+    assert answer.key.key_id == issued.key.key_id
+    answer = client.verify_key(issued.secret, minimum_role=Role.Value("ROLE_VIEWER"))
+    assert answer.code == VALID
