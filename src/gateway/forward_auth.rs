@@ -36,6 +36,10 @@ pub const VERIFY_TOKEN_HEADER: &str = "x-key-authority-token";
 /// The refusal's JSON body, repeated as a header for proxies that drop the body (nginx).
 pub const ERROR_HEADER: &str = "x-key-authority-error";
 
+/// The most names (X-Original-*, X-Forwarded-*) one request may be given; each costs a route
+/// lookup.
+const MAX_NAMES: usize = 8;
+
 /// How long one check may take before it is answered 503: shorter than any proxy's timeout for
 /// its auth request, so the client gets our answer rather than the proxy's 500 or 504.
 const CHECK_TIME: Duration = Duration::from_secs(10);
@@ -119,13 +123,29 @@ impl ForwardAuth {
             None => None,
         };
         let routes = &self.gateway.routes;
-        let original_method = header_text(headers, "x-original-method")
-            .or_else(|| header_text(headers, "x-forwarded-method"))
-            .unwrap_or(method.as_str());
-        let original_uri = header_text(headers, "x-original-uri")
-            .or_else(|| header_text(headers, "x-forwarded-uri"))
-            .unwrap_or("/");
-        let requirement = routes.requirement(original_method, original_uri);
+        // nginx names the original request in X-Original-*, Caddy and Traefik in X-Forwarded-*.
+        // A proxy sets its own; a client may add the others, and they pass through. So every
+        // name given counts, and the request must meet all their requirements: an added name
+        // can only ask for more, never for less.
+        let methods = header_values(headers, ["x-original-method", "x-forwarded-method"]);
+        let uris = header_values(headers, ["x-original-uri", "x-forwarded-uri"]);
+        if methods.len() > MAX_NAMES || uris.len() > MAX_NAMES {
+            return refuse(Refusal::Misconfigured(
+                "too many X-Original-* / X-Forwarded-* values for one request",
+            ));
+        }
+        if uris.is_empty() && routes.has_routes() {
+            return refuse(Refusal::Misconfigured(
+                "the proxy sent neither X-Original-URI nor X-Forwarded-Uri: routes cannot be matched",
+            ));
+        }
+        let methods = if methods.is_empty() {
+            vec![method.as_str()]
+        } else {
+            methods
+        };
+        let uris = if uris.is_empty() { vec!["/"] } else { uris };
+        let requirement = routes.strictest(&methods, &uris);
         let key = presented_key(
             headers
                 .get(http::header::AUTHORIZATION)
@@ -155,6 +175,17 @@ impl ForwardAuth {
             Err(_) => refuse(cannot_decide(&Error::DeadlineExceeded)),
         }
     }
+}
+
+/// Every non-empty value of these headers, in order.
+fn header_values<'a, const N: usize>(headers: &'a HeaderMap, names: [&str; N]) -> Vec<&'a str> {
+    names
+        .into_iter()
+        .flat_map(|name| headers.get_all(name))
+        .filter_map(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|value| !value.is_empty())
+        .collect()
 }
 
 fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

@@ -43,7 +43,7 @@ impl Default for Requirement {
 
 impl Requirement {
     /// Both requirements at once: every scope, the higher role, the higher cost.
-    fn and(mut self, other: &Requirement) -> Self {
+    pub fn and(mut self, other: &Requirement) -> Self {
         for scope in &other.scopes {
             if !self.scopes.contains(scope) {
                 self.scopes.push(scope.clone());
@@ -238,6 +238,27 @@ impl GatewayRoutes {
                 })
             })
             .unwrap_or_default()
+    }
+
+    /// Whether any route is configured (without one, every request needs just a valid key).
+    pub fn has_routes(&self) -> bool {
+        !self.routes.is_empty()
+    }
+
+    /// What a request must satisfy when it may be any of `methods` × `targets` (a proxy and a
+    /// client may both have named it): every one of their requirements.
+    pub fn strictest(&self, methods: &[&str], targets: &[&str]) -> Requirement {
+        let mut all: Option<Requirement> = None;
+        for method in methods {
+            for target in targets {
+                let one = self.requirement(method, target);
+                all = Some(match all {
+                    None => one,
+                    Some(all) => all.and(&one),
+                });
+            }
+        }
+        all.unwrap_or_default()
     }
 
     /// The longest matching prefix; at equal length a route naming the method wins.
@@ -513,6 +534,16 @@ mod tests {
         for path in ["", "a", "/a/", "//a", "/a/./b", "/a/..", "/%61", "/a\\b"] {
             assert!(!is_plain(path), "{path}");
         }
+    }
+
+    #[test]
+    fn several_names_for_one_request_meet_every_requirement() {
+        let routes = routes();
+        let all = routes.strictest(&["GET", "POST"], &["/v1/public/x", "/v1/billing"]);
+        assert_eq!(scopes(&all), ["billing:read", "billing:write"]);
+        assert_eq!(all.minimum_role, Some(Role::Developer));
+        assert_eq!(all.cost, 5);
+        assert_eq!(routes.strictest(&["GET"], &["/v1/public"]).cost, 0);
     }
 
     #[test]

@@ -266,6 +266,29 @@ async fn every_refusal_has_its_status_and_code(db: TestDb) {
     assert_eq!(scope.code(), "INSUFFICIENT_SCOPE");
     let read = call(&app, Call::forwarded("GET", "/v1/billing").bearer(&reader)).await;
     assert_eq!(read.status, StatusCode::OK);
+    // A client that names another path beside the proxy's (Caddy passes a client's
+    // X-Original-URI through, nginx a client's X-Forwarded-Uri) only adds requirements.
+    let smuggled = call(
+        &app,
+        Call::forwarded("POST", "/v1/billing/charges")
+            .header("x-original-uri", "/v1/public")
+            .header("x-original-method", "GET")
+            .bearer(&reader),
+    )
+    .await;
+    assert_eq!(smuggled.status, StatusCode::FORBIDDEN);
+    assert_eq!(smuggled.code(), "INSUFFICIENT_SCOPE");
+    // A proxy that names no path cannot be matched against routes.
+    let unnamed = call(
+        &app,
+        Call {
+            headers: Vec::new(),
+        }
+        .bearer(&reader),
+    )
+    .await;
+    assert_eq!(unnamed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(unnamed.code(), "GATEWAY_MISCONFIGURED");
     // ... and a spelling of the path cannot dodge the route.
     let dodge = call(
         &app,
@@ -462,6 +485,7 @@ async fn the_listener_answers_only_its_paths(db: TestDb) {
     // Any method: Traefik forwards the original one.
     let post = client
         .post(format!("http://{address}/auth"))
+        .header("x-forwarded-uri", "/")
         .send()
         .await
         .unwrap();
