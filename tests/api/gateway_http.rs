@@ -209,7 +209,11 @@ async fn a_valid_key_passes_with_its_identity(db: TestDb) {
         get(r#"key_authority_verify_verdicts_total{code="VERIFY_CODE_VALID"}"#),
         5.0
     );
-    // ... and the key's usage like any verification's, once flushed.
+    // ... and the key's usage like any verification's.
+    app.server.verifier.usage().flush().await.unwrap();
+    let used = app.get(WORKSPACE, &key.key_id).await.unwrap();
+    assert_eq!(used.total_requests, 5);
+    assert!(used.last_used_time.is_some());
     app.stop().await;
 }
 
