@@ -12,6 +12,7 @@ mod binary;
 mod events;
 mod gateway_ext_authz;
 mod gateway_http;
+mod gateway_proxies;
 mod hostile_input;
 mod hot_path;
 mod idempotency;
