@@ -30,6 +30,8 @@ use crate::verify::forge_numbered;
 const NGINX_CONF: &str = include_str!("../../deploy/gateways/nginx.conf");
 const CADDYFILE: &str = include_str!("../../deploy/gateways/Caddyfile");
 const GATEWAY_FILE: &str = include_str!("../../deploy/gateways/gateway.toml");
+/// Not run here (no Traefik on these machines): only its header lists are checked.
+const TRAEFIK_YML: &str = include_str!("../../deploy/gateways/traefik.yml");
 
 /// The addresses the deploy files are written with, replaced by the test's own.
 const AUTHORITY_IN_FILES: &str = "127.0.0.1:8081";
@@ -195,14 +197,20 @@ struct Proxy {
 }
 
 impl Proxy {
-    async fn start(kind: Kind, binary: &Path, authority: SocketAddr, api: SocketAddr) -> Self {
+    async fn start(
+        kind: Kind,
+        binary: &Path,
+        authority: SocketAddr,
+        api: SocketAddr,
+        edits: &[(&str, String)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
         let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let output = std::fs::File::create(dir.path().join("output.log")).unwrap();
         let mut command = Command::new(binary);
         match kind {
-            Kind::Nginx => nginx_command(&mut command, dir.path(), address, authority, api),
-            Kind::Caddy => caddy_command(&mut command, dir.path(), address, authority, api),
+            Kind::Nginx => nginx_command(&mut command, dir.path(), address, authority, api, edits),
+            Kind::Caddy => caddy_command(&mut command, dir.path(), address, authority, api, edits),
         }
         let child = command
             .stdin(Stdio::null())
@@ -284,15 +292,15 @@ fn nginx_command(
     address: SocketAddr,
     authority: SocketAddr,
     api: SocketAddr,
+    edits: &[(&str, String)],
 ) {
-    let site = render(
-        NGINX_CONF,
-        &[
-            (AUTHORITY_IN_FILES, authority.to_string()),
-            (API_IN_FILES, api.to_string()),
-            ("listen 8080;", format!("listen {address};")),
-        ],
-    );
+    let mut replacements = vec![
+        (AUTHORITY_IN_FILES, authority.to_string()),
+        (API_IN_FILES, api.to_string()),
+        ("listen 8080;", format!("listen {address};")),
+    ];
+    replacements.extend(edits.iter().cloned());
+    let site = render(NGINX_CONF, &replacements);
     std::fs::write(dir.join("site.conf"), site).unwrap();
     let dir_text = dir.display();
     // As root, nginx's workers would run as nobody, who cannot enter the temp dir.
@@ -333,15 +341,15 @@ fn caddy_command(
     address: SocketAddr,
     authority: SocketAddr,
     api: SocketAddr,
+    edits: &[(&str, String)],
 ) {
-    let site = render(
-        CADDYFILE,
-        &[
-            ("api.example.com {", format!("http://{address} {{")),
-            (AUTHORITY_IN_FILES, authority.to_string()),
-            (API_IN_FILES, api.to_string()),
-        ],
-    );
+    let mut replacements = vec![
+        ("api.example.com {", format!("http://{address} {{")),
+        (AUTHORITY_IN_FILES, authority.to_string()),
+        (API_IN_FILES, api.to_string()),
+    ];
+    replacements.extend(edits.iter().cloned());
+    let site = render(CADDYFILE, &replacements);
     let caddyfile = format!("{{\n\tadmin off\n\tauto_https off\n}}\n\n{site}");
     std::fs::write(dir.join("Caddyfile"), caddyfile).unwrap();
     command
@@ -364,6 +372,15 @@ struct Setup {
 
 /// `None` when the proxy is not installed (the test skips).
 async fn setup(kind: Kind, configure: impl FnOnce(&mut Config)) -> Option<Setup> {
+    setup_with_edits(kind, configure, &[]).await
+}
+
+/// As `setup`, with `edits` to the proxy's deploy file (as an operator would make them).
+async fn setup_with_edits(
+    kind: Kind,
+    configure: impl FnOnce(&mut Config),
+    edits: &[(&str, String)],
+) -> Option<Setup> {
     let binary = kind.binary()?;
     let db = TestDb::sqlite().await;
     let mut config = test_config(&db);
@@ -373,7 +390,7 @@ async fn setup(kind: Kind, configure: impl FnOnce(&mut Config)) -> Option<Setup>
     let app = TestApp::spawn_with(config).await;
     let upstream = Upstream::start().await;
     let authority = app.server.http_addr.expect("forward auth listens");
-    let proxy = Proxy::start(kind, &binary, authority, upstream.address).await;
+    let proxy = Proxy::start(kind, &binary, authority, upstream.address, edits).await;
     Some(Setup {
         app,
         upstream,
@@ -635,6 +652,22 @@ async fn every_refusal_reaches_the_client_with_its_status_and_code(kind: Kind) {
         Some("Bearer error=\"insufficient_scope\""),
     );
 
+    // A client naming another request itself (the other proxy's headers) changes nothing: each
+    // deploy file drops them on the way to the authority.
+    let smuggled = client
+        .post(setup.proxy.url("/v1/billing/charges"))
+        .bearer_auth(&reader)
+        .header("x-original-uri", "/healthz")
+        .header("x-original-method", "GET")
+        .header("x-forwarded-uri", "/healthz")
+        .header("x-forwarded-method", "GET");
+    Answer::of(smuggled).await.assert_refused(
+        StatusCode::FORBIDDEN,
+        "INSUFFICIENT_SCOPE",
+        None,
+        Some("Bearer error=\"insufficient_scope\""),
+    );
+
     // 403 INSUFFICIENT_ROLE: /v1/admin wants an account admin.
     Answer::of(get("/v1/admin/users").bearer_auth(&reader))
         .await
@@ -822,7 +855,65 @@ async fn an_ip_lockout_falls_on_the_client_behind_the_proxy(kind: Kind) {
     setup.app.stop().await;
 }
 
-/// The identity header names in gateway.toml are the ones both proxy files copy.
+const VERIFY_TOKEN: &str = "gateway-verify-token-0123456789";
+
+/// The commented verify-token line of each deploy file, and the line an operator makes of it.
+fn verify_token_edit(kind: Kind) -> (&'static str, String) {
+    match kind {
+        Kind::Nginx => (
+            r#"# proxy_set_header X-Key-Authority-Token "<verify token>";"#,
+            format!(r#"proxy_set_header X-Key-Authority-Token "{VERIFY_TOKEN}";"#),
+        ),
+        Kind::Caddy => (
+            r#"# header_up X-Key-Authority-Token "<verify token>""#,
+            format!(r#"header_up X-Key-Authority-Token "{VERIFY_TOKEN}""#),
+        ),
+    }
+}
+
+/// With `--verify-tokens`, the proxy presents its token (the deploy file's commented line, filled
+/// in); the token never reaches the upstream, and a client cannot present one of its own.
+async fn the_proxy_presents_its_verify_token(kind: Kind) {
+    let with_token = |config: &mut Config| config.auth.verify_tokens = vec![VERIFY_TOKEN.into()];
+    let Some(mut tokened) = setup_with_edits(kind, with_token, &[verify_token_edit(kind)]).await
+    else {
+        return;
+    };
+    let (secret, key) = issue(&mut tokened.app, pb::IssueKeyRequest::default()).await;
+    let client = client();
+    let url = tokened.proxy.url("/v1/orders");
+    for own_token in [None, Some("a-client-guess")] {
+        let mut request = client.get(&url).bearer_auth(&secret);
+        if let Some(token) = own_token {
+            request = request.header("x-key-authority-token", token);
+        }
+        let answer = Answer::of(request).await;
+        assert_eq!(answer.status, StatusCode::OK, "{own_token:?}: {answer:?}");
+    }
+    let received = tokened.upstream.take();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[0].header("x-key-id"), Some(key.key_id.as_str()));
+    assert_eq!(received[0].header("x-key-authority-token"), None);
+    tokened.app.stop().await;
+
+    // A proxy left without the token: every client is refused, as 401 INVALID_CREDENTIALS.
+    let Some(mut untokened) = setup(kind, with_token).await else {
+        return;
+    };
+    let (secret, _) = issue(&mut untokened.app, pb::IssueKeyRequest::default()).await;
+    let for_the_client = Answer::of(
+        client
+            .get(untokened.proxy.url("/v1/orders"))
+            .bearer_auth(&secret),
+    )
+    .await;
+    for_the_client.assert_refused(StatusCode::UNAUTHORIZED, "INVALID_CREDENTIALS", None, None);
+    assert!(untokened.upstream.take().is_empty());
+    untokened.app.stop().await;
+}
+
+/// The identity header names in gateway.toml are the ones every proxy file copies (and Caddy's
+/// and nginx's remove from the client's request).
 #[test]
 fn the_deploy_files_copy_the_gateway_files_identity_headers() {
     let routes = GatewayRoutes::parse(GATEWAY_FILE).expect("gateway.toml parses");
@@ -838,6 +929,11 @@ fn the_deploy_files_copy_the_gateway_files_identity_headers() {
         assert!(
             caddy.contains(&format!(" {name}")),
             "Caddyfile copy_headers: {name}"
+        );
+        let traefik = TRAEFIK_YML.to_ascii_lowercase();
+        assert!(
+            traefik.contains(&format!("- {name}\n")),
+            "traefik.yml authResponseHeaders: {name}"
         );
     }
 }
@@ -868,4 +964,5 @@ behind_each_proxy!(
     every_refusal_reaches_the_client_with_its_status_and_code,
     the_authority_stopped_is_503_unavailable_never_401,
     an_ip_lockout_falls_on_the_client_behind_the_proxy,
+    the_proxy_presents_its_verify_token,
 );
