@@ -185,6 +185,7 @@ fn requests() -> Vec<Vec<u8>> {
             required_scopes: vec!["read".to_owned()],
             client_ip: "198.51.100.1".to_owned(),
             cost: Some(1),
+            minimum_role: pb::Role::Viewer as i32,
         }
         .encode_to_vec(),
     ];
