@@ -116,6 +116,7 @@ struct Forwarded {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    body: axum::body::Bytes,
 }
 
 impl Forwarded {
@@ -152,11 +153,13 @@ impl Upstream {
             method: Method,
             uri: Uri,
             headers: HeaderMap,
+            body: axum::body::Bytes,
         ) -> &'static str {
             log.lock().unwrap().push(Forwarded {
                 method,
                 uri,
                 headers,
+                body,
             });
             "upstream reached\n"
         }
@@ -574,6 +577,20 @@ async fn a_valid_key_reaches_the_upstream_with_its_identity_and_without_the_key(
             "{way}: the key reached the upstream in {leaked:?}"
         );
     }
+
+    // A request's body reaches the upstream whole (the check itself is sent without it).
+    let body: Vec<u8> = (0..64 * 1024).map(|n| (n % 251) as u8).collect();
+    let upload = client
+        .post(setup.proxy.url("/v1/orders"))
+        .header("x-api-key", &secret)
+        .body(body.clone());
+    let answer = Answer::of(upload).await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    let received = setup.upstream.take();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].method, Method::POST);
+    assert_eq!(received[0].body, body);
+    assert_eq!(received[0].header("x-api-key"), None);
 
     // A full-access key has no scopes: the client's own x-key-scopes must not stand in for them.
     let (full, full_key) = issue(&mut setup.app, pb::IssueKeyRequest::default()).await;
