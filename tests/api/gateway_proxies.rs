@@ -19,6 +19,7 @@ use axum::extract::State;
 use http::{HeaderMap, Method, Uri};
 use key_authority::config::Config;
 use key_authority::gateway::{GatewayRoutes, TrustedProxies};
+use key_authority::key::UnprovenBudget;
 use key_authority::pb;
 use key_authority::verify::LockoutConfig;
 use reqwest::StatusCode;
@@ -809,9 +810,51 @@ async fn the_authority_stopped_is_503_unavailable_never_401(kind: Kind) {
             Some("1"),
             None,
         );
+        assert_eq!(
+            answer.message(),
+            "the key authority could not be reached: retry later"
+        );
     }
     assert_eq!(upstream.take().len(), 1, "only the request before the stop");
     drop(proxy);
+}
+
+/// The authority's own 503 (it cannot decide: here, no argon2 budget for a secret nobody has
+/// proven yet) reaches the client with its Retry-After.
+async fn an_undecided_check_is_503_with_the_authoritys_retry_after(kind: Kind) {
+    let Some(mut setup) = setup(kind, |config| {
+        config.argon2_unproven = UnprovenBudget {
+            per_second: 0,
+            queue_depth: 0,
+        };
+    })
+    .await
+    else {
+        return;
+    };
+    let (secret, _) = issue(&mut setup.app, pb::IssueKeyRequest::default()).await;
+    let busy = Answer::of(
+        client()
+            .get(setup.proxy.url("/v1/orders"))
+            .bearer_auth(&secret),
+    )
+    .await;
+    let wait = busy.header("retry-after").map(str::to_owned);
+    busy.assert_refused(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "UNAVAILABLE",
+        wait.as_deref(),
+        None,
+    );
+    let wait: u64 = wait.expect("Retry-After").parse().expect("whole seconds");
+    assert!(wait >= 1, "{wait}");
+    // The authority's own message, not the proxy's "could not be reached".
+    assert_eq!(
+        busy.message(),
+        "the key authority could not decide: retry later"
+    );
+    assert!(setup.upstream.take().is_empty());
+    setup.app.stop().await;
 }
 
 /// The proxy adds the client's address to `X-Forwarded-For`; the authority trusts the proxy
@@ -980,6 +1023,7 @@ behind_each_proxy!(
     a_valid_key_reaches_the_upstream_with_its_identity_and_without_the_key,
     every_refusal_reaches_the_client_with_its_status_and_code,
     the_authority_stopped_is_503_unavailable_never_401,
+    an_undecided_check_is_503_with_the_authoritys_retry_after,
     an_ip_lockout_falls_on_the_client_behind_the_proxy,
     the_proxy_presents_its_verify_token,
 );
