@@ -371,22 +371,21 @@ struct Setup {
     upstream: Upstream,
     proxy: Proxy,
     /// Dropped last: the server uses it.
-    _db: TestDb,
+    db: TestDb,
 }
 
-/// `None` when the proxy is not installed (the test skips).
-async fn setup(kind: Kind, configure: impl FnOnce(&mut Config)) -> Option<Setup> {
-    setup_with_edits(kind, configure, &[]).await
+async fn setup(kind: Kind, db: TestDb, configure: impl FnOnce(&mut Config)) -> Setup {
+    setup_with_edits(kind, db, configure, &[]).await
 }
 
 /// As `setup`, with `edits` to the proxy's deploy file (as an operator would make them).
 async fn setup_with_edits(
     kind: Kind,
+    db: TestDb,
     configure: impl FnOnce(&mut Config),
     edits: &[(&str, String)],
-) -> Option<Setup> {
-    let binary = kind.binary()?;
-    let db = TestDb::sqlite().await;
+) -> Setup {
+    let binary = kind.binary().expect("checked by run");
     let mut config = test_config(&db);
     config.gateway.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.gateway.routes = GatewayRoutes::parse(GATEWAY_FILE).expect("gateway.toml parses");
@@ -395,12 +394,33 @@ async fn setup_with_edits(
     let upstream = Upstream::start().await;
     let authority = app.server.http_addr.expect("forward auth listens");
     let proxy = Proxy::start(kind, &binary, authority, upstream.address, edits).await;
-    Some(Setup {
+    Setup {
         app,
         upstream,
         proxy,
-        _db: db,
-    })
+        db,
+    }
+}
+
+/// Runs `scenario` behind `kind` on a fresh database: skipped when the proxy is not installed
+/// (see `Kind::binary`), or PostgreSQL is not (the harness says so).
+async fn run<Scenario, Done>(kind: Kind, postgres: bool, scenario: Scenario)
+where
+    Scenario: FnOnce(Kind, TestDb) -> Done,
+    Done: Future<Output = ()>,
+{
+    if kind.binary().is_none() {
+        return;
+    }
+    let db = if postgres {
+        let Some(db) = TestDb::postgres().await else {
+            return;
+        };
+        db
+    } else {
+        TestDb::sqlite().await
+    };
+    scenario(kind, db).await;
 }
 
 /// A client of the protected API connecting from `address` (any of 127.0.0.0/8).
@@ -515,10 +535,11 @@ fn forge_identity(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         .header("x-key-scopes", "admin:all")
 }
 
-async fn a_valid_key_reaches_the_upstream_with_its_identity_and_without_the_key(kind: Kind) {
-    let Some(mut setup) = setup(kind, |_| {}).await else {
-        return;
-    };
+async fn a_valid_key_reaches_the_upstream_with_its_identity_and_without_the_key(
+    kind: Kind,
+    db: TestDb,
+) {
+    let mut setup = setup(kind, db, |_| {}).await;
     let (secret, key) = issue(
         &mut setup.app,
         pb::IssueKeyRequest {
@@ -614,15 +635,12 @@ async fn a_valid_key_reaches_the_upstream_with_its_identity_and_without_the_key(
     setup.app.stop().await;
 }
 
-async fn every_refusal_reaches_the_client_with_its_status_and_code(kind: Kind) {
-    let Some(mut setup) = setup(kind, |config| {
+async fn every_refusal_reaches_the_client_with_its_status_and_code(kind: Kind, db: TestDb) {
+    let mut setup = setup(kind, db, |config| {
         config.trial.usage_limit = 1;
         config.verify.lockout.key_failures = 3;
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let client = client();
     let get = |path: &str| client.get(setup.proxy.url(path));
     let (reader, reader_key) = issue(
@@ -782,10 +800,8 @@ async fn every_refusal_reaches_the_client_with_its_status_and_code(kind: Kind) {
     setup.app.stop().await;
 }
 
-async fn the_authority_stopped_is_503_unavailable_never_401(kind: Kind) {
-    let Some(mut setup) = setup(kind, |_| {}).await else {
-        return;
-    };
+async fn the_authority_stopped_is_503_unavailable_never_401(kind: Kind, db: TestDb) {
+    let mut setup = setup(kind, db, |_| {}).await;
     let (secret, _) = issue(&mut setup.app, pb::IssueKeyRequest::default()).await;
     let client = client();
     let url = setup.proxy.url("/v1/orders");
@@ -795,7 +811,7 @@ async fn the_authority_stopped_is_503_unavailable_never_401(kind: Kind) {
         app,
         upstream,
         proxy,
-        _db,
+        db: _db,
     } = setup;
     app.stop().await;
     for request in [
@@ -821,17 +837,14 @@ async fn the_authority_stopped_is_503_unavailable_never_401(kind: Kind) {
 
 /// The authority's own 503 (it cannot decide: here, no argon2 budget for a secret nobody has
 /// proven yet) reaches the client with its Retry-After.
-async fn an_undecided_check_is_503_with_the_authoritys_retry_after(kind: Kind) {
-    let Some(mut setup) = setup(kind, |config| {
+async fn an_undecided_check_is_503_with_the_authoritys_retry_after(kind: Kind, db: TestDb) {
+    let mut setup = setup(kind, db, |config| {
         config.argon2_unproven = UnprovenBudget {
             per_second: 0,
             queue_depth: 0,
         };
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let (secret, _) = issue(&mut setup.app, pb::IssueKeyRequest::default()).await;
     let busy = Answer::of(
         client()
@@ -859,15 +872,12 @@ async fn an_undecided_check_is_503_with_the_authoritys_retry_after(kind: Kind) {
 
 /// The proxy adds the client's address to `X-Forwarded-For`; the authority trusts the proxy
 /// (`--trusted-proxies 127.0.0.1`) and locks the client's address, not the proxy's.
-async fn an_ip_lockout_falls_on_the_client_behind_the_proxy(kind: Kind) {
-    let Some(mut setup) = setup(kind, |config| {
+async fn an_ip_lockout_falls_on_the_client_behind_the_proxy(kind: Kind, db: TestDb) {
+    let mut setup = setup(kind, db, |config| {
         config.verify.lockout.ip_failures = 2;
         config.gateway.trusted_proxies = TrustedProxies::parse("127.0.0.1").unwrap();
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let (secret, key) = issue(&mut setup.app, pb::IssueKeyRequest::default()).await;
     let url = setup.proxy.url("/v1/orders");
     let attacker = client_from(Ipv4Addr::new(127, 0, 0, 2));
@@ -933,12 +943,9 @@ fn verify_token_edit(kind: Kind) -> (&'static str, String) {
 
 /// With `--verify-tokens`, the proxy presents its token (the deploy file's commented line, filled
 /// in); the token never reaches the upstream, and a client cannot present one of its own.
-async fn the_proxy_presents_its_verify_token(kind: Kind) {
+async fn the_proxy_presents_its_verify_token(kind: Kind, db: TestDb) {
     let with_token = |config: &mut Config| config.auth.verify_tokens = vec![VERIFY_TOKEN.into()];
-    let Some(mut tokened) = setup_with_edits(kind, with_token, &[verify_token_edit(kind)]).await
-    else {
-        return;
-    };
+    let mut tokened = setup_with_edits(kind, db, with_token, &[verify_token_edit(kind)]).await;
     let (secret, key) = issue(&mut tokened.app, pb::IssueKeyRequest::default()).await;
     let client = client();
     let url = tokened.proxy.url("/v1/orders");
@@ -954,12 +961,11 @@ async fn the_proxy_presents_its_verify_token(kind: Kind) {
     assert_eq!(received.len(), 2);
     assert_eq!(received[0].header("x-key-id"), Some(key.key_id.as_str()));
     assert_eq!(received[0].header("x-key-authority-token"), None);
-    tokened.app.stop().await;
+    let Setup { app, db, .. } = tokened;
+    app.stop().await;
 
     // A proxy left without the token: every client is refused, as 401 INVALID_CREDENTIALS.
-    let Some(mut untokened) = setup(kind, with_token).await else {
-        return;
-    };
+    let mut untokened = setup(kind, db, with_token).await;
     let (secret, _) = issue(&mut untokened.app, pb::IssueKeyRequest::default()).await;
     let for_the_client = Answer::of(
         client
@@ -998,23 +1004,31 @@ fn the_deploy_files_copy_the_gateway_files_identity_headers() {
     }
 }
 
+/// Each scenario behind nginx and behind Caddy, on SQLite and on PostgreSQL.
 macro_rules! behind_each_proxy {
     ($($test:ident),* $(,)?) => {
-        mod nginx {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Kind::Nginx).await;
-                }
-            )*
-        }
-        mod caddy {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Kind::Caddy).await;
-                }
-            )*
+        behind_each_proxy!(@proxy nginx, Nginx, $($test),*);
+        behind_each_proxy!(@proxy caddy, Caddy, $($test),*);
+    };
+    (@proxy $module:ident, $kind:ident, $($test:ident),*) => {
+        mod $module {
+            use crate::gateway_proxies::{Kind, run};
+            mod sqlite {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $test() {
+                        super::run(super::Kind::$kind, false, crate::gateway_proxies::$test).await;
+                    }
+                )*
+            }
+            mod postgres {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $test() {
+                        super::run(super::Kind::$kind, true, crate::gateway_proxies::$test).await;
+                    }
+                )*
+            }
         }
     };
 }
