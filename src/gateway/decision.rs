@@ -44,19 +44,21 @@ pub enum Refusal {
     Unavailable(Duration),
     /// The gateway's own configuration is wrong (a context extension that is not a scope).
     Misconfigured(&'static str),
-    /// The caller of the gateway endpoint is not one of the configured front ends.
+    /// The caller of the gateway endpoint is not one of the configured front ends: the proxy's
+    /// configuration lacks its verify token. A 500, not a 401: the client's key was never
+    /// judged, and a 401 would tell it to drop a good one.
     UnknownGateway,
 }
 
 impl Refusal {
     pub fn status(self) -> u16 {
         match self {
-            Self::MissingKey | Self::InvalidKey(_) | Self::UnknownGateway => 401,
+            Self::MissingKey | Self::InvalidKey(_) => 401,
             Self::InsufficientScope | Self::InsufficientRole => 403,
             Self::Locked(_) | Self::UsageExhausted => 429,
             Self::TrialExhausted => 402,
             Self::Unavailable(_) => 503,
-            Self::Misconfigured(_) => 500,
+            Self::Misconfigured(_) | Self::UnknownGateway => 500,
         }
     }
 
@@ -71,7 +73,7 @@ impl Refusal {
             Self::UsageExhausted => "USAGE_EXHAUSTED",
             Self::Unavailable(_) => "UNAVAILABLE",
             Self::Misconfigured(_) => "GATEWAY_MISCONFIGURED",
-            Self::UnknownGateway => "INVALID_CREDENTIALS",
+            Self::UnknownGateway => "GATEWAY_MISCONFIGURED",
         }
     }
 
@@ -89,7 +91,9 @@ impl Refusal {
             Self::TrialExhausted => "the trial key has used all of its operations",
             Self::UsageExhausted => "the API key has used all of its usage limit",
             Self::Unavailable(_) => "the key authority could not decide: retry later",
-            Self::UnknownGateway => "the gateway's verify token is missing or unknown",
+            Self::UnknownGateway => {
+                "the gateway is not allowed to ask: its verify token is missing or unknown"
+            }
         }
     }
 

@@ -1,6 +1,8 @@
-//! Where a gateway request carries its key: `Authorization: Bearer <key>`, a bare key in
-//! `Authorization`, HTTP Basic with the key as the user name and no password (the form curl's
-//! `-u key:` sends), or the configured header (`x-api-key` by default).
+//! Where a gateway request carries its key: the configured header (`x-api-key` by default), else
+//! `Authorization: Bearer <key>`, a bare key in `Authorization`, or HTTP Basic with the key as the
+//! user name and no password (the form curl's `-u key:` sends). The key header comes first: it
+//! is there for nothing but the key, while an API may use `Authorization` for its users' own
+//! tokens beside it.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -29,9 +31,9 @@ pub fn presented_key<'a>(
     authorization: Option<&'a [u8]>,
     api_key: Option<&'a [u8]>,
 ) -> Option<PresentedText<'a>> {
-    authorization
-        .and_then(from_authorization)
-        .or_else(|| api_key.and_then(bare))
+    api_key
+        .and_then(bare)
+        .or_else(|| authorization.and_then(from_authorization))
 }
 
 fn from_authorization(value: &[u8]) -> Option<PresentedText<'_>> {
@@ -92,8 +94,12 @@ mod tests {
         assert_eq!(key(None, Some(k)).as_deref(), Some(k));
         let basic = format!("Basic {}", STANDARD.encode(format!("{k}:")));
         assert_eq!(key(Some(&basic), None).as_deref(), Some(k));
-        // Authorization wins over the key header.
-        assert_eq!(key(Some(k), Some("other")).as_deref(), Some(k));
+        // The key header wins: Authorization may hold the API's own user token beside it.
+        assert_eq!(
+            key(Some("Bearer eyJhbGciOiJIUzI1NiJ9.e30.x"), Some(k)).as_deref(),
+            Some(k)
+        );
+        assert_eq!(key(Some(k), Some("  ")).as_deref(), Some(k));
     }
 
     #[test]

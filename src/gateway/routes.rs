@@ -3,9 +3,11 @@
 //! names of the identity headers the upstream receives. README.md, "Gateways", documents it.
 //!
 //! A request's path is matched as the upstream could read it. A path can be written several ways
-//! (`/a/./b`, `/a//b`, `/a/%62`, `/a%2Fb`, `/a\b`); each plausible reading is normalised and
-//! matched, and when they pick different routes the request must satisfy all of them. A spelling
-//! can therefore never reach a route with weaker requirements than the one the upstream serves.
+//! (`/a/./b`, `/a//b`, `/a/%62`, `/a%2Fb`, `/a\b`, `/a;x=1/b` for servers that drop path
+//! parameters, `/a.json` for frameworks that strip a format suffix, `/A` for case-insensitive
+//! ones); each plausible reading is normalised and matched, and when they pick different routes
+//! the request must satisfy all of them. A spelling can therefore never reach a route with weaker
+//! requirements than the one the upstream serves.
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
@@ -138,16 +140,23 @@ struct RouteEntry {
 struct Route {
     /// Normalised: starts with `/`, no trailing `/` unless it is the root.
     prefix: String,
+    /// `prefix` in lower case, for the case-insensitive reading.
+    folded_prefix: String,
     /// Upper case; empty: every method.
     methods: Vec<String>,
     requirement: Requirement,
 }
 
 impl Route {
-    fn matches(&self, method: &str, path: &str) -> bool {
+    fn matches(&self, method: &str, reading: &Reading<'_>) -> bool {
         let method_matches =
             self.methods.is_empty() || self.methods.iter().any(|known| known == method);
-        method_matches && under_prefix(path, &self.prefix)
+        let prefix = if reading.folded {
+            &self.folded_prefix
+        } else {
+            &self.prefix
+        };
+        method_matches && under_prefix(&reading.path, prefix)
     }
 }
 
@@ -222,8 +231,8 @@ impl GatewayRoutes {
         }
         let method = method.trim().to_ascii_uppercase();
         let mut chosen: Vec<&Route> = Vec::with_capacity(2);
-        for path in readings(target) {
-            if let Some(route) = self.most_specific(&method, &path)
+        for reading in readings(target) {
+            if let Some(route) = self.most_specific(&method, &reading)
                 && !chosen.contains(&route)
             {
                 chosen.push(route);
@@ -262,10 +271,10 @@ impl GatewayRoutes {
     }
 
     /// The longest matching prefix; at equal length a route naming the method wins.
-    fn most_specific(&self, method: &str, path: &str) -> Option<&Route> {
+    fn most_specific(&self, method: &str, reading: &Reading<'_>) -> Option<&Route> {
         self.routes
             .iter()
-            .filter(|route| route.matches(method, path))
+            .filter(|route| route.matches(method, reading))
             .max_by_key(|route| (route.prefix.len(), !route.methods.is_empty()))
     }
 }
@@ -275,7 +284,7 @@ fn route(entry: RouteEntry) -> Result<Route, String> {
         return Err(format!("prefix {:?} must start with /", entry.prefix));
     }
     // Written prefixes are normalised like paths, so `/v1/billing/` and `/v1/billing` are one.
-    let prefix = normalise(&entry.prefix, Decoding::Segments);
+    let prefix = normalise(&entry.prefix, Decoding::Segments, Parameters::Keep);
     let mut methods = Vec::with_capacity(entry.methods.len());
     for method in entry.methods {
         let valid = !method.is_empty()
@@ -303,6 +312,7 @@ fn route(entry: RouteEntry) -> Result<Route, String> {
         return Err("cost must not be negative".to_owned());
     }
     Ok(Route {
+        folded_prefix: prefix.to_lowercase(),
         prefix,
         methods,
         requirement: Requirement {
@@ -328,25 +338,80 @@ enum Decoding {
     Everything,
 }
 
-/// The distinct normalised readings of a request target.
-fn readings(target: &str) -> BTreeSet<Cow<'_, str>> {
-    let path = request_path(target);
-    if is_plain(path) {
-        // Already normalised, and every reading of it is itself: no decoding, no copy.
-        return BTreeSet::from([Cow::Borrowed(path)]);
-    }
-    [Decoding::Segments, Decoding::Everything]
-        .into_iter()
-        .map(|decoding| Cow::Owned(normalise(path, decoding)))
-        .collect()
+/// Whether a reading drops `;` path parameters from each segment, as Tomcat and Jetty do before
+/// routing (`/a;jsessionid=1/b` is `/a/b` to them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parameters {
+    Keep,
+    Drop,
 }
 
-/// A path that every reading leaves as it is: rooted, with no escapes, backslashes, empty or
-/// dot segments, and no trailing slash (but the root's).
+/// One way the upstream could read a path: normalised, and matched against the routes either
+/// as it is or, `folded`, in lower case against lower-cased prefixes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Reading<'a> {
+    path: Cow<'a, str>,
+    folded: bool,
+}
+
+/// The distinct readings of a request target.
+fn readings(target: &str) -> BTreeSet<Reading<'_>> {
+    let path = request_path(target);
+    let mut paths: BTreeSet<Cow<'_, str>> = if is_plain(path) {
+        // Already normalised, and every decoding of it is itself: no copy.
+        BTreeSet::from([Cow::Borrowed(path)])
+    } else {
+        [Decoding::Segments, Decoding::Everything]
+            .into_iter()
+            .flat_map(|decoding| {
+                [Parameters::Keep, Parameters::Drop]
+                    .map(|parameters| Cow::Owned(normalise(path, decoding, parameters)))
+            })
+            .collect()
+    };
+    let unsuffixed: Vec<Cow<'_, str>> = paths
+        .iter()
+        .filter_map(|path| without_format_suffix(path))
+        .map(|path| Cow::Owned(path.to_owned()))
+        .collect();
+    paths.extend(unsuffixed);
+    let mut readings = BTreeSet::new();
+    for path in paths {
+        // Case-insensitive upstreams: the path in lower case against lower-cased prefixes.
+        let folded = if path.bytes().any(|byte| byte.is_ascii_uppercase()) || !path.is_ascii() {
+            Cow::Owned(path.to_lowercase())
+        } else {
+            path.clone()
+        };
+        readings.insert(Reading {
+            path: folded,
+            folded: true,
+        });
+        readings.insert(Reading {
+            path,
+            folded: false,
+        });
+    }
+    readings
+}
+
+/// The path without a format suffix on its last segment (`/v1/admin.json` → `/v1/admin`), which
+/// Rails and other frameworks route like the bare path; None when there is none.
+fn without_format_suffix(path: &str) -> Option<&str> {
+    let last = path.rfind('/')?;
+    let dot = path.rfind('.').filter(|dot| *dot > last + 1)?;
+    let suffix = &path[dot + 1..];
+    let is_suffix =
+        (1..=8).contains(&suffix.len()) && suffix.bytes().all(|byte| byte.is_ascii_alphanumeric());
+    is_suffix.then(|| &path[..dot])
+}
+
+/// A path that every decoding leaves as it is: rooted, with no escapes, backslashes, path
+/// parameters, empty or dot segments, and no trailing slash (but the root's).
 fn is_plain(path: &str) -> bool {
     path.starts_with('/')
         && (path == "/" || !path.ends_with('/'))
-        && !path.contains(['%', '\\'])
+        && !path.contains(['%', '\\', ';'])
         && !path.contains("//")
         && !path
             .split('/')
@@ -373,9 +438,9 @@ fn request_path(target: &str) -> &str {
     }
 }
 
-/// One reading of a path: percent-decoded as `decoding` says, empty and `.` segments dropped,
-/// `..` taking off the previous segment (never above the root).
-fn normalise(path: &str, decoding: Decoding) -> String {
+/// One reading of a path: percent-decoded as `decoding` says, path parameters dropped or kept,
+/// empty and `.` segments dropped, `..` taking off the previous segment (never above the root).
+fn normalise(path: &str, decoding: Decoding, parameters: Parameters) -> String {
     let decoded = percent_decode(path, decoding);
     let separators: &[char] = match decoding {
         Decoding::Segments => &['/'],
@@ -383,6 +448,10 @@ fn normalise(path: &str, decoding: Decoding) -> String {
     };
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split(separators) {
+        let segment = match parameters {
+            Parameters::Keep => segment,
+            Parameters::Drop => segment.split(';').next().unwrap_or_default(),
+        };
         match segment {
             "" | "." => {}
             ".." => {
@@ -510,6 +579,15 @@ mod tests {
             "http://example.com/v1/admin?x=/v1/public",
             "HTTPS://example.com/v1/admin#frag",
             "/v1/admin/%zz",
+            // Tomcat and Jetty drop path parameters before routing.
+            "/v1/admin;x=1/users",
+            "/v1/admin;/users",
+            "/v1/public;/../admin",
+            // Rails routes a format suffix like the bare path.
+            "/v1/admin.json",
+            // Case-insensitive servers.
+            "/V1/Admin/users",
+            "/v1/ADMIN",
         ] {
             assert_eq!(
                 routes.requirement("GET", target).minimum_role,
@@ -528,10 +606,14 @@ mod tests {
     fn plain_paths_are_their_own_reading() {
         for path in ["/", "/v1/billing", "/a.b/c-d/e_f", "/v1/.well-known"] {
             assert!(is_plain(path), "{path}");
-            assert_eq!(normalise(path, Decoding::Segments), path);
-            assert_eq!(normalise(path, Decoding::Everything), path);
+            for parameters in [Parameters::Keep, Parameters::Drop] {
+                assert_eq!(normalise(path, Decoding::Segments, parameters), path);
+                assert_eq!(normalise(path, Decoding::Everything, parameters), path);
+            }
         }
-        for path in ["", "a", "/a/", "//a", "/a/./b", "/a/..", "/%61", "/a\\b"] {
+        for path in [
+            "", "a", "/a/", "//a", "/a/./b", "/a/..", "/%61", "/a\\b", "/a;b",
+        ] {
             assert!(!is_plain(path), "{path}");
         }
     }

@@ -456,8 +456,13 @@ async fn front_ends_prove_themselves_when_verify_tokens_are_set(db: TestDb) {
             request = request.header("x-key-authority-token", token);
         }
         let refused = call(&app, request).await;
-        assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{token:?}");
-        assert_eq!(refused.code(), "INVALID_CREDENTIALS");
+        assert_eq!(
+            refused.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{token:?}"
+        );
+        assert_eq!(refused.code(), "GATEWAY_MISCONFIGURED");
+        assert_eq!(refused.header("www-authenticate"), None);
     }
     let allowed = call(
         &app,

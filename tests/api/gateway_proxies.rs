@@ -964,7 +964,8 @@ async fn the_proxy_presents_its_verify_token(kind: Kind, db: TestDb) {
     let Setup { app, db, .. } = tokened;
     app.stop().await;
 
-    // A proxy left without the token: every client is refused, as 401 INVALID_CREDENTIALS.
+    // A proxy left without the token: every client is refused, as 500 GATEWAY_MISCONFIGURED
+    // (never a 401: the client's key was never judged).
     let mut untokened = setup(kind, db, with_token).await;
     let (secret, _) = issue(&mut untokened.app, pb::IssueKeyRequest::default()).await;
     let for_the_client = Answer::of(
@@ -973,7 +974,12 @@ async fn the_proxy_presents_its_verify_token(kind: Kind, db: TestDb) {
             .bearer_auth(&secret),
     )
     .await;
-    for_the_client.assert_refused(StatusCode::UNAUTHORIZED, "INVALID_CREDENTIALS", None, None);
+    for_the_client.assert_refused(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "GATEWAY_MISCONFIGURED",
+        None,
+        None,
+    );
     assert!(untokened.upstream.take().is_empty());
     untokened.app.stop().await;
 }
