@@ -259,6 +259,7 @@ fn known_method(path: &str) -> &'static str {
         "/keyauthority.v1.KeyService/DeleteWebhook",
         "/keyauthority.v1.KeyService/ListWebhookDeliveries",
         "/keyauthority.v1.KeyService/RedeliverWebhookEvent",
+        "/keyauthority.v1.KeyService/ReportUsage",
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

@@ -30,6 +30,7 @@ mod store;
 mod transport;
 mod trial;
 mod update;
+mod usage_report;
 mod validation;
 mod verify;
 mod webhook_receiver;
