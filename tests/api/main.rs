@@ -15,6 +15,7 @@ mod hot_path;
 mod idempotency;
 mod lifecycle;
 mod listing;
+mod local_verifier;
 mod lockout_race;
 mod observability;
 mod outage;
