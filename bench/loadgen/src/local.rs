@@ -1,0 +1,289 @@
+//! The verifier inside the caller (`key_authority_client::LocalVerifier`): a warm key verified
+//! in this process (latency per call and verifies per second on one thread), beside remote
+//! VerifyKey over a connection on the same machine; and revocation propagation, from RevokeKey
+//! on a replica to the local verifier answering REVOKED.
+
+use std::time::{Duration, Instant};
+
+use key_authority::pb::key_service_client::KeyServiceClient;
+use key_authority_client::pb::VerifyCode;
+use key_authority_client::{KeyAuthorityClient, LocalVerifier};
+
+use crate::client::{self, Net, Result};
+use crate::report::TargetLine;
+use crate::stats::{self, Summary, us};
+
+#[derive(Debug, Clone, Copy)]
+pub struct LocalSettings {
+    /// How long each measured phase lasts.
+    pub duration: Duration,
+    /// Revocations timed.
+    pub rounds: usize,
+    /// The verifier's fill rule (`LocalVerifierBuilder::settle`).
+    pub settle: Duration,
+}
+
+pub struct LocalReport {
+    /// Per call, in a closed loop on one thread (timer overhead included).
+    local: Summary,
+    /// Verifies per second on one thread, untimed loop.
+    local_per_second: f64,
+    remote: Summary,
+    /// From RevokeKey's return to the local verifier's first REVOKED.
+    propagation: Summary,
+    /// From RevokeKey's send to the same.
+    propagation_from_send: Summary,
+}
+
+pub async fn run(
+    net: &Net,
+    target: &str,
+    replica: &str,
+    admin_token: Option<&str>,
+    verify_token: Option<&str>,
+    settings: LocalSettings,
+) -> Result<LocalReport> {
+    let mut caller = KeyAuthorityClient::connect(format!("http://{target}")).await?;
+    if let Some(token) = admin_token {
+        caller = caller.with_bearer_token(token)?;
+    }
+    if let Some(token) = verify_token {
+        caller = caller.with_verify_token(token)?;
+    }
+    let verifier = LocalVerifier::builder(caller.clone())
+        .workspaces([client::WORKSPACE])
+        .settle(settings.settle)
+        .start()?;
+    tokio::time::timeout(Duration::from_secs(30), verifier.wait_ready())
+        .await
+        .map_err(|_| "the local verifier's event stream did not connect in 30 s")?;
+    let mut manager = KeyServiceClient::new(net.connect(replica).await?);
+
+    // A warm key: proven once by the authority, then answered here.
+    let key = client::issue_key(net, &mut manager, "loadgen local").await?;
+    let first = verifier.verify(&key.secret, &[], None).await?;
+    if !first.is_valid() || verifier.verify_local(&key.secret, &[]).is_none() {
+        return Err("the warm key is not answered locally".into());
+    }
+    let (local, local_per_second) =
+        measure_local(&verifier, &key.secret, settings.duration).await?;
+    let remote = measure_remote(&caller, &key.secret, settings.duration).await?;
+    let (propagation, propagation_from_send) =
+        measure_propagation(net, &verifier, &mut manager, settings).await?;
+    if let Err(error) = verifier.shutdown().await {
+        eprintln!("loadgen: the local verifier's last usage report failed: {error}");
+    }
+    let report = LocalReport {
+        local,
+        local_per_second,
+        remote,
+        propagation,
+        propagation_from_send,
+    };
+    report.print(target, replica, settings);
+    Ok(report)
+}
+
+/// The warm local path on one blocking thread: first each call timed, then untimed for the rate.
+async fn measure_local(
+    verifier: &LocalVerifier,
+    secret: &str,
+    duration: Duration,
+) -> Result<(Summary, f64)> {
+    let verifier = verifier.clone();
+    let secret = secret.to_owned();
+    let measured = tokio::task::spawn_blocking(move || {
+        let scopes: [String; 0] = [];
+        let mut latencies = stats::new_histogram();
+        let mut wrong = 0u64;
+        let end = Instant::now() + duration;
+        while Instant::now() < end {
+            for _ in 0..1000 {
+                let started = Instant::now();
+                let answer = verifier.verify_local(&secret, &scopes);
+                stats::record(&mut latencies, started.elapsed());
+                if !answer.is_some_and(|answer| answer.is_valid()) {
+                    wrong += 1;
+                }
+            }
+        }
+        let started = Instant::now();
+        let mut calls = 0u64;
+        while started.elapsed() < duration {
+            for _ in 0..10_000 {
+                if verifier.verify_local(&secret, &scopes).is_none() {
+                    wrong += 1;
+                }
+            }
+            calls += 10_000;
+        }
+        let rate = calls as f64 / started.elapsed().as_secs_f64();
+        (Summary::of(&latencies, duration, wrong), rate, wrong)
+    })
+    .await?;
+    let (summary, rate, wrong) = measured;
+    if wrong > 0 {
+        return Err(format!("{wrong} local verifies were not VALID").into());
+    }
+    Ok((summary, rate))
+}
+
+/// VerifyKey of the same key over gRPC, one call at a time.
+async fn measure_remote(
+    caller: &KeyAuthorityClient,
+    secret: &str,
+    duration: Duration,
+) -> Result<Summary> {
+    let mut latencies = stats::new_histogram();
+    let request = key_authority_client::pb::VerifyKeyRequest {
+        key: secret.to_owned(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        let call = Instant::now();
+        let answer = caller.verify_key(request.clone()).await?;
+        stats::record(&mut latencies, call.elapsed());
+        if answer.code() != VerifyCode::Valid {
+            return Err(format!("remote VerifyKey answered {:?}", answer.code()).into());
+        }
+    }
+    Ok(Summary::of(&latencies, started.elapsed(), 0))
+}
+
+/// Revokes a fresh warm key per round on `manager`'s replica, then checks the local verifier
+/// after each event it applies until it answers REVOKED.
+async fn measure_propagation(
+    net: &Net,
+    verifier: &LocalVerifier,
+    manager: &mut KeyServiceClient<tonic::transport::Channel>,
+    settings: LocalSettings,
+) -> Result<(Summary, Summary)> {
+    let mut from_return = stats::new_histogram();
+    let mut from_send = stats::new_histogram();
+    let mut failures = 0u64;
+    for _ in 0..settings.rounds {
+        let key = client::issue_key(net, manager, "loadgen local propagation").await?;
+        let first = verifier.verify(&key.secret, &[], None).await?;
+        if !first.is_valid() || verifier.verify_local(&key.secret, &[]).is_none() {
+            failures += 1;
+            continue;
+        }
+        let mut status = verifier.status();
+        status.borrow_and_update();
+        let sent = Instant::now();
+        client::revoke_key(net, manager, &key.key_id).await?;
+        let returned = Instant::now();
+        // Checked after every event the verifier applies (no spinning: the loop shares its one
+        // core with the verifier's stream task).
+        loop {
+            if let Some(answer) = verifier.verify_local(&key.secret, &[])
+                && answer.code == VerifyCode::Revoked
+            {
+                stats::record(&mut from_return, returned.elapsed());
+                stats::record(&mut from_send, sent.elapsed());
+                break;
+            }
+            let wait = Duration::from_secs(10).saturating_sub(sent.elapsed());
+            if tokio::time::timeout(wait, status.changed()).await.is_err() {
+                failures += 1;
+                break;
+            }
+        }
+    }
+    Ok((
+        Summary::of(&from_return, Duration::ZERO, failures),
+        Summary::of(&from_send, Duration::ZERO, failures),
+    ))
+}
+
+impl LocalReport {
+    fn print(&self, target: &str, replica: &str, settings: LocalSettings) {
+        println!();
+        println!(
+            "## local verifier: connected to {target}; revocations made on {replica}; \
+             {:?} per phase",
+            settings.duration
+        );
+        println!();
+        println!("| path | p50 ns | p99 ns | p99.9 ns | verifies per second (one thread) |");
+        println!("|---|---|---|---|---|");
+        let ns = |micros: f64| format!("{:.0}", micros * 1000.0);
+        println!(
+            "| LocalVerifier::verify_local, warm key | {} | {} | {} | {:.0} |",
+            ns(self.local.p50_us),
+            ns(self.local.p99_us),
+            ns(self.local.p999_us),
+            self.local_per_second
+        );
+        println!(
+            "| VerifyKey over gRPC, same machine, c=1 | {} | {} | {} | {:.0} |",
+            ns(self.remote.p50_us),
+            ns(self.remote.p99_us),
+            ns(self.remote.p999_us),
+            self.remote.rps
+        );
+        println!();
+        println!(
+            "Local p50 is {:.0}x faster than remote; local verifies per second are {:.0}x remote's \
+             at c=1. Timed calls include about 20-40 ns of timer reads.",
+            self.remote.p50_us / self.local.p50_us,
+            self.local_per_second / self.remote.rps
+        );
+        println!();
+        println!(
+            "Revocation propagation to the local verifier ({} rounds):",
+            settings.rounds
+        );
+        println!();
+        println!("| timed from | p50 µs | p99 µs | max µs | failures |");
+        println!("|---|---|---|---|---|");
+        for (from, s) in [
+            ("RevokeKey's return", &self.propagation),
+            ("RevokeKey's send", &self.propagation_from_send),
+        ] {
+            println!(
+                "| {from} | {} | {} | {} | {} |",
+                us(s.p50_us),
+                us(s.p99_us),
+                us(s.max_us),
+                s.failures
+            );
+        }
+    }
+
+    pub fn targets(&self) -> Vec<TargetLine> {
+        vec![
+            TargetLine::at_most(
+                "local warm verify p50 <= 1 µs",
+                self.local.p50_us,
+                1.0,
+                "µs",
+                format!(
+                    "p50 {:.0} ns, p99 {:.0} ns",
+                    self.local.p50_us * 1000.0,
+                    self.local.p99_us * 1000.0
+                ),
+            ),
+            TargetLine::at_least(
+                "local verifies per second per core >= 1,000,000",
+                self.local_per_second,
+                1_000_000.0,
+                format!("{:.0} per second on one thread", self.local_per_second),
+            ),
+            TargetLine::at_most(
+                "revocation propagation to the local verifier p99 <= 10 ms",
+                self.propagation_from_send.p99_us / 1000.0,
+                10.0,
+                "ms",
+                format!(
+                    "p99 {} µs from RevokeKey's send ({} µs from its return), {} rounds, {} failures",
+                    us(self.propagation_from_send.p99_us),
+                    us(self.propagation.p99_us),
+                    self.propagation.count,
+                    self.propagation.failures
+                ),
+            ),
+        ]
+    }
+}
