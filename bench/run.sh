@@ -19,8 +19,9 @@
 #   5. throughput: a fresh server T, unpinned with default workers, loaded by an unpinned
 #      loadgen with 2 workers (warm only);
 #   6. propagation: RevokeKey on A, VerifyKey on B until REVOKED (loadgen pinned to core 1);
-#   6a. local: loadgen's LocalVerifier (pinned to core 1) connected to B, revocations on A: a warm
-#      key verified in process vs VerifyKey over gRPC, and revocation propagation to it;
+#   6a. local: loadgen's LocalVerifier (pinned to core 1) connected to B, changes made on A: a warm
+#      key verified in process vs VerifyKey over gRPC, and how fast revocations, disablings,
+#      updates and rotations reach it;
 #   6b. memory: server M (unpinned) flooded for a minute; resident memory and threads before,
 #      right after, and after the negative-cache TTL;
 #   7. scale: server S (pinned like A) on a fresh database; 1k then 1M rows in api_key, cold
@@ -280,13 +281,13 @@ propagation() {
 }
 phase propagation "Propagation (RevokeKey on A, VerifyKey on B until REVOKED)" propagation
 
-# 5b. The verifier inside the caller: LocalVerifier in loadgen (core 1) connected to B, revocations
-#     on A.
+# 5b. The verifier inside the caller: LocalVerifier in loadgen (core 1) connected to B, changes
+#     made on A.
 local_verifier() {
     loadgen "$LOADGEN_CORE" 1 local --target "$B" --replica "$A" --duration "$DURATION" \
         --rounds "$ROUNDS" || return 1
 }
-phase local "The verifier inside the caller (LocalVerifier in loadgen on core $LOADGEN_CORE, connected to B; RevokeKey on A)" local_verifier
+phase local "The verifier inside the caller (LocalVerifier in loadgen on core $LOADGEN_CORE, connected to B; changes made on A)" local_verifier
 
 # 6. Scale: a fresh database per attempt (the 1k size needs an almost empty table), server S
 #    pinned like A.

@@ -1,7 +1,7 @@
 //! The verifier inside the caller (`key_authority_client::LocalVerifier`): a warm key verified
 //! in this process (latency per call and verifies per second on one thread), beside remote
-//! VerifyKey over a connection on the same machine; and revocation propagation, from RevokeKey
-//! on a replica to the local verifier answering REVOKED.
+//! VerifyKey over a connection on the same machine; and propagation of revocations, disablings,
+//! updates and rotations made on a replica to the local verifier.
 
 use std::time::{Duration, Instant};
 
@@ -29,10 +29,13 @@ pub struct LocalReport {
     /// Verifies per second on one thread, untimed loop.
     local_per_second: f64,
     remote: Summary,
-    /// From RevokeKey's return to the local verifier's first REVOKED.
+    /// From a change's return (RevokeKey, UpdateKey, RotateKey) to the local verifier's answer
+    /// showing it.
     propagation: Summary,
     /// From RevokeKey's send to the same.
     propagation_from_send: Summary,
+    /// From the send, per kind of change.
+    by_kind: Vec<(&'static str, Summary)>,
 }
 
 pub async fn run(
@@ -68,7 +71,7 @@ pub async fn run(
     let (local, local_per_second) =
         measure_local(&verifier, &key.secret, settings.duration).await?;
     let remote = measure_remote(&caller, &key.secret, settings.duration).await?;
-    let (propagation, propagation_from_send) =
+    let (propagation, propagation_from_send, by_kind) =
         measure_propagation(net, &verifier, &mut manager, settings).await?;
     if let Err(error) = verifier.shutdown().await {
         eprintln!("loadgen: the local verifier's last usage report failed: {error}");
@@ -79,6 +82,7 @@ pub async fn run(
         remote,
         propagation,
         propagation_from_send,
+        by_kind,
     };
     report.print(target, replica, settings);
     Ok(report)
@@ -151,18 +155,113 @@ async fn measure_remote(
     Ok(Summary::of(&latencies, started.elapsed(), 0))
 }
 
-/// Revokes a fresh warm key per round on `manager`'s replica, then checks the local verifier
-/// after each event it applies until it answers REVOKED.
+/// A change whose arrival at the local verifier is timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChangeKind {
+    Revoke,
+    Disable,
+    /// UpdateKey narrowing the scopes: the local state is forgotten.
+    Update,
+    /// RotateKey with an hour's grace: the old key's local state is forgotten.
+    Rotate,
+}
+
+impl ChangeKind {
+    const ALL: [Self; 4] = [Self::Revoke, Self::Disable, Self::Update, Self::Rotate];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Revoke => "RevokeKey",
+            Self::Disable => "UpdateKey enabled=false",
+            Self::Update => "UpdateKey scopes",
+            Self::Rotate => "RotateKey (1 h grace)",
+        }
+    }
+
+    /// Whether the local verifier's answer shows the change.
+    fn arrived(self, answer: Option<key_authority_client::Verification>) -> bool {
+        match self {
+            Self::Revoke => answer.is_some_and(|answer| answer.code == VerifyCode::Revoked),
+            Self::Disable => answer.is_some_and(|answer| answer.code == VerifyCode::Disabled),
+            Self::Update | Self::Rotate => answer.is_none(),
+        }
+    }
+
+    async fn make(
+        self,
+        net: &Net,
+        manager: &mut KeyServiceClient<tonic::transport::Channel>,
+        key_id: &str,
+    ) -> Result<()> {
+        use key_authority::pb;
+        let auth = net.admin_auth.as_ref();
+        let update = |mask: &str, key: pb::Key| pb::UpdateKeyRequest {
+            key: Some(pb::Key {
+                workspace_id: client::WORKSPACE.to_owned(),
+                key_id: key_id.to_owned(),
+                ..key
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec![mask.to_owned()],
+            }),
+            ..Default::default()
+        };
+        match self {
+            Self::Revoke => client::revoke_key(net, manager, key_id).await?,
+            Self::Disable => {
+                let request = update("enabled", pb::Key::default());
+                manager
+                    .update_key(client::authorized(request, auth))
+                    .await?;
+            }
+            Self::Update => {
+                let narrowed = pb::Key {
+                    scopes: vec!["loadgen:narrowed".to_owned()],
+                    ..Default::default()
+                };
+                let request = update("scopes", narrowed);
+                manager
+                    .update_key(client::authorized(request, auth))
+                    .await?;
+            }
+            Self::Rotate => {
+                let request = pb::RotateKeyRequest {
+                    workspace_id: client::WORKSPACE.to_owned(),
+                    key_id: key_id.to_owned(),
+                    grace_period: Some(prost_types::Duration {
+                        seconds: 3600,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                };
+                manager
+                    .rotate_key(client::authorized(request, auth))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per round, a fresh warm key and one change made on `manager`'s replica (revoke, disable,
+/// update, rotate in turn); then the local verifier is checked after each event it applies until
+/// its answer shows the change. Returns (from the change's return, from its send), all kinds,
+/// and per kind.
 async fn measure_propagation(
     net: &Net,
     verifier: &LocalVerifier,
     manager: &mut KeyServiceClient<tonic::transport::Channel>,
     settings: LocalSettings,
-) -> Result<(Summary, Summary)> {
+) -> Result<(Summary, Summary, Vec<(&'static str, Summary)>)> {
     let mut from_return = stats::new_histogram();
     let mut from_send = stats::new_histogram();
+    let mut by_kind: Vec<_> = ChangeKind::ALL
+        .iter()
+        .map(|_| stats::new_histogram())
+        .collect();
     let mut failures = 0u64;
-    for _ in 0..settings.rounds {
+    for round in 0..settings.rounds {
+        let kind = ChangeKind::ALL[round % ChangeKind::ALL.len()];
         let key = client::issue_key(net, manager, "loadgen local propagation").await?;
         let first = verifier.verify(&key.secret, &[], None).await?;
         if !first.is_valid() || verifier.verify_local(&key.secret, &[]).is_none() {
@@ -172,16 +271,15 @@ async fn measure_propagation(
         let mut status = verifier.status();
         status.borrow_and_update();
         let sent = Instant::now();
-        client::revoke_key(net, manager, &key.key_id).await?;
+        kind.make(net, manager, &key.key_id).await?;
         let returned = Instant::now();
         // Checked after every event the verifier applies (no spinning: the loop shares its one
         // core with the verifier's stream task).
         loop {
-            if let Some(answer) = verifier.verify_local(&key.secret, &[])
-                && answer.code == VerifyCode::Revoked
-            {
+            if kind.arrived(verifier.verify_local(&key.secret, &[])) {
                 stats::record(&mut from_return, returned.elapsed());
                 stats::record(&mut from_send, sent.elapsed());
+                stats::record(&mut by_kind[round % ChangeKind::ALL.len()], sent.elapsed());
                 break;
             }
             let wait = Duration::from_secs(10).saturating_sub(sent.elapsed());
@@ -191,9 +289,15 @@ async fn measure_propagation(
             }
         }
     }
+    let kinds = ChangeKind::ALL
+        .iter()
+        .zip(&by_kind)
+        .map(|(kind, latencies)| (kind.name(), Summary::of(latencies, Duration::ZERO, 0)))
+        .collect();
     Ok((
         Summary::of(&from_return, Duration::ZERO, failures),
         Summary::of(&from_send, Duration::ZERO, failures),
+        kinds,
     ))
 }
 
@@ -232,18 +336,22 @@ impl LocalReport {
         );
         println!();
         println!(
-            "Revocation propagation to the local verifier ({} rounds):",
+            "Propagation of a change made on {replica} to the local verifier ({} rounds: \
+             revoke, disable, update scopes, rotate in turn; a fresh warm key each):",
             settings.rounds
         );
         println!();
-        println!("| timed from | p50 µs | p99 µs | max µs | failures |");
-        println!("|---|---|---|---|---|");
-        for (from, s) in [
-            ("RevokeKey's return", &self.propagation),
-            ("RevokeKey's send", &self.propagation_from_send),
-        ] {
+        println!("| change, timed from | rounds | p50 µs | p99 µs | max µs | failures |");
+        println!("|---|---|---|---|---|---|");
+        let mut rows = vec![
+            ("all, from the change's return", &self.propagation),
+            ("all, from the change's send", &self.propagation_from_send),
+        ];
+        rows.extend(self.by_kind.iter().map(|(name, s)| (*name, s)));
+        for (from, s) in rows {
             println!(
-                "| {from} | {} | {} | {} | {} |",
+                "| {from} | {} | {} | {} | {} | {} |",
+                s.count,
                 us(s.p50_us),
                 us(s.p99_us),
                 us(s.max_us),
@@ -272,12 +380,12 @@ impl LocalReport {
                 format!("{:.0} per second on one thread", self.local_per_second),
             ),
             TargetLine::at_most(
-                "revocation propagation to the local verifier p99 <= 10 ms",
+                "revoke/disable/update/rotate propagation to the local verifier p99 <= 10 ms",
                 self.propagation_from_send.p99_us / 1000.0,
                 10.0,
                 "ms",
                 format!(
-                    "p99 {} µs from RevokeKey's send ({} µs from its return), {} rounds, {} failures",
+                    "p99 {} µs from the change's send ({} µs from its return), {} rounds, {} failures",
                     us(self.propagation_from_send.p99_us),
                     us(self.propagation.p99_us),
                     self.propagation.count,
