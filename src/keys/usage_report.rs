@@ -16,11 +16,8 @@ use crate::audit::CallContext;
 use crate::auth::policy::{Action, Caller};
 use crate::error::{Error, Result};
 use crate::key::KeyId;
-use crate::timestamp::{duration_micros, now_micros};
-
-/// How far past the server's clock a reported last use may be (the reporter's clock may run a
-/// little ahead); anything later is a forgery or a broken clock.
-const MAX_CLOCK_LEAD: std::time::Duration = std::time::Duration::from_secs(60);
+use crate::store::UsageDelta;
+use crate::timestamp::now_micros;
 
 /// What a ReportUsage call did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,24 +46,23 @@ impl KeyManager {
             ));
         }
         let now = now_micros();
-        let latest = now.saturating_add(duration_micros(MAX_CLOCK_LEAD));
-        if command
-            .usage
-            .iter()
-            .any(|delta| delta.last_used_time > latest)
-        {
-            return Err(Error::invalid(
-                "usage.last_used_time",
-                "is later than the server's clock allows",
-            ));
-        }
         let actor = caller.actor();
         let request = self.idempotent_report(context, &workspace_id, actor.audit(), &command);
         let report = async {
             let claim = self.batch_claim(request.as_ref(), now);
+            // A reporter's clock may run ahead: its last uses count as now, never later, so a
+            // skewed clock loses no usage and no report can date a use in the future.
+            let usage: Vec<_> = command
+                .usage
+                .iter()
+                .map(|delta| UsageDelta {
+                    last_used_time: delta.last_used_time.min(now),
+                    ..delta.clone()
+                })
+                .collect();
             let skipped = self
                 .store
-                .report_usage(&workspace_id, &command.usage, claim.as_ref())
+                .report_usage(&workspace_id, &usage, claim.as_ref())
                 .await?;
             Ok(UsageReported {
                 replayed: false,

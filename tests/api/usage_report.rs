@@ -192,10 +192,6 @@ async fn who_may_report_and_what(db: TestDb) {
             "usage.requests",
         ),
         (
-            batch("acme", BATCH, vec![usage(&key_id, 1, used + 3600)]),
-            "usage.last_used_time",
-        ),
-        (
             batch(
                 "acme",
                 BATCH,
@@ -238,6 +234,24 @@ async fn who_may_report_and_what(db: TestDb) {
     assert_eq!(answer.counted_keys, 1);
     assert!(report(&mut client, one(BATCH)).await.unwrap().replayed);
     assert_eq!(app.get("acme", &key_id).await.unwrap().total_requests, 1);
+
+    // A reporter whose clock runs an hour ahead: counted, and dated no later than now.
+    let ahead = used + 3660;
+    let answer = report(
+        &mut app.keys,
+        batch("acme", OTHER_BATCH, vec![usage(&key_id, 2, ahead)]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.counted_keys, 1);
+    let key = app.get("acme", &key_id).await.unwrap();
+    assert_eq!(key.total_requests, 3);
+    let dated = key.last_used_time.unwrap().seconds;
+    let now = i64::try_from(crate::common::now()).unwrap();
+    assert!(
+        (used..=now).contains(&dated),
+        "{dated} within [{used}, {now}]"
+    );
     app.stop().await;
 }
 
