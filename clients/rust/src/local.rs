@@ -406,16 +406,20 @@ impl LocalVerifier {
             let _ = feed.await;
             let _ = reporter.await;
         }
-        // A few tries, for an authority that is restarting.
-        let mut last = Ok(());
-        for attempt in 0..5 {
-            last = inner.usage.report(&inner.client).await;
-            if last.is_ok() {
-                break;
+        // A few tries, for an authority that is restarting; each success may leave counts taken
+        // after an earlier failure, so report until nothing is left.
+        let mut failures = 0;
+        loop {
+            match inner.usage.report(&inner.client).await {
+                Ok(()) if inner.usage.unreported().await == 0 => return Ok(()),
+                Ok(()) => {}
+                Err(error) if failures >= 4 => return Err(error),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100 << failures)).await;
+                    failures += 1;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
-        last
     }
 }
 

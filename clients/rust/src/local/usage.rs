@@ -79,12 +79,18 @@ impl UsageBook {
         self.reported.load(Ordering::Relaxed)
     }
 
-    /// Moves every count into new batches (one request id each), then sends the batches in
-    /// order. Stops at the first one the authority could not take now; it is sent again, with
-    /// the same id, next time. Returns the error that stopped it, if any.
+    /// Sends the batches not yet accepted, in order, or else moves every count into new batches
+    /// (one request id each) and sends those. Stops at the first one the authority could not
+    /// take now; it is sent again, with the same id, next time. Returns the error that stopped
+    /// it, if any.
     pub async fn report(&self, client: &KeyAuthorityClient) -> Result<(), Error> {
         let mut outbox = self.outbox.lock().await;
-        outbox.extend(self.take_batches());
+        // New counts become batches only once the earlier ones are accepted: while the authority
+        // cannot take them, counts keep adding up in the cells (memory bounded by the keys),
+        // instead of piling up batches.
+        if outbox.is_empty() {
+            outbox.extend(self.take_batches());
+        }
         while let Some(batch) = outbox.front() {
             match client.report_usage(batch.request.clone()).await {
                 Ok(answer) => {
@@ -188,4 +194,71 @@ fn is_retryable(error: &Error) -> bool {
             | Code::Cancelled
     ) && error.reason().is_none();
     error.is_retryable() || unreached
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_become_batches_of_one_workspace_and_at_most_1000_keys() {
+        let book = UsageBook::new();
+        let mut cells = Vec::new();
+        for index in 0..1500 {
+            let key_id: Arc<str> = format!("K{index:011}").into();
+            let cell = book.cell(&key_id, "acme");
+            cell.record(2_000_000);
+            cell.record(1_000_000);
+            cells.push(cell);
+        }
+        let beta = book.cell(&Arc::from("BBBBBBBBBBBB"), "beta");
+        beta.record(3_500_000);
+
+        let mut batches = book.take_batches();
+        batches.sort_by_key(|batch| {
+            (
+                batch.request.workspace_id.clone(),
+                batch.request.usage.len(),
+            )
+        });
+        let shape: Vec<(&str, usize)> = batches
+            .iter()
+            .map(|batch| {
+                (
+                    batch.request.workspace_id.as_str(),
+                    batch.request.usage.len(),
+                )
+            })
+            .collect();
+        assert_eq!(shape, [("acme", 500), ("acme", 1000), ("beta", 1)]);
+        let ids: std::collections::HashSet<&str> = batches
+            .iter()
+            .map(|batch| batch.request.request_id.as_str())
+            .collect();
+        assert_eq!(ids.len(), 3, "one request id per batch");
+        let entry = &batches[2].request.usage[0];
+        assert_eq!(entry.requests, 1);
+        assert_eq!(
+            entry.last_used_time,
+            Some(prost_types::Timestamp {
+                seconds: 3,
+                nanos: 500_000_000
+            })
+        );
+        assert!(
+            batches[..2]
+                .iter()
+                .flat_map(|batch| &batch.request.usage)
+                .all(|usage| usage.requests == 2),
+            "every verdict counted, the latest time kept"
+        );
+
+        // Taken means reset: nothing twice. Cells no state holds and with nothing to report
+        // are forgotten.
+        assert!(book.take_batches().is_empty());
+        drop(cells);
+        drop(beta);
+        assert!(book.take_batches().is_empty());
+        assert!(book.lock().is_empty());
+    }
 }
