@@ -514,6 +514,27 @@ mod tests {
     }
 
     #[test]
+    fn reporting_usage_takes_a_developer() {
+        use Role::*;
+        for (caller, allowed) in [
+            (Caller::Admin, true),
+            (user(Viewer), false),
+            (user(Developer), true),
+            (user(AccountAdmin), true),
+            (api_key(Viewer), false),
+            (api_key(Developer), true),
+            (api_key(AccountAdmin), true),
+            (api_key(Trial), false),
+        ] {
+            assert_eq!(
+                caller.authorize(Action::ReportUsage).is_ok(),
+                allowed,
+                "{caller:?}"
+            );
+        }
+    }
+
+    #[test]
     fn managing_webhooks_takes_a_developer() {
         use Role::*;
         for (caller, allowed) in [
