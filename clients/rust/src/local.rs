@@ -148,6 +148,9 @@ pub struct Verification {
     /// Why the key was accepted or refused.
     pub code: VerifyCode,
     /// The key's public metadata, when the key was identified (as in `VerifyKeyResponse.key`).
+    /// In a local answer it is the authority's last VALID answer for the key (so its
+    /// `total_requests` and `last_used_time` are as of then), with the state of a revocation
+    /// or a disabling applied.
     pub key: Option<Arc<pb::Key>>,
     /// For `LOCKED`: how long until the lockout ends.
     pub retry_after: Option<Duration>,
@@ -265,7 +268,13 @@ impl LocalVerifier {
         let digest = *blake3::hash(key.as_bytes()).as_bytes();
         let key_id = inner.caches.digests.get(&digest)?;
         let state = inner.caches.states.get(&key_id)?;
+        let now = now_micros();
         if let Some(code) = state.refused {
+            // The server's order: revoked, then expired, then disabled. A disabled key whose
+            // expiry may have passed is the authority's to call EXPIRED.
+            if code == VerifyCode::Disabled && !state.lives_past(now, inner.expiry_margin_micros) {
+                return None;
+            }
             inner.local_answers.fetch_add(1, Ordering::Relaxed);
             return Some(Verification {
                 code,
@@ -274,7 +283,6 @@ impl LocalVerifier {
                 local: true,
             });
         }
-        let now = now_micros();
         if !state.lives_past(now, inner.expiry_margin_micros) || !state.grants(required_scopes) {
             return None;
         }
