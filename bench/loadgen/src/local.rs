@@ -21,6 +21,8 @@ pub struct LocalSettings {
     pub rounds: usize,
     /// The verifier's fill rule (`LocalVerifierBuilder::settle`).
     pub settle: Duration,
+    /// Keys verified (and so held) to measure the verifier's memory per key; 0 skips it.
+    pub memory_keys: usize,
 }
 
 pub struct LocalReport {
@@ -36,6 +38,8 @@ pub struct LocalReport {
     propagation_from_send: Summary,
     /// From the send, per kind of change.
     by_kind: Vec<(&'static str, Summary)>,
+    /// (keys held, resident bytes added per key held), if measured.
+    memory: Option<(u64, f64)>,
 }
 
 pub async fn run(
@@ -73,6 +77,10 @@ pub async fn run(
     let remote = measure_remote(&caller, &key.secret, settings.duration).await?;
     let (propagation, propagation_from_send, by_kind) =
         measure_propagation(net, &verifier, &mut manager, settings).await?;
+    let memory = match settings.memory_keys {
+        0 => None,
+        keys => Some(measure_memory(net, &verifier, &mut manager, keys).await?),
+    };
     if let Err(error) = verifier.shutdown().await {
         eprintln!("loadgen: the local verifier's last usage report failed: {error}");
     }
@@ -83,6 +91,7 @@ pub async fn run(
         propagation,
         propagation_from_send,
         by_kind,
+        memory,
     };
     report.print(target, replica, settings);
     Ok(report)
@@ -153,6 +162,38 @@ async fn measure_remote(
         }
     }
     Ok(Summary::of(&latencies, started.elapsed(), 0))
+}
+
+/// This process's resident memory before and after the verifier takes in `keys` more keys (each
+/// issued first, then verified once: a VALID answer fills both caches). An upper bound per key:
+/// the remote calls' own buffers count too, and freed memory is not always given back.
+async fn measure_memory(
+    net: &Net,
+    verifier: &LocalVerifier,
+    manager: &mut KeyServiceClient<tonic::transport::Channel>,
+    keys: usize,
+) -> Result<(u64, f64)> {
+    let mut secrets = Vec::with_capacity(keys);
+    for _ in 0..keys {
+        secrets.push(
+            client::issue_key(net, manager, "loadgen local memory")
+                .await?
+                .secret,
+        );
+    }
+    let held_before = verifier.stats().cached_keys;
+    let before = crate::memory::footprint(std::process::id())?.rss_mib;
+    for secret in &secrets {
+        if !verifier.verify(secret, &[], None).await?.is_valid() {
+            return Err("a freshly issued key is not VALID".into());
+        }
+    }
+    let after = crate::memory::footprint(std::process::id())?.rss_mib;
+    let held = verifier.stats().cached_keys.saturating_sub(held_before);
+    if held == 0 {
+        return Err("the verifier kept none of the keys".into());
+    }
+    Ok((held, (after - before) * 1024.0 * 1024.0 / held as f64))
 }
 
 /// A change whose arrival at the local verifier is timed.
@@ -356,6 +397,13 @@ impl LocalReport {
                 us(s.p99_us),
                 us(s.max_us),
                 s.failures
+            );
+        }
+        if let Some((held, per_key)) = self.memory {
+            println!();
+            println!(
+                "Memory: {held} more keys held added {per_key:.0} bytes of resident memory per key \
+                 (an upper bound: the remote calls' buffers count too)."
             );
         }
     }

@@ -159,6 +159,9 @@ enum Command {
         /// The verifier's settle time (LocalVerifierBuilder::settle).
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         settle: Duration,
+        /// Keys issued and verified to measure the verifier's memory per key (0: skip).
+        #[arg(long, default_value_t = 1000)]
+        memory_keys: usize,
     },
     /// Time from RevokeKey's return on the target until the replica answers REVOKED.
     Propagation {
@@ -477,6 +480,7 @@ async fn run(cli: Cli) -> Result<Vec<TargetLine>> {
             duration,
             rounds,
             settle,
+            memory_keys,
         } => {
             let replica = replica.unwrap_or_else(|| target.clone());
             client::wait_serving(&net, &target, cli.wait).await?;
@@ -485,6 +489,7 @@ async fn run(cli: Cli) -> Result<Vec<TargetLine>> {
                 duration,
                 rounds,
                 settle,
+                memory_keys,
             };
             let report = local::run(
                 &net,
