@@ -1,5 +1,5 @@
 //! [`LocalVerifier`]: the verifier inside the caller. Warm keys are verified in this process
-//! (a BLAKE3 digest, two in-memory lookups, an expiry and a scope check, two atomic counters);
+//! (a BLAKE3 digest, two in-memory lookups, an expiry and a scope check, three atomic counters);
 //! everything else asks key-authority. Every change to a key reaches the local state through the
 //! authority's event stream (WatchKeyEvents) within milliseconds; local VALID verdicts are
 //! reported back in batches (ReportUsage). README.md, "The verifier inside the caller".
