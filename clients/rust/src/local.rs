@@ -195,8 +195,13 @@ pub struct LocalStats {
 /// [`all_workspaces`](LocalVerifierBuilder::all_workspaces)), and the verify token if the
 /// deployment requires one.
 ///
+/// A break of the event stream is noticed when the stream ends or fails; give the client's
+/// `Endpoint` HTTP/2 keep-alives (`http2_keep_alive_interval`, `keep_alive_timeout`,
+/// `keep_alive_while_idle`) so that a connection that dies silently is noticed within seconds.
+///
 /// Cheap to clone (clones share everything). Call [`shutdown`](Self::shutdown) before the
-/// process exits, so that every local verdict is counted.
+/// process exits, so that every local verdict is counted; dropping the last clone stops the
+/// background tasks without reporting.
 #[derive(Clone)]
 pub struct LocalVerifier {
     inner: Arc<Inner>,
