@@ -288,7 +288,10 @@ impl LocalVerifier {
                 local: true,
             });
         }
-        if !state.lives_past(now, inner.expiry_margin_micros) || !state.grants(required_scopes) {
+        if !state.lives_past(now, inner.expiry_margin_micros)
+            || !well_formed(required_scopes)
+            || !state.grants(required_scopes)
+        {
             return None;
         }
         state.usage.record(now);
@@ -458,6 +461,18 @@ async fn report_usage(
     }
 }
 
+/// Required scopes VerifyKey would accept: at most 64, each 1 to 128 ASCII letters, digits and
+/// `:._-/*`. Anything else goes to the authority, which refuses it (INVALID_ARGUMENT).
+fn well_formed(required_scopes: &[String]) -> bool {
+    required_scopes.len() <= 64
+        && required_scopes.iter().all(|scope| {
+            (1..=128).contains(&scope.len())
+                && scope
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b":._-/*".contains(&byte))
+        })
+}
+
 /// The key id inside a key's text `<brand>_<env>_<id><secret><check>`: the 12 characters after
 /// the second underscore.
 fn embedded_key_id(key: &str) -> Option<&str> {
@@ -477,6 +492,18 @@ fn now_micros() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_scopes_verify_key_accepts_are_checked_locally() {
+        let scopes = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(well_formed(&scopes(&[])));
+        assert!(well_formed(&scopes(&["orders:read", "a.b-c_d/e*"])));
+        assert!(!well_formed(&scopes(&[""])));
+        assert!(!well_formed(&scopes(&["has space"])));
+        assert!(!well_formed(&scopes(&["é"])));
+        assert!(!well_formed(&scopes(&[&"a".repeat(129)])));
+        assert!(!well_formed(&vec!["a".to_string(); 65]));
+    }
 
     #[test]
     fn the_key_id_is_read_from_the_keys_text() {
