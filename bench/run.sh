@@ -5,7 +5,7 @@
 #                                    # quiet machine (phases wait for and retry around others)
 #   BENCH_DURATION=2s bench/run.sh   # shorter load phases, for a quick look
 #   BENCH_PHASES="warm flood" bench/run.sh   # only some of: warm h2load tracing cold flood
-#                                            # memory throughput propagation scale
+#                                            # memory throughput propagation local scale
 #
 # What it does:
 #   1. cargo build --release (key-authority and loadgen), and runs copies of the binaries;
@@ -19,6 +19,9 @@
 #   5. throughput: a fresh server T, unpinned with default workers, loaded by an unpinned
 #      loadgen with 2 workers (warm only);
 #   6. propagation: RevokeKey on A, VerifyKey on B until REVOKED (loadgen pinned to core 1);
+#   6a. local: loadgen's LocalVerifier (pinned to core 1) connected to B, changes made on A: a warm
+#      key verified in process vs VerifyKey over gRPC, and how fast revocations, disablings,
+#      updates and rotations reach it;
 #   6b. memory: server M (unpinned) flooded for a minute; resident memory and threads before,
 #      right after, and after the negative-cache TTL;
 #   7. scale: server S (pinned like A) on a fresh database; 1k then 1M rows in api_key, cold
@@ -41,7 +44,7 @@ SIZES=${BENCH_SIZES:-1000,1000000}
 MEMORY_FLOOD=${BENCH_MEMORY_FLOOD:-60s}
 MEMORY_SETTLE=${BENCH_MEMORY_SETTLE:-70s}
 PAIRS=${BENCH_PAIRS:-5}
-PHASES=${BENCH_PHASES:-warm h2load tracing cold flood memory throughput propagation scale}
+PHASES=${BENCH_PHASES:-warm h2load tracing cold flood memory throughput propagation local scale}
 OUT=${BENCH_OUT:-$ROOT/target/bench}
 SERVER_CORE=0
 LOADGEN_CORE=1
@@ -277,6 +280,14 @@ propagation() {
         --rounds "$ROUNDS" --time-budget "$PROPAGATION_BUDGET" || return 1
 }
 phase propagation "Propagation (RevokeKey on A, VerifyKey on B until REVOKED)" propagation
+
+# 5b. The verifier inside the caller: LocalVerifier in loadgen (core 1) connected to B, changes
+#     made on A.
+local_verifier() {
+    loadgen "$LOADGEN_CORE" 1 local --target "$B" --replica "$A" --duration "$DURATION" \
+        --rounds "$ROUNDS" || return 1
+}
+phase local "The verifier inside the caller (LocalVerifier in loadgen on core $LOADGEN_CORE, connected to B; changes made on A)" local_verifier
 
 # 6. Scale: a fresh database per attempt (the 1k size needs an almost empty table), server S
 #    pinned like A.

@@ -6,6 +6,7 @@ mod commands;
 mod convert;
 mod events;
 mod keys;
+mod usage;
 mod verify;
 mod verify_reply;
 mod webhooks;

@@ -5,6 +5,7 @@
 pub mod commands;
 pub mod idempotency;
 pub mod page_token;
+mod usage_report;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +13,9 @@ use std::time::Duration;
 pub use crate::auth::policy::{API_KEY_MAX_ROTATION_GRACE, Actor, RotationRights};
 pub use commands::{
     Expiration, GetKey, IssueKey, IssueTrialKey, KeyChanges, KeySpec, ListAuditEvents, ListKeys,
-    RevokeKey, RevokeTrialKey, RotateKey, UpdateKey, WatchKeyEvents,
+    ReportUsage, RevokeKey, RevokeTrialKey, RotateKey, UpdateKey, WatchKeyEvents,
 };
+pub use usage_report::UsageReported;
 
 use crate::audit::{
     self, ActorKind, AuditAction, AuditEvent, AuditOutcome, AuditQuery, AuditRecord, CallContext,

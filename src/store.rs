@@ -276,6 +276,17 @@ pub trait Store: Send + Sync + 'static {
     async fn record_usage(&self, deltas: &[UsageDelta])
     -> std::result::Result<(), UsageWriteError>;
 
+    /// ReportUsage: adds `deltas` (in key id order) to the counters of the keys of
+    /// `workspace_id` that have no usage limit, in one transaction that first claims the batch's
+    /// request id (`claim`; `Error::DuplicateRequest` if a committed batch holds it). Returns
+    /// the key ids that counted nothing.
+    async fn report_usage(
+        &self,
+        workspace_id: &WorkspaceId,
+        deltas: &[UsageDelta],
+        claim: Option<&RequestClaim>,
+    ) -> Result<Vec<KeyId>>;
+
     /// Atomically consumes `cost` uses of a usage budget (with `cost` 0, checks that one is
     /// left). `Some(remaining)` on success; `None` when not enough are left.
     async fn consume_usage(&self, budget_id: &str, cost: i64) -> Result<Option<i64>>;

@@ -172,6 +172,31 @@ class KeyAuthority {
   }
 
   /**
+   * ReportUsage: adds usage a caller-side verifier counted, [{ key_id, requests, last_used_time }]
+   * (last_used_time a Date or { seconds, nanos }; at most 1000 entries, each key once), to the
+   * keys' total_requests and last_used_time. Needs the developer role or above. request_id (a
+   * UUID) is required: the same batch sent again counts nothing and resolves with replayed: true.
+   * Resolves to { replayed, counted_keys, skipped_key_ids } (keys of another workspace, unknown
+   * or usage-limited count nothing).
+   */
+  reportUsage(workspace_id, usage, { request_id }) {
+    const asTimestamp = (at) =>
+      at instanceof Date
+        ? { seconds: Math.floor(at.getTime() / 1000), nanos: (at.getTime() % 1000) * 1e6 }
+        : at;
+    const request = {
+      workspace_id,
+      request_id,
+      usage: usage.map(({ key_id, requests, last_used_time }) => ({
+        key_id,
+        requests,
+        last_used_time: asTimestamp(last_used_time),
+      })),
+    };
+    return this.call(this.keys, 'ReportUsage', request, this.adminToken);
+  }
+
+  /**
    * RevokeKey with revoke_successors: revokes a key and every successor its rotations produced,
    * in one transaction (for a leaked key that whoever holds it may have rotated). Resolves to
    * { key, successors }. options: { request_id }.

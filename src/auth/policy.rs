@@ -14,6 +14,7 @@
 //! | UpdateKey | yes | no | yes | yes | developer and up, or itself |
 //! | UpdateKey: make a key live longer | yes | no | yes | yes | never |
 //! | UpdateKey: widen itself (scopes, role) | - | - | - | - | never |
+//! | ReportUsage (keys of its own workspace only) | yes | no | yes | yes | developer and up |
 //! | CreateWebhook, ListWebhooks, DeleteWebhook, ListWebhookDeliveries, RedeliverWebhookEvent | yes | no | yes | yes | developer and up |
 //!
 //! Nobody grants a role above their own, nor changes (rotates, updates) a key whose role is above
@@ -241,6 +242,8 @@ pub enum Action<'a> {
     /// RedeliverWebhookEvent: a webhook sends the workspace's events out, so even reading them
     /// (their URLs) takes a developer.
     ManageWebhooks,
+    /// ReportUsage: writes the counters billing and key reviews trust, so it takes a developer.
+    ReportUsage,
 }
 
 impl Caller {
@@ -327,6 +330,9 @@ impl Caller {
             }
             (Self::User { role, .. } | Self::ApiKey { role, .. }, Action::ManageWebhooks) => {
                 require(*role, Role::Developer, "manage webhooks")
+            }
+            (Self::User { role, .. } | Self::ApiKey { role, .. }, Action::ReportUsage) => {
+                require(*role, Role::Developer, "report usage")
             }
         }
     }
@@ -504,6 +510,27 @@ mod tests {
             });
             let expected_self = revoke_self || matches!(caller, Caller::ApiKey { .. });
             assert_eq!(self_allowed, expected_self, "{caller:?} self");
+        }
+    }
+
+    #[test]
+    fn reporting_usage_takes_a_developer() {
+        use Role::*;
+        for (caller, allowed) in [
+            (Caller::Admin, true),
+            (user(Viewer), false),
+            (user(Developer), true),
+            (user(AccountAdmin), true),
+            (api_key(Viewer), false),
+            (api_key(Developer), true),
+            (api_key(AccountAdmin), true),
+            (api_key(Trial), false),
+        ] {
+            assert_eq!(
+                caller.authorize(Action::ReportUsage).is_ok(),
+                allowed,
+                "{caller:?}"
+            );
         }
     }
 

@@ -129,7 +129,7 @@ macro_rules! request_id_field {
 request_id_field! {
     with {
         pb::IssueKeyRequest, pb::RevokeKeyRequest, pb::RotateKeyRequest, pb::UpdateKeyRequest,
-        pb::IssueTrialKeyRequest
+        pb::IssueTrialKeyRequest, pb::ReportUsageRequest
     }
     without {
         pb::GetKeyRequest, pb::ListKeysRequest, pb::ListAuditEventsRequest,
@@ -223,6 +223,7 @@ key_service! {
         rotate_key(pb::RotateKeyRequest) -> pb::RotateKeyResponse = rotate;
         update_key(pb::UpdateKeyRequest) -> pb::UpdateKeyResponse = update;
         list_audit_events(pb::ListAuditEventsRequest) -> pb::ListAuditEventsResponse = list_audit_events;
+        report_usage(pb::ReportUsageRequest) -> pb::ReportUsageResponse = report_usage;
     }
     webhooks {
         create_webhook(pb::CreateWebhookRequest) -> pb::CreateWebhookResponse = create;

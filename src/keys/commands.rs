@@ -133,3 +133,10 @@ pub struct WatchKeyEvents {
     pub from: crate::events::WatchFrom,
     pub all_workspaces: bool,
 }
+
+/// ReportUsage: usage a caller-side verifier counted, one entry per key, in key id order.
+#[derive(Debug, Clone)]
+pub struct ReportUsage {
+    pub workspace_id: String,
+    pub usage: Vec<crate::store::UsageDelta>,
+}

@@ -21,7 +21,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::{
-    Expiration, IssuedKey, KeyChanges, KeyManager, KeySpec, RevokeKey, Revoked, RotateKey,
+    Expiration, IssuedKey, KeyChanges, KeyManager, KeySpec, ReportUsage, RevokeKey, Revoked,
+    RotateKey,
 };
 use crate::audit::{AuditActor, CallContext};
 use crate::error::{Error, Result};
@@ -98,15 +99,17 @@ pub enum Operation {
     RevokeKey,
     UpdateKey,
     IssueTrialKey,
+    ReportUsage,
 }
 
 impl Operation {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::IssueKey,
         Self::RotateKey,
         Self::RevokeKey,
         Self::UpdateKey,
         Self::IssueTrialKey,
+        Self::ReportUsage,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -116,6 +119,7 @@ impl Operation {
             Self::RevokeKey => "RevokeKey",
             Self::UpdateKey => "UpdateKey",
             Self::IssueTrialKey => "IssueTrialKey",
+            Self::ReportUsage => "ReportUsage",
         }
     }
 
@@ -171,12 +175,23 @@ impl IdempotentRequest {
         now: UnixMicros,
         window: Duration,
     ) -> RequestClaim {
+        self.claim_for(key_id.as_str(), salt, now, window)
+    }
+
+    /// The claim, naming the key it changes by its text (empty: many keys).
+    fn claim_for(
+        &self,
+        key_id: &str,
+        salt: Vec<u8>,
+        now: UnixMicros,
+        window: Duration,
+    ) -> RequestClaim {
         RequestClaim {
             scope: self.scope.clone(),
             request_id: self.request_id.clone(),
             operation: self.operation.as_str(),
             fingerprint: self.fingerprint.clone(),
-            key_id: key_id.as_str().to_owned(),
+            key_id: key_id.to_owned(),
             salt,
             create_time: now,
             stale_before: now.saturating_sub(duration_micros(window)),
@@ -449,6 +464,38 @@ impl KeyManager {
             Operation::UpdateKey,
             parameters,
         )
+    }
+
+    /// A usage batch: its entries are its parameters, so the same request id with other counts
+    /// is a reuse, not a retry.
+    pub(super) fn idempotent_report(
+        &self,
+        context: &CallContext,
+        workspace_id: &WorkspaceId,
+        actor: &AuditActor,
+        command: &ReportUsage,
+    ) -> Option<IdempotentRequest> {
+        let parameters: Vec<Value> = command
+            .usage
+            .iter()
+            .map(|delta| json!([delta.key_id.as_str(), delta.requests, delta.last_used_time]))
+            .collect();
+        self.idempotent(
+            context,
+            workspace_id,
+            actor,
+            Operation::ReportUsage,
+            Value::Array(parameters),
+        )
+    }
+
+    /// The claim of a usage batch, which changes many keys and names none.
+    pub(super) fn batch_claim(
+        &self,
+        request: Option<&IdempotentRequest>,
+        now: UnixMicros,
+    ) -> Option<RequestClaim> {
+        request.map(|request| request.claim_for("", Vec::new(), now, self.idempotency.window))
     }
 
     fn idempotent(

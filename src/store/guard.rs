@@ -324,6 +324,16 @@ impl Store for GuardedStore {
         result
     }
 
+    async fn report_usage(
+        &self,
+        workspace_id: &WorkspaceId,
+        deltas: &[UsageDelta],
+        claim: Option<&super::RequestClaim>,
+    ) -> Result<Vec<KeyId>> {
+        self.guard(self.inner.report_usage(workspace_id, deltas, claim))
+            .await
+    }
+
     async fn consume_usage(&self, budget_id: &str, cost: i64) -> Result<Option<i64>> {
         self.guard(self.inner.consume_usage(budget_id, cost)).await
     }

@@ -176,6 +176,13 @@ pub(super) const ADD_USAGE: &str = "update api_key set total_requests = total_re
      last_used_time = case when last_used_time is null or last_used_time < $2 then $2 \
      else last_used_time end where key_id = $3";
 
+/// A reported usage batch's counts: only for a key of the reporter's workspace (`$4`) without
+/// a usage limit.
+pub(super) const ADD_REPORTED_USAGE: &str = "update api_key \
+     set total_requests = total_requests + $1, \
+     last_used_time = case when last_used_time is null or last_used_time < $2 then $2 \
+     else last_used_time end where key_id = $3 and workspace_id = $4 and usage_limit = 0";
+
 /// Consumes `$1` uses of budget `$2` (checks for at least one when `$1` is 0) in one atomic
 /// statement, so concurrent verifies of any key of the chain on any number of replicas never
 /// give more VALID verdicts than the limit.
@@ -658,6 +665,37 @@ macro_rules! impl_sql_store {
                 Ok(())
             }
 
+            #[tracing::instrument(name = "store.report_usage", skip_all, fields(keys = deltas.len()))]
+            async fn report_usage(
+                &self,
+                workspace_id: &$crate::key::WorkspaceId,
+                deltas: &[$crate::store::UsageDelta],
+                claim: Option<&$crate::store::RequestClaim>,
+            ) -> $crate::error::Result<Vec<$crate::key::KeyId>> {
+                // One transaction, its row locks taken in key id order (the caller sorts): two
+                // batches cannot deadlock, and the periodic flushes hold one row lock at a time.
+                let mut tx = self.pool.begin().await?;
+                if let Some(claim) = claim {
+                    claim_one(&mut tx, claim).await?;
+                }
+                let mut skipped = Vec::new();
+                for delta in deltas {
+                    let counted = sqlx::query($crate::store::sql::ADD_REPORTED_USAGE)
+                        .bind(delta.requests)
+                        .bind(delta.last_used_time)
+                        .bind(delta.key_id.as_str())
+                        .bind(workspace_id.as_str())
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if counted == 0 {
+                        skipped.push(delta.key_id.clone());
+                    }
+                }
+                tx.commit().await?;
+                Ok(skipped)
+            }
+
             #[tracing::instrument(name = "store.consume_usage", skip_all, fields(budget_id = %budget_id))]
             async fn consume_usage(
                 &self,
@@ -841,6 +879,14 @@ macro_rules! impl_sql_store {
             let Some(claim) = &mutation.claim else {
                 return Ok(());
             };
+            claim_one(tx, claim).await
+        }
+
+        /// Claims one request id (see `claim_request`).
+        async fn claim_one(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            claim: &$crate::store::RequestClaim,
+        ) -> $crate::error::Result<()> {
             let claimed = sqlx::query($crate::store::sql::CLAIM_REQUEST)
                 .bind(claim.scope.as_str())
                 .bind(claim.request_id.as_str())

@@ -298,6 +298,7 @@ fn known_method(path: &str) -> &'static str {
         "/keyauthority.v1.KeyService/DeleteWebhook",
         "/keyauthority.v1.KeyService/ListWebhookDeliveries",
         "/keyauthority.v1.KeyService/RedeliverWebhookEvent",
+        "/keyauthority.v1.KeyService/ReportUsage",
         "/envoy.service.auth.v3.Authorization/Check",
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",

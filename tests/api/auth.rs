@@ -44,7 +44,7 @@ async fn try_every_rpc(
     workspace: &str,
     target: &str,
     own_key: Option<&str>,
-) -> [Outcome; 9] {
+) -> [Outcome; 10] {
     let code = |result: Result<(), tonic::Status>| result.map_err(|status| status.code());
     let issue = code(
         client
@@ -131,6 +131,27 @@ async fn try_every_rpc(
             .await
             .map(drop),
     );
+    // Before the key revokes itself, too. A fresh batch id per call: a replay would say nothing
+    // about the caller's rights.
+    static BATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let batch = BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let report = code(
+        client
+            .report_usage(pb::ReportUsageRequest {
+                workspace_id: workspace.into(),
+                request_id: format!("00000000-0000-4000-8000-{batch:012}"),
+                usage: vec![pb::KeyUsage {
+                    key_id: target.into(),
+                    requests: 1,
+                    last_used_time: Some(prost_types::Timestamp {
+                        seconds: 1_700_000_000,
+                        nanos: 0,
+                    }),
+                }],
+            })
+            .await
+            .map(drop),
+    );
     let revoke_self = match own_key {
         Some(own) => code(
             client
@@ -154,6 +175,7 @@ async fn try_every_rpc(
         revoke,
         revoke_self,
         webhooks,
+        report,
     ]
 }
 
@@ -164,12 +186,12 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
     const UNAUTHENTICATED: Outcome = Err(Code::Unauthenticated);
 
     // (caller, token, [issue, get, list, audit, update other, rotate other, revoke other,
-    // revoke self, webhooks])
-    let mut rows: Vec<(String, Option<String>, [Outcome; 9])> = vec![
+    // revoke self, webhooks, report usage])
+    let mut rows: Vec<(String, Option<String>, [Outcome; 10])> = vec![
         (
             "admin".into(),
             Some(crate::common::ADMIN_TOKEN.into()),
-            [OK, OK, OK, OK, OK, OK, OK, OK, OK],
+            [OK, OK, OK, OK, OK, OK, OK, OK, OK, OK],
         ),
         // Callers without a key of their own have no "revoke self" to try: it reads as OK.
         (
@@ -184,6 +206,7 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
                 UNAUTHENTICATED,
                 UNAUTHENTICATED,
                 OK,
+                UNAUTHENTICATED,
                 UNAUTHENTICATED,
             ],
         ),
@@ -200,37 +223,42 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
                 UNAUTHENTICATED,
                 OK,
                 UNAUTHENTICATED,
+                UNAUTHENTICATED,
             ],
         ),
         (
             "jwt viewer".into(),
             Some(jwt_user("acme", "viewer")),
-            [DENIED, OK, OK, OK, DENIED, DENIED, DENIED, OK, DENIED],
+            [
+                DENIED, OK, OK, OK, DENIED, DENIED, DENIED, OK, DENIED, DENIED,
+            ],
         ),
         (
             "jwt developer".into(),
             Some(jwt_user("acme", "developer")),
-            [OK, OK, OK, OK, OK, OK, OK, OK, OK],
+            [OK, OK, OK, OK, OK, OK, OK, OK, OK, OK],
         ),
         (
             "jwt account_admin".into(),
             Some(jwt_user("acme", "account_admin")),
-            [OK, OK, OK, OK, OK, OK, OK, OK, OK],
+            [OK, OK, OK, OK, OK, OK, OK, OK, OK, OK],
         ),
     ];
     let mut own_keys = Vec::new();
     for (role, expected) in [
         (
             pb::Role::Viewer,
-            [DENIED, OK, OK, OK, DENIED, DENIED, DENIED, OK, DENIED],
+            [
+                DENIED, OK, OK, OK, DENIED, DENIED, DENIED, OK, DENIED, DENIED,
+            ],
         ),
         (
             pb::Role::Developer,
-            [DENIED, OK, OK, OK, OK, OK, OK, OK, OK],
+            [DENIED, OK, OK, OK, OK, OK, OK, OK, OK, OK],
         ),
         (
             pb::Role::AccountAdmin,
-            [DENIED, OK, OK, OK, OK, OK, OK, OK, OK],
+            [DENIED, OK, OK, OK, OK, OK, OK, OK, OK, OK],
         ),
     ] {
         let key = issue_key_with_role(&mut app, "acme", role).await;
@@ -246,7 +274,7 @@ async fn role_matrix_for_every_caller_kind(db: TestDb) {
         let outcome = try_every_rpc(&mut client, "acme", &target, own.as_deref()).await;
         assert_eq!(
             outcome, expected,
-            "{caller}: [issue, get, list, audit, update, rotate, revoke, revoke self, webhooks]"
+            "{caller}: [issue, get, list, audit, update, rotate, revoke, revoke self, webhooks, report]"
         );
     }
     app.stop().await;
@@ -264,6 +292,7 @@ async fn no_caller_reaches_another_workspace(db: TestDb) {
         let outcome = try_every_rpc(&mut client, "beta", &theirs, None).await;
         assert_eq!(outcome[..7], [Err(Code::PermissionDenied); 7]);
         assert_eq!(outcome[8], Err(Code::PermissionDenied));
+        assert_eq!(outcome[9], Err(Code::PermissionDenied), "report usage");
         let status = client
             .get_key(pb::GetKeyRequest {
                 workspace_id: "beta".into(),

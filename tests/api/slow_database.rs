@@ -173,6 +173,15 @@ impl Store for SlowReadStore {
         self.inner.record_usage(deltas).await
     }
 
+    async fn report_usage(
+        &self,
+        workspace_id: &WorkspaceId,
+        deltas: &[UsageDelta],
+        claim: Option<&store::RequestClaim>,
+    ) -> Result<Vec<KeyId>> {
+        self.inner.report_usage(workspace_id, deltas, claim).await
+    }
+
     async fn consume_usage(&self, budget_id: &str, cost: i64) -> Result<Option<i64>> {
         self.inner.consume_usage(budget_id, cost).await
     }

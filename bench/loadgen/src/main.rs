@@ -13,6 +13,7 @@ mod driver;
 mod ext_authz;
 mod flood;
 mod frames;
+mod local;
 mod memory;
 mod propagation;
 mod report;
@@ -150,6 +151,29 @@ enum Command {
         target: String,
         #[arg(long)]
         out: std::path::PathBuf,
+    },
+    /// The caller-side verifier (LocalVerifier): a warm key verified in process (ns per call,
+    /// verifies per second on one thread) beside remote VerifyKey, and revocation propagation
+    /// from RevokeKey on --replica to the verifier connected to --target.
+    Local {
+        /// host:port of the server the verifier connects to.
+        #[arg(long)]
+        target: String,
+        /// host:port of the server revocations are made on (default: --target).
+        #[arg(long)]
+        replica: Option<String>,
+        /// Length of each measured phase.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Revocations timed.
+        #[arg(long, default_value_t = 200)]
+        rounds: usize,
+        /// The verifier's settle time (LocalVerifierBuilder::settle).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+        /// Keys issued and verified to measure the verifier's memory per key (0: skip).
+        #[arg(long, default_value_t = 1000)]
+        memory_keys: usize,
     },
     /// Time from RevokeKey's return on the target until the replica answers REVOKED.
     Propagation {
@@ -470,6 +494,34 @@ async fn run(cli: Cli) -> Result<Vec<TargetLine>> {
             client::wait_serving(&net, &target, cli.wait).await?;
             frames::write(&net, &target, &out).await?;
             Ok(Vec::new())
+        }
+        Command::Local {
+            target,
+            replica,
+            duration,
+            rounds,
+            settle,
+            memory_keys,
+        } => {
+            let replica = replica.unwrap_or_else(|| target.clone());
+            client::wait_serving(&net, &target, cli.wait).await?;
+            client::wait_serving(&net, &replica, cli.wait).await?;
+            let settings = local::LocalSettings {
+                duration,
+                rounds,
+                settle,
+                memory_keys,
+            };
+            let report = local::run(
+                &net,
+                &target,
+                &replica,
+                cli.admin_token.as_deref(),
+                cli.verify_token.as_deref(),
+                settings,
+            )
+            .await?;
+            Ok(report.targets())
         }
         Command::Propagation {
             target,

@@ -452,3 +452,29 @@ test('example.js runs the lifecycle', { timeout: 30_000 }, async () => {
     ],
   );
 });
+
+test('reportUsage counts a batch once', { timeout: 30_000 }, async () => {
+  const workspace = newWorkspace();
+  const issued = await client.issueKey({ workspace_id: workspace, name: 'reported' });
+  const key_id = issued.key.key_id;
+  const used = new Date(Math.floor(Date.now() / 1000) * 1000 - 60_000);
+  const request_id = crypto.randomUUID();
+
+  const first = await client.reportUsage(workspace, [{ key_id, requests: 7, last_used_time: used }], {
+    request_id,
+  });
+  assert.deepEqual(first, { replayed: false, counted_keys: 1, skipped_key_ids: [] });
+  const retry = await client.reportUsage(workspace, [{ key_id, requests: 7, last_used_time: used }], {
+    request_id,
+  });
+  assert.deepEqual(retry, { replayed: true, counted_keys: 0, skipped_key_ids: [] });
+  const reused = await refusal(
+    client.reportUsage(workspace, [{ key_id, requests: 8, last_used_time: used }], { request_id }),
+  );
+  assert.equal(reused.code, grpc.status.FAILED_PRECONDITION);
+  assert.equal(reused.reason, 'IDEMPOTENCY_KEY_REUSED');
+
+  const key = await client.getKey(workspace, key_id);
+  assert.equal(key.total_requests, 7);
+  assert.equal(Number(key.last_used_time.seconds), used.getTime() / 1000);
+});

@@ -212,6 +212,32 @@ class KeyAuthority:
         )
         return self._keys.RevokeKey(request, metadata=self._key_auth, timeout=self.timeout)
 
+    def report_usage(
+        self,
+        workspace_id: str,
+        usage: Iterable[tuple[str, int, dt.datetime]],
+        *,
+        request_id: str,
+    ) -> key_service_pb2.ReportUsageResponse:
+        """Adds usage a caller-side verifier counted: ``(key_id, requests, last_used_time)`` per
+        key (at most 1000, each key once) to the keys' ``total_requests`` and ``last_used_time``.
+        Needs the developer role or above. ``request_id`` (a UUID) is required: the same batch
+        sent again counts nothing and answers ``replayed``. Keys of another workspace, unknown
+        or usage-limited come back in ``skipped_key_ids``."""
+        request = key_service_pb2.ReportUsageRequest(
+            workspace_id=workspace_id,
+            request_id=request_id,
+            usage=[
+                key_service_pb2.KeyUsage(
+                    key_id=key_id,
+                    requests=requests,
+                    last_used_time=_timestamp(last_used, "last_used_time"),
+                )
+                for key_id, requests, last_used in usage
+            ],
+        )
+        return self._keys.ReportUsage(request, metadata=self._key_auth, timeout=self.timeout)
+
     def rotate_key(
         self,
         workspace_id: str,

@@ -297,3 +297,30 @@ def test_an_updated_role_is_stored(client: KeyAuthority, workspace: str) -> None
     events = list(client.iter_audit_events(workspace, key_id=key.key_id, action=UPDATE))
     assert len(events) == 1
     assert "role" in [change.field for change in events[0].changes]
+
+
+def test_report_usage_counts_a_batch_once(client: KeyAuthority, workspace: str) -> None:
+    issued = client.issue_key(workspace, "reported")
+    key_id = issued.key.key_id
+    used = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) - dt.timedelta(minutes=1)
+    rid = request_id()
+
+    first = client.report_usage(workspace, [(key_id, 7, used)], request_id=rid)
+    assert (first.replayed, first.counted_keys, list(first.skipped_key_ids)) == (False, 1, [])
+    retry = client.report_usage(workspace, [(key_id, 7, used)], request_id=rid)
+    assert (retry.replayed, retry.counted_keys) == (True, 0)
+
+    details = refusal(client.report_usage, workspace, [(key_id, 8, used)], request_id=rid)
+    assert details.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert details.reason == "IDEMPOTENCY_KEY_REUSED"
+
+    other = client.report_usage(
+        workspace, [(key_id, 1, used), ("AAAAAAAAAAAA", 1, used)], request_id=request_id()
+    )
+    assert (other.counted_keys, list(other.skipped_key_ids)) == (1, ["AAAAAAAAAAAA"])
+    key = client.get_key(workspace, key_id)
+    assert key.total_requests == 8
+    assert key.last_used_time.ToDatetime(dt.timezone.utc) == used
+
+    details = refusal(client.report_usage, workspace, [(key_id, 1, used)], request_id="")
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -130,6 +130,19 @@ impl KeyAuthorityClient {
             .await
     }
 
+    /// Adds usage counted by a caller-side verifier to its keys' `total_requests` and
+    /// `last_used_time` (needs the developer role or above). `request_id` (a UUID) is required:
+    /// a retry of the same batch counts nothing and answers `replayed`. Keys of another
+    /// workspace, unknown or usage-limited come back in `skipped_key_ids`.
+    pub async fn report_usage(
+        &self,
+        request: pb::ReportUsageRequest,
+    ) -> Result<pb::ReportUsageResponse, Error> {
+        let mut client = self.keys.clone();
+        self.finish(client.report_usage(self.key_request(request)))
+            .await
+    }
+
     /// Returns one key's public metadata.
     pub async fn get_key(&self, request: pb::GetKeyRequest) -> Result<pb::GetKeyResponse, Error> {
         let mut client = self.keys.clone();

@@ -118,6 +118,9 @@ pub struct VerifyKeyLayer {
     timeout: Duration,
     cache: Option<Cache<[u8; 32], Arc<VerifiedKey>>>,
     client_ip: Option<Arc<ClientIpFn>>,
+    /// Verifies warm keys in this process (and asks `client` for the rest) when set.
+    #[cfg(feature = "local-verifier")]
+    local: Option<crate::LocalVerifier>,
 }
 
 impl VerifyKeyLayer {
@@ -130,7 +133,24 @@ impl VerifyKeyLayer {
             timeout: Duration::from_secs(2),
             cache: None,
             client_ip: None,
+            #[cfg(feature = "local-verifier")]
+            local: None,
         }
+    }
+
+    /// Verifies with `verifier` (feature `local-verifier`): warm keys answered in this process,
+    /// revocations pushed within milliseconds, usage reported in batches; everything else asks
+    /// key-authority as before. Replaces [`cache_valid_verdicts`](Self::cache_valid_verdicts),
+    /// which it makes pointless (and which would delay revocations by its TTL):
+    ///
+    /// ```ignore
+    /// let layer = VerifyKeyLayer::new(client).local_verifier(verifier);
+    /// ```
+    #[cfg(feature = "local-verifier")]
+    pub fn local_verifier(mut self, verifier: crate::LocalVerifier) -> Self {
+        self.cache = None;
+        self.local = Some(verifier);
+        self
     }
 
     /// Scopes every key must carry (sent as `VerifyKey.required_scopes`); a key without one of
@@ -207,6 +227,10 @@ impl VerifyKeyLayer {
 
     /// Verifies a presented key: the layer's decision for one request, without a request.
     async fn check(&self, key: &str, client_ip: Option<IpAddr>) -> Result<VerifiedKey, Refusal> {
+        #[cfg(feature = "local-verifier")]
+        if let Some(local) = &self.local {
+            return self.check_with(local, key, client_ip).await;
+        }
         let digest = self.cache.as_ref().map(|_| self.cache_key(key));
         if let (Some(cache), Some(digest)) = (&self.cache, &digest)
             && let Some(verified) = cache.get(digest).await
@@ -252,6 +276,40 @@ impl VerifyKeyLayer {
                 retry_after: answer
                     .retry_after
                     .and_then(|delay| Duration::try_from(delay).ok()),
+            }),
+        }
+    }
+}
+
+#[cfg(feature = "local-verifier")]
+impl VerifyKeyLayer {
+    /// The layer's decision through a [`LocalVerifier`](crate::LocalVerifier).
+    async fn check_with(
+        &self,
+        local: &crate::LocalVerifier,
+        key: &str,
+        client_ip: Option<IpAddr>,
+    ) -> Result<VerifiedKey, Refusal> {
+        let answer = match local.verify_local(key, &self.required_scopes) {
+            Some(answer) => answer,
+            None => {
+                let remote = local.verify(key, &self.required_scopes, client_ip);
+                match tokio::time::timeout(self.timeout, remote).await {
+                    Ok(Ok(answer)) => answer,
+                    Ok(Err(error)) => return Err(Refusal::from_error(&error)),
+                    Err(_) => return Err(Refusal::Unavailable),
+                }
+            }
+        };
+        match (answer.code, &answer.key) {
+            (VerifyCode::Valid, Some(key)) => Ok(VerifiedKey::from_key(key)),
+            (VerifyCode::Valid, None) => {
+                tracing::warn!("key-authority answered VALID without a key: refusing");
+                Err(Refusal::Internal)
+            }
+            (code, _) => Err(Refusal::Verdict {
+                code,
+                retry_after: answer.retry_after,
             }),
         }
     }

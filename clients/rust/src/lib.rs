@@ -9,6 +9,8 @@
 //! - [`Error`]: the gRPC code, the `ErrorInfo` reason and the `RetryInfo` delay of a refusal.
 //! - [`VerifyKeyLayer`]: verifies `authorization: Bearer <key>` with `VerifyKey` before the
 //!   inner service runs, and hands it a [`VerifiedKey`].
+//! - `LocalVerifier` (feature `local-verifier`): warm keys verified in this process, every
+//!   change to them pushed by key-authority's event stream, usage reported in batches.
 //! - [`verify_webhook`] and [`WebhookVerifier`]: check the signature and timestamp of a webhook
 //!   request key-authority sent (Standard Webhooks), and parse its [`WebhookPayload`].
 
@@ -18,12 +20,16 @@
 mod client;
 mod error;
 mod layer;
+#[cfg(feature = "local-verifier")]
+mod local;
 mod watch;
 mod webhook;
 
 pub use client::KeyAuthorityClient;
 pub use error::Error;
 pub use layer::{ERROR_DOMAIN, MAX_CACHE_TTL, VerifiedKey, VerifyKeyLayer, VerifyKeyService};
+#[cfg(feature = "local-verifier")]
+pub use local::{FeedStatus, LocalStats, LocalVerifier, LocalVerifierBuilder, Verification};
 /// The decoded `google.rpc` detail types that [`Error`] exposes.
 pub use tonic_types::{ErrorInfo, RetryInfo};
 pub use watch::KeyEventStream;

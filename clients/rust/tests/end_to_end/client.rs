@@ -322,3 +322,49 @@ async fn an_unreachable_server_is_unavailable() {
     assert_eq!(error.code(), Code::Unavailable, "{error}");
     assert!(error.is_retryable());
 }
+
+#[tokio::test]
+async fn report_usage_counts_a_batch_once() {
+    let authority = KeyAuthority::start().await;
+    let admin = authority.admin().await;
+    let (key_id, _) = issue(&admin, "acme", &[], 0).await;
+    let used = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        - 60;
+    let batch = pb::ReportUsageRequest {
+        workspace_id: "acme".into(),
+        request_id: "5f0b1c1e-0000-4000-8000-000000000001".into(),
+        usage: vec![pb::KeyUsage {
+            key_id: key_id.clone(),
+            requests: 42,
+            last_used_time: Some(prost_types::Timestamp {
+                seconds: used,
+                nanos: 0,
+            }),
+        }],
+    };
+    let first = admin.report_usage(batch.clone()).await.unwrap();
+    assert_eq!((first.replayed, first.counted_keys), (false, 1));
+    let retry = admin.report_usage(batch.clone()).await.unwrap();
+    assert_eq!((retry.replayed, retry.counted_keys), (true, 0));
+
+    let mut reused = batch;
+    reused.usage[0].requests = 43;
+    let error = admin.report_usage(reused).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert!(error.is_idempotency_key_reused());
+
+    let key = admin
+        .get_key(pb::GetKeyRequest {
+            workspace_id: "acme".into(),
+            key_id,
+        })
+        .await
+        .unwrap()
+        .key
+        .unwrap();
+    assert_eq!(key.total_requests, 42);
+    assert_eq!(key.last_used_time.map(|at| at.seconds), Some(used));
+}

@@ -301,3 +301,63 @@ async fn verdict_cache_saves_calls_and_is_capped_at_five_seconds() {
     );
     authority.stop().await;
 }
+
+/// `.local_verifier(...)`: one line, and warm keys never leave the process; a revocation is
+/// refused as soon as its event arrives.
+#[cfg(feature = "local-verifier")]
+#[tokio::test]
+async fn layer_with_a_local_verifier_answers_warm_keys_in_process() {
+    use key_authority_client::LocalVerifier;
+
+    let authority = KeyAuthority::start().await;
+    let admin = authority.admin().await;
+    let (key_id, key) = issue(&admin, "acme", &["echo:call"], 0).await;
+    let verifier = LocalVerifier::builder(admin.clone())
+        .workspaces(["acme"])
+        .settle(Duration::ZERO)
+        .start()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), verifier.wait_ready())
+        .await
+        .expect("the event stream connects");
+    let layer = VerifyKeyLayer::new(admin.clone())
+        .require_scopes(["echo:call"])
+        .local_verifier(verifier.clone());
+    let service = serve_echo(layer).await;
+
+    let calls_before = authority.verify_calls();
+    for _ in 0..3 {
+        let answer = echo(service, Some(&key)).await.expect("a valid key passes");
+        assert_eq!(answer.key_id, key_id);
+    }
+    assert_eq!(
+        authority.verify_calls() - calls_before,
+        1,
+        "only the first call reached key-authority"
+    );
+    assert_eq!(verifier.stats().local_answers, 2);
+
+    let mut status = verifier.status();
+    let applied = status.borrow_and_update().events_applied;
+    admin
+        .revoke_key(pb::RevokeKeyRequest {
+            workspace_id: "acme".into(),
+            key_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        status.wait_for(|status| status.events_applied > applied),
+    )
+    .await
+    .expect("the revocation's event arrives")
+    .unwrap();
+    refused_with(
+        echo(service, Some(&key)).await,
+        Code::Unauthenticated,
+        "API_KEY_REVOKED",
+    );
+    verifier.shutdown().await.unwrap();
+}

@@ -7,6 +7,8 @@
 mod client;
 mod harness;
 mod layer;
+#[cfg(feature = "local-verifier")]
+mod local;
 mod update;
 mod watch;
 mod webhooks;
