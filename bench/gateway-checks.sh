@@ -47,15 +47,7 @@ warm=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $SECRET"
 
 # wrk's summary of one phase as "RPS p50 p99" (latencies in µs).
 wrk_phase() {
-    local out
-    out=$(taskset -c 1 wrk -t1 -c"${WRK_CONNECTIONS:-16}" -d"$DURATION" --latency "$@")
-    echo "$out" | awk '
-        function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return v*1000; if (v ~ /s$/) return v*1000000; return v }
-        /Requests\/sec/ { rps = $2 }
-        /^ +50%/ { p50 = us($2) }
-        /^ +99%/ { p99 = us($2) }
-        /Non-2xx/ { bad = $NF }
-        END { printf "%.0f %.0f %.0f %s\n", rps, p50, p99, (bad == "" ? 0 : bad) }'
+    taskset -c 1 wrk -t1 -c"${WRK_CONNECTIONS:-16}" -d"$DURATION" --latency "$@" | wrk_summary
 }
 
 echo

@@ -111,13 +111,7 @@ done
 
 # wrk's summary of one phase as "RPS p50 p99 non-2xx" (latencies in µs).
 wrk_phase() {
-    taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$@" | awk '
-        function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return v*1000; if (v ~ /s$/) return v*1000000; return v }
-        /Requests\/sec/ { rps = $2 }
-        /^ +50%/ { p50 = us($2) }
-        /^ +99%/ { p99 = us($2) }
-        /Non-2xx/ { bad = $NF }
-        END { printf "%.0f %.0f %.0f %s\n", rps, p50, p99, (bad == "" ? 0 : bad) }'
+    taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$@" | wrk_summary
 }
 
 # Other processes on these cores (other people's builds) distort the figures: sample their CPU

@@ -178,3 +178,15 @@ stop_server() {
     wait "${PIDS[$name]}" 2>/dev/null || true
     unset "PIDS[$name]"
 }
+
+# wrk_summary: wrk's `--latency` report on stdin as one line "RPS p50 p99 non-2xx" (latencies in
+# µs), for bench/gateway.sh and bench/gateway-checks.sh.
+wrk_summary() {
+    awk '
+        function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return v*1000; if (v ~ /s$/) return v*1000000; return v }
+        /Requests\/sec/ { rps = $2 }
+        /^ +50%/ { p50 = us($2) }
+        /^ +99%/ { p99 = us($2) }
+        /Non-2xx/ { bad = $NF }
+        END { printf "%.0f %.0f %.0f %s\n", rps, p50, p99, (bad == "" ? 0 : bad) }'
+}

@@ -46,47 +46,102 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The real binary exporting traces to a real OTLP receiver, always sampling a sampled caller's
+/// trace, with one key issued.
+struct TracedServer {
+    spans: mpsc::UnboundedReceiver<Span>,
+    collector: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    child: std::process::Child,
+    channel: tonic::transport::Channel,
+    issued: pb::IssueKeyResponse,
+    _dir: tempfile::TempDir,
+}
+
+impl TracedServer {
+    async fn start(extra_args: &[String]) -> Self {
+        let (spans_tx, spans) = mpsc::unbounded_channel();
+        let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let collector_addr = collector.local_addr().unwrap();
+        let collector = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Receiver(spans_tx)))
+                .serve_with_incoming(TcpListenerStream::new(collector)),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(BINARY)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra_args)
+            .env(
+                "DATABASE_URL",
+                format!("sqlite://{}", dir.path().join("t.db").display()),
+            )
+            .env("KEY_AUTHORITY_ADMIN_TOKEN", "trace-admin")
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://{collector_addr}"),
+            )
+            .env("OTEL_SERVICE_NAME", "key-authority-under-test")
+            .env("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "50")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let channel = connect(port).await;
+        let issued = keys_as(&channel, Some("trace-admin"))
+            .issue_key(pb::IssueKeyRequest {
+                workspace_id: "w".into(),
+                name: "traced".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            spans,
+            collector,
+            child,
+            channel,
+            issued,
+            _dir: dir,
+        }
+    }
+
+    /// The next exported span.
+    async fn next_span(&mut self) -> Span {
+        tokio::time::timeout(Duration::from_secs(30), self.spans.recv())
+            .await
+            .expect("spans are exported")
+            .expect("the receiver is open")
+    }
+
+    /// SIGTERM, as an orchestrator stops it; waits for the exit.
+    async fn stop(self) {
+        let Self {
+            mut child,
+            channel,
+            collector,
+            ..
+        } = self;
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        drop(channel);
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        collector.abort();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_key_spans_join_the_callers_trace() {
-    let (spans_tx, mut spans) = mpsc::unbounded_channel();
-    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let collector_addr = collector.local_addr().unwrap();
-    let collector_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Receiver(spans_tx)))
-            .serve_with_incoming(TcpListenerStream::new(collector)),
-    );
-
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut child = Command::new(BINARY)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}", dir.path().join("t.db").display()),
-        )
-        .env("KEY_AUTHORITY_ADMIN_TOKEN", "trace-admin")
-        .env(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://{collector_addr}"),
-        )
-        .env("OTEL_SERVICE_NAME", "key-authority-under-test")
-        .env("OTEL_TRACES_SAMPLER", "parentbased_always_on")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let channel = connect(port).await;
-    let issued = keys_as(&channel, Some("trace-admin"))
-        .issue_key(pb::IssueKeyRequest {
-            workspace_id: "w".into(),
-            name: "traced".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut server = TracedServer::start(&[]).await;
+    let channel = server.channel.clone();
+    let issued = server.issued.clone();
 
     // First a call whose caller did not sample its trace: under a parent-based sampler none of
     // its spans may be exported (they are checked for below, once the sampled call's arrive).
@@ -126,10 +181,7 @@ async fn verify_key_spans_join_the_callers_trace() {
     // Await the exported RPC span of that call and its children.
     let mut of_trace: Vec<Span> = Vec::new();
     let rpc = loop {
-        let span = tokio::time::timeout(Duration::from_secs(30), spans.recv())
-            .await
-            .expect("spans are exported")
-            .expect("the receiver is open");
+        let span = server.next_span().await;
         assert_ne!(
             hex(&span.trace_id),
             unsampled_trace,
@@ -177,16 +229,8 @@ async fn verify_key_spans_join_the_callers_trace() {
         );
     }
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
     drop(channel);
-    tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    collector_task.abort();
+    server.stop().await;
 }
 
 /// Gateways join their caller's trace: ext_authz from Envoy's own context in the call's metadata
@@ -198,44 +242,11 @@ async fn gateway_checks_join_the_callers_trace() {
     use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
     use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 
-    let (spans_tx, mut spans) = mpsc::unbounded_channel();
-    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let collector_addr = collector.local_addr().unwrap();
-    let collector_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Receiver(spans_tx)))
-            .serve_with_incoming(TcpListenerStream::new(collector)),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let (port, http_port) = (free_port(), free_port());
-    let mut child = Command::new(BINARY)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}", dir.path().join("t.db").display()),
-        )
-        .env("KEY_AUTHORITY_ADMIN_TOKEN", "trace-admin")
-        .env(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://{collector_addr}"),
-        )
-        .env("OTEL_TRACES_SAMPLER", "parentbased_always_on")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let channel = connect(port).await;
-    let issued = keys_as(&channel, Some("trace-admin"))
-        .issue_key(pb::IssueKeyRequest {
-            workspace_id: "w".into(),
-            name: "traced".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let http_port = free_port();
+    let mut server =
+        TracedServer::start(&["--http-listen".into(), format!("127.0.0.1:{http_port}")]).await;
+    let channel = server.channel.clone();
+    let issued = server.issued.clone();
     let check = |headers: &[(&str, String)]| CheckRequest {
         attributes: Some(AttributeContext {
             request: Some(Request {
@@ -309,10 +320,7 @@ async fn gateway_checks_join_the_callers_trace() {
         .iter()
         .all(|(trace, name, _)| seen.contains_key(&((*trace).to_owned(), (*name).to_owned())))
     {
-        let span = tokio::time::timeout(Duration::from_secs(30), spans.recv())
-            .await
-            .expect("spans are exported")
-            .expect("the receiver is open");
+        let span = server.next_span().await;
         seen.insert((hex(&span.trace_id), span.name), hex(&span.parent_span_id));
     }
     for (trace, name, parent) in wanted {
@@ -323,16 +331,8 @@ async fn gateway_checks_join_the_callers_trace() {
         );
     }
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
     drop(channel);
-    tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    collector_task.abort();
+    server.stop().await;
 }
 
 /// GET /metrics over plain HTTP/1.1.

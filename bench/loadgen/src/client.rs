@@ -127,6 +127,22 @@ pub async fn issue_key(
     })
 }
 
+/// Issues a key on `channel` and verifies it once, so that its state and verdict are cached:
+/// every later VerifyKey of it is warm.
+pub async fn issue_warm_key(net: &Net, channel: Channel, name: &str) -> Result<IssuedKey> {
+    let key = issue_key(net, &mut KeyServiceClient::new(channel.clone()), name).await?;
+    let code = verify_code(
+        &mut VerifyServiceClient::new(channel),
+        &key.secret,
+        net.verify_auth.as_ref(),
+    )
+    .await
+    .map_err(|failure| format!("warm-up VerifyKey failed: {failure:?}"))?;
+    expect_code(code, pb::VerifyCode::Valid)
+        .map_err(|failure| format!("warm-up VerifyKey: {failure:?}"))?;
+    Ok(key)
+}
+
 pub async fn revoke_key(
     net: &Net,
     client: &mut KeyServiceClient<Channel>,

@@ -7,8 +7,6 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use key_authority::pb;
-use key_authority::pb::key_service_client::KeyServiceClient;
-use key_authority::pb::verify_service_client::VerifyServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
@@ -83,21 +81,7 @@ pub async fn run(
     loops: &LoopSettings,
 ) -> Result<()> {
     let channel = net.connect(target).await?;
-    let key = client::issue_key(
-        net,
-        &mut KeyServiceClient::new(channel.clone()),
-        "loadgen ext_authz",
-    )
-    .await?;
-    let code = client::verify_code(
-        &mut VerifyServiceClient::new(channel),
-        &key.secret,
-        net.verify_auth.as_ref(),
-    )
-    .await
-    .map_err(|failure| format!("warm-up VerifyKey failed: {failure:?}"))?;
-    client::expect_code(code, pb::VerifyCode::Valid)
-        .map_err(|failure| format!("warm-up VerifyKey: {failure:?}"))?;
+    let key = client::issue_warm_key(net, channel, "loadgen ext_authz").await?;
     let secret: Arc<str> = Arc::from(key.secret.as_str());
 
     println!();

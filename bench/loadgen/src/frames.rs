@@ -5,8 +5,6 @@
 use std::path::Path;
 
 use key_authority::pb;
-use key_authority::pb::key_service_client::KeyServiceClient;
-use key_authority::pb::verify_service_client::VerifyServiceClient;
 use prost::Message as _;
 
 use crate::client::{self, Net, Result};
@@ -15,21 +13,7 @@ use crate::client::{self, Net, Result};
 /// VerifyKeyRequest for a fresh, warmed key) into `out`.
 pub async fn write(net: &Net, target: &str, out: &Path) -> Result<()> {
     let channel = net.connect(target).await?;
-    let key = client::issue_key(
-        net,
-        &mut KeyServiceClient::new(channel.clone()),
-        "loadgen h2load",
-    )
-    .await?;
-    let code = client::verify_code(
-        &mut VerifyServiceClient::new(channel),
-        &key.secret,
-        net.verify_auth.as_ref(),
-    )
-    .await
-    .map_err(|failure| format!("warm-up VerifyKey failed: {failure:?}"))?;
-    client::expect_code(code, pb::VerifyCode::Valid)
-        .map_err(|failure| format!("warm-up VerifyKey: {failure:?}"))?;
+    let key = client::issue_warm_key(net, channel, "loadgen h2load").await?;
     let verify = pb::VerifyKeyRequest {
         key: key.secret,
         ..Default::default()

@@ -5,8 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use key_authority::pb;
-use key_authority::pb::key_service_client::KeyServiceClient;
-use key_authority::pb::verify_service_client::VerifyServiceClient;
 
 use crate::client::{self, CheckProbe, Net, Result, VerifyProbe};
 use crate::cpu;
@@ -104,19 +102,8 @@ pub async fn run(
     server_pid: Option<u32>,
 ) -> Result<WarmReport> {
     let channel = net.connect(target).await?;
-    let key = client::issue_key(
-        net,
-        &mut KeyServiceClient::new(channel.clone()),
-        "loadgen warm",
-    )
-    .await?;
-    // The warm-up verify: afterwards the key's state and verdict are cached.
-    let mut verifier = VerifyServiceClient::new(channel);
-    let code = client::verify_code(&mut verifier, &key.secret, net.verify_auth.as_ref())
-        .await
-        .map_err(|failure| format!("warm-up VerifyKey failed: {failure:?}"))?;
-    client::expect_code(code, pb::VerifyCode::Valid)
-        .map_err(|failure| format!("warm-up VerifyKey: {failure:?}"))?;
+    // Afterwards the key's state and verdict are cached.
+    let key = client::issue_warm_key(net, channel, "loadgen warm").await?;
     let key: Arc<str> = Arc::from(key.secret.as_str());
 
     println!();
