@@ -124,21 +124,21 @@ struct Forwarded {
 }
 
 impl Forwarded {
-    /// Every value the upstream got for `name`.
-    fn values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .get_all(name)
-            .iter()
-            .map(|value| value.to_str().unwrap())
-            .collect()
-    }
-
-    /// The one value of `name`: `None` when absent; two values fail the test.
+    /// The one value the upstream got for `name`: `None` when absent; two values fail the test.
     fn header(&self, name: &str) -> Option<&str> {
-        let values = self.values(name);
-        assert!(values.len() <= 1, "{name} received twice: {values:?}");
-        values.first().copied()
+        single_header(&self.headers, name)
     }
+}
+
+/// The one value of `name` in `headers`: `None` when absent; two values fail the test.
+fn single_header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let values: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .map(|value| value.to_str().unwrap())
+        .collect();
+    assert!(values.len() <= 1, "{name} twice: {values:?}");
+    values.first().copied()
 }
 
 type Log = Arc<Mutex<Vec<Forwarded>>>;
@@ -511,20 +511,9 @@ impl Answer {
         }
     }
 
-    /// Every value of `name`.
-    fn values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .get_all(name)
-            .iter()
-            .map(|value| value.to_str().unwrap())
-            .collect()
-    }
-
     /// The one value of `name`, `None` when absent; two values fail the test.
     fn header(&self, name: &str) -> Option<&str> {
-        let values = self.values(name);
-        assert!(values.len() <= 1, "{name} twice: {values:?}");
-        values.first().copied()
+        single_header(&self.headers, name)
     }
 
     /// Asserts a refusal: its status, the JSON body's code (and a message), `Retry-After` (in
