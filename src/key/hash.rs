@@ -452,25 +452,42 @@ mod tests {
         .unwrap();
         let phc = hasher.hash("key");
         let pool = HashPool::new(hasher, threads(2));
-        let impatient: Vec<_> = (0..24)
-            .map(|n| {
-                let pool = pool.clone();
-                let phc = phc.clone();
-                tokio::spawn(async move {
-                    let verify = pool.verify(format!("wrong {n}"), phc);
-                    let _ = tokio::time::timeout(std::time::Duration::from_millis(1), verify).await;
-                })
-            })
-            .collect();
+        let spawn_caller = |n: usize| {
+            let pool = pool.clone();
+            let phc = phc.clone();
+            tokio::spawn(async move { pool.verify(format!("wrong {n}"), phc).await })
+        };
+        let impatient: Vec<_> = (0..24).map(spawn_caller).collect();
+        // Once argon2 runs for two of them (whatever the machine's load: a fixed timeout could
+        // expire before any computation starts), patient callers queue up, and then every
+        // impatient caller gives up, the two whose computations run among them. Were their
+        // permits freed with them, the patient ones would start beside those computations.
+        let started = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            while pool.stats.running.load(Ordering::Relaxed) < 2 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(started.is_ok(), "argon2 started: {:?}", pool.stats());
+        let patient: Vec<_> = (24..28).map(spawn_caller).collect();
+        for caller in &impatient {
+            caller.abort();
+        }
         for caller in impatient {
-            caller.await.unwrap();
+            let _ = caller.await;
+        }
+        for caller in patient {
+            assert!(!caller.await.unwrap().unwrap(), "a wrong secret");
         }
         // Await the computations that outlived their callers.
         while pool.stats.running.load(Ordering::Relaxed) > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         let stats = pool.stats();
-        assert!(stats.runs >= 2, "some computations ran: {stats:?}");
+        assert!(
+            stats.runs >= 6,
+            "the two cut short and the four patient: {stats:?}"
+        );
         assert!(stats.most_running <= 2, "{stats:?}");
         assert_eq!(stats.in_flight, 0, "no caller is waiting any more");
     }
