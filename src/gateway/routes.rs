@@ -226,16 +226,35 @@ impl GatewayRoutes {
     /// satisfy: the most specific route for every reading of the path, all together. No route:
     /// any valid key.
     pub fn requirement(&self, method: &str, target: &str) -> Requirement {
+        self.strictest(&[method], &[target])
+    }
+
+    /// Whether any route is configured (without one, every request needs just a valid key).
+    pub fn has_routes(&self) -> bool {
+        !self.routes.is_empty()
+    }
+
+    /// What a request must satisfy when it may be any of `methods` × `targets` (a proxy and a
+    /// client may both have named it): the most specific route of every method and every
+    /// reading of every target, all together. Each target is read once, whatever the methods.
+    pub fn strictest(&self, methods: &[&str], targets: &[&str]) -> Requirement {
         if self.routes.is_empty() {
             return Requirement::default();
         }
-        let method = method.trim().to_ascii_uppercase();
+        let methods: Vec<String> = methods
+            .iter()
+            .map(|method| method.trim().to_ascii_uppercase())
+            .collect();
         let mut chosen: Vec<&Route> = Vec::with_capacity(2);
-        for reading in readings(target) {
-            if let Some(route) = self.most_specific(&method, &reading)
-                && !chosen.contains(&route)
-            {
-                chosen.push(route);
+        for target in targets {
+            for reading in readings(target) {
+                for method in &methods {
+                    if let Some(route) = self.most_specific(method, &reading)
+                        && !chosen.contains(&route)
+                    {
+                        chosen.push(route);
+                    }
+                }
             }
         }
         chosen
@@ -247,27 +266,6 @@ impl GatewayRoutes {
                 })
             })
             .unwrap_or_default()
-    }
-
-    /// Whether any route is configured (without one, every request needs just a valid key).
-    pub fn has_routes(&self) -> bool {
-        !self.routes.is_empty()
-    }
-
-    /// What a request must satisfy when it may be any of `methods` × `targets` (a proxy and a
-    /// client may both have named it): every one of their requirements.
-    pub fn strictest(&self, methods: &[&str], targets: &[&str]) -> Requirement {
-        let mut all: Option<Requirement> = None;
-        for method in methods {
-            for target in targets {
-                let one = self.requirement(method, target);
-                all = Some(match all {
-                    None => one,
-                    Some(all) => all.and(&one),
-                });
-            }
-        }
-        all.unwrap_or_default()
     }
 
     /// The longest matching prefix; at equal length a route naming the method wins.
